@@ -1,0 +1,43 @@
+"""Hyperfleet's settings, read from the environment once, at the edge."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, SecretStr
+
+
+class Settings(BaseModel):
+    """Where local state lives and which Anthropic endpoint agents talk to.
+
+    ``HYPERFLEET_HOME`` (default ``~/.hyperfleet``) holds logs, pid files and generated keys.
+    With ``ANTHROPIC_API_KEY`` set, agents talk to the real API (or ``ANTHROPIC_BASE_URL``);
+    without it, the local stack starts the emulator and agents talk to that.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    home: Path
+    anthropic_api_key: SecretStr | None = None
+    anthropic_base_url: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        home = env.get("HYPERFLEET_HOME") or str(Path.home() / ".hyperfleet")
+        key = env.get("ANTHROPIC_API_KEY") or None
+        return cls(
+            home=Path(home).expanduser(),
+            anthropic_api_key=SecretStr(key) if key else None,
+            anthropic_base_url=env.get("ANTHROPIC_BASE_URL") or None,
+        )
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
