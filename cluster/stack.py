@@ -25,7 +25,7 @@ DEFAULT_EMULATOR_PORT = 8090
 READY_TIMEOUT_S = 30.0
 PROBE_TIMEOUT_S = 2.0
 NOT_YET = (
-    "Ray head and session store (agent runtime)",
+    "Ray head and session store (the agent runtime is in actors/, started with the API)",
     "Serve HTTP API, users and keys (hyperfleet chat)",
     "Hypercore stand-in and autoscaling",
 )

@@ -151,30 +151,35 @@ class _Directive:
 
 
 def _directives(texts: list[str]) -> list[_Directive]:
+    """Directives in order; text inside a directive's JSON input is its data, not a directive."""
     found: list[_Directive] = []
     decoder = json.JSONDecoder()
     for text in texts:
-        for match in DIRECTIVE_RE.finditer(text):
-            name, pos = match.group(1), match.end()
-            while pos < len(text) and text[pos].isspace():
-                pos += 1
-            tool_input: Any = {}
-            if text.startswith("]]", pos):
-                found.append(_Directive(name, {}))
-                continue
-            try:
-                tool_input, pos = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as e:
-                found.append(_Directive(name, None, f"its input is not valid JSON ({e.msg})"))
-                continue
-            rest = text[pos:].lstrip()
-            if not isinstance(tool_input, dict):
-                found.append(_Directive(name, None, "its input is not a JSON object"))
-            elif not rest.startswith("]]"):
-                found.append(_Directive(name, None, "it is not closed with ]]"))
-            else:
-                found.append(_Directive(name, tool_input))
+        start = 0
+        while (match := DIRECTIVE_RE.search(text, start)) is not None:
+            directive, start = _parse_directive(text, match, decoder)
+            found.append(directive)
     return found
+
+
+def _parse_directive(
+    text: str, match: re.Match[str], decoder: json.JSONDecoder
+) -> tuple[_Directive, int]:
+    name, pos = match.group(1), match.end()
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    if text.startswith("]]", pos):
+        return _Directive(name, {}), pos + 2
+    try:
+        tool_input, pos = decoder.raw_decode(text, pos)
+    except json.JSONDecodeError as e:
+        return _Directive(name, None, f"its input is not valid JSON ({e.msg})"), match.end()
+    rest = text[pos:].lstrip()
+    if not isinstance(tool_input, dict):
+        return _Directive(name, None, "its input is not a JSON object"), pos
+    if not rest.startswith("]]"):
+        return _Directive(name, None, "it is not closed with ]]"), pos
+    return _Directive(name, tool_input), pos
 
 
 def _tool_id(rng: random.Random) -> str:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from typing import Any
 import pytest
 
 from cluster.stack import wait_http_ok
-from tests.conftest import free_port
+from tests.conftest import RAY_TOKEN_PATH, free_port
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 45.0
@@ -84,25 +86,85 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorServe
         _stop(process)
 
 
+@pytest.fixture(scope="session")
+def workspaces_root() -> Iterator[Path]:
+    """Session workspaces, where the sandbox's ``nobody`` can reach them (pytest's tmp is 0700)."""
+    root = Path(tempfile.mkdtemp(prefix="hyperfleet-ws-"))
+    root.chmod(0o711)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class RedisServer:
+    url: str
+    port: int
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a free port, fsyncing every write (as the store's docs ask)."""
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed; the README's test command installs it")
+    port = free_port()
+    data = tmp_path_factory.mktemp("redis")
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data)]
+    argv += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+    process = subprocess.Popen(
+        argv,
+        stdout=(data / "redis.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    client = redis.Redis(port=port, socket_timeout=1)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                _stop(process)
+                raise RuntimeError("redis-server did not start") from None
+            time.sleep(0.1)
+    client.close()
+    try:
+        yield RedisServer(f"redis://127.0.0.1:{port}/0", port)
+    finally:
+        _stop(process)
+
+
 @dataclass
 class RayCluster:
     address: str
     gcs_port: int
+    token_path: Path
 
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    """One real local Ray head for the whole session, with this process connected as a driver."""
+    """One real local Ray head for the whole session, with this process connected as a driver.
+
+    Token auth is on, as in production, with the session's token (``tests/conftest.py``).
+    The head offers a few VM slots so ``isolation: vm`` replicas can be placed on it.
+    """
     import ray
 
     port = free_port()
-    log = tmp_path_factory.mktemp("ray") / "ray-head.log"
+    run_dir = tmp_path_factory.mktemp("ray")
+    log = run_dir / "ray-head.log"
     argv = [
         str(Path(sys.executable).parent / "ray"),
         "start",
         "--head",
         f"--port={port}",
-        "--num-cpus=2",
+        "--num-cpus=4",
+        '--resources={"hyperfleet_vm_slot": 2}',
         "--include-dashboard=false",
         "--disable-usage-stats",
         "--block",
@@ -121,7 +183,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise RuntimeError(f"Ray head did not start:\n{log.read_text()}") from None
                 time.sleep(0.5)
-        yield RayCluster(address, port)
+        yield RayCluster(address, port, RAY_TOKEN_PATH)
     finally:
         ray.shutdown()
         _stop(process)

@@ -126,3 +126,12 @@ def test_forced_output_length_is_exact() -> None:
     body: dict[str, Any] = {"model": "claude-sonnet-5-5", "max_tokens": 500, "messages": _user("x")}
     reply = plan(parse(MessagesRequest, body), seed_of(body), (20, 60), 300)
     assert reply.output_tokens == 300
+
+
+def test_directive_text_inside_a_directive_input_is_data() -> None:
+    inner = '[[tool bash {"command": "ls"}]]'
+    outer = "[[tool write " + __import__("json").dumps({"content": inner}) + "]]"
+    write = {"name": "write", "input_schema": {"type": "object"}}
+    reply = _reply(_user(outer), tools=[BASH, write])
+    uses = [b for b in reply.blocks if b.kind == "tool_use"]
+    assert [(u.tool_name, u.tool_input) for u in uses] == [("write", {"content": inner})]

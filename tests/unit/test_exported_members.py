@@ -6,7 +6,15 @@ import importlib
 
 import pytest
 
-PACKAGES = ["cluster", "cluster.emulator", "serve_app", "actors", "autoscaling"]
+PACKAGES = [
+    "cluster",
+    "cluster.emulator",
+    "serve_app",
+    "actors",
+    "actors.store",
+    "actors.tools",
+    "autoscaling",
+]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

@@ -1,0 +1,171 @@
+"""``AgentActor``: the Ray shell around ``SessionHost``. All Ray calls of the runtime live here.
+
+A replica is an async actor, detached, named ``agent-<agent_id>-<n>`` in namespace ``hyperfleet``,
+restarted by Ray when its process dies (``max_restarts=-1``). A restart re-runs ``__init__``: the
+sessions it hosted reload from the store on their next access, and a turn that was running is
+simply absent (it was never committed) and can be sent again. Methods are not retried by Ray
+(``max_task_retries=0``): a resend is the caller's decision, made safe by idempotency keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx2
+import ray
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from .breaker import CircuitBreaker
+from .host import SessionHost
+from .loop import AgentLoop, LoopConfig
+from .spec import AgentSpec, placement_options
+from .store import open_store
+from .tools import Sandbox, build_tools
+
+NAMESPACE = "hyperfleet"
+logger = logging.getLogger(__name__)
+
+
+class RuntimeConfig(BaseModel):
+    """What a replica needs from the platform: where the model API and the store are."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    anthropic_base_url: str | None = None
+    anthropic_api_key: SecretStr
+    store_url: str = "ray://session-store"
+    workspaces: str | None = Field(
+        default=None, description="default: /var/lib/hyperfleet/workspaces as root, else ~"
+    )
+    max_retries: int = Field(default=2, ge=0, le=10)
+    request_timeout_s: float = Field(default=120.0, gt=0, le=3_600)
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+
+
+def default_workspaces() -> Path:
+    """Root's sandboxed tools run as ``nobody``, who must be able to reach the directory, so not
+    under /root; an unprivileged replica's tools run as itself, under its home."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/hyperfleet/workspaces")
+    return Path.home() / ".hyperfleet" / "workspaces"
+
+
+def replica_name(agent_id: str, index: int) -> str:
+    return f"agent-{agent_id}-{index}"
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class AgentActor:
+    def __init__(self, agent_id: str, index: int, spec: AgentSpec, runtime: RuntimeConfig) -> None:
+        self.name = replica_name(agent_id, index)
+        key = spec.anthropic_api_key or runtime.anthropic_api_key
+        timeout = httpx2.Timeout(runtime.request_timeout_s, connect=10.0)
+        self._client = anthropic.AsyncAnthropic(
+            api_key=key.get_secret_value(),
+            base_url=runtime.anthropic_base_url,
+            max_retries=runtime.max_retries,
+            timeout=timeout,
+        )
+        tools = build_tools(spec.tools, Sandbox(egress=spec.egress), spec.tool_timeout_s)
+        loop = AgentLoop(
+            self._client,
+            LoopConfig(
+                model=spec.model,
+                system=spec.system,
+                max_tokens=spec.max_tokens,
+                max_turns=spec.max_turns,
+                temperature=spec.temperature,
+            ),
+            tools,
+            CircuitBreaker(),
+        )
+        workspaces = Path(runtime.workspaces) if runtime.workspaces else default_workspaces()
+        self.host = SessionHost(agent_id, spec, open_store(runtime.store_url), loop, workspaces)
+        self._sweep_interval_s = runtime.sweep_interval_s
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval_s)
+            evicted = self.host.evict_idle()
+            if evicted:
+                logger.info("%s evicted %d idle sessions", self.name, evicted)
+
+    async def open_session(self, owner: str, session_id: str | None = None) -> dict[str, Any]:
+        self._ensure_sweeper()
+        return await self.host.open_session(owner, session_id)
+
+    async def send(
+        self,
+        session_id: str,
+        content: str | list[dict[str, Any]],
+        idempotency_key: str | None = None,
+        owner: str | None = None,
+    ) -> dict[str, Any]:
+        self._ensure_sweeper()
+        return await self.host.send(session_id, content, idempotency_key, owner)
+
+    async def stream(
+        self,
+        session_id: str,
+        content: str | list[dict[str, Any]],
+        idempotency_key: str | None = None,
+        owner: str | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        self._ensure_sweeper()
+        async for item in self.host.stream(session_id, content, idempotency_key, owner):
+            yield item
+
+    async def transcript(
+        self, session_id: str, owner: str | None = None, after: int = 0, limit: int = 50
+    ) -> dict[str, Any]:
+        return await self.host.transcript(session_id, owner, after, limit)
+
+    async def close_session(self, session_id: str, owner: str | None = None) -> None:
+        await self.host.close_session(session_id, owner)
+
+    async def stats(self) -> dict[str, Any]:
+        context = ray.get_runtime_context()
+        return {
+            **self.host.stats(),
+            "replica": self.name,
+            "node_id": context.get_node_id(),
+            "pid": os.getpid(),
+            "resources": context.get_assigned_resources(),  # type: ignore[no-untyped-call]
+        }
+
+    async def health(self) -> str:
+        await self.host.store.ping()
+        return "ok"
+
+    async def drain(self, deadline_s: float = 30.0) -> list[str]:
+        return await self.host.drain(deadline_s)
+
+    async def __ray_shutdown__(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self._client.close()
+
+
+def spawn_replica(agent_id: str, index: int, spec: AgentSpec, runtime: RuntimeConfig) -> Any:
+    """Starts replica ``index`` of an agent (or returns it if it runs); placed from its spec."""
+    return AgentActor.options(  # type: ignore[attr-defined]
+        name=replica_name(agent_id, index),
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        **placement_options(spec),
+    ).remote(agent_id, index, spec, runtime)

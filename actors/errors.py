@@ -1,0 +1,102 @@
+"""Hyperfleet's errors: one rooted hierarchy, each carrying what a caller needs to decide.
+
+    HyperfleetError                    status_code, retryable, retry_after_s
+    ├── InvalidRequestError            400: bad input (an unknown tool, a malformed spec)
+    ├── NotFoundError                  404: no such session or agent (or not yours)
+    ├── ConflictError                  409
+    │   ├── SessionBusyError           a turn is already running in the session
+    │   └── IdempotencyConflictError   the key was used for a different message
+    ├── StaleSessionError              409: a commit's session version is behind the store's
+    ├── CapacityError                  503 + retry_after_s: the replica is full or draining
+    ├── UpstreamError                  502: the model API failed the turn
+    │   └── CircuitOpenError           503 + retry_after_s: the credential's breaker is open
+    └── StoreError                     503: the session store could not be reached
+
+Errors cross Ray's process boundary, so each pickles to the same type and fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class HyperfleetError(Exception):
+    status_code = 500
+    error_type = "api_error"
+    retryable = False
+
+    def __init__(
+        self, message: str, *, retry_after_s: float | None = None, session_id: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+        self.session_id = session_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.retry_after_s, self.session_id))
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"type": self.error_type, "message": self.message}
+        if self.retry_after_s is not None:
+            body["retry_after_s"] = self.retry_after_s
+        return body
+
+
+def _rebuild(
+    cls: type[HyperfleetError], message: str, retry_after_s: float | None, session_id: str | None
+) -> HyperfleetError:
+    return cls(message, retry_after_s=retry_after_s, session_id=session_id)
+
+
+class InvalidRequestError(HyperfleetError):
+    status_code = 400
+    error_type = "invalid_request"
+
+
+class NotFoundError(HyperfleetError):
+    status_code = 404
+    error_type = "not_found"
+
+
+class ConflictError(HyperfleetError):
+    status_code = 409
+    error_type = "conflict"
+
+
+class SessionBusyError(ConflictError):
+    error_type = "session_busy"
+    retryable = True
+
+
+class IdempotencyConflictError(ConflictError):
+    error_type = "idempotency_conflict"
+
+
+class StaleSessionError(HyperfleetError):
+    status_code = 409
+    error_type = "stale_session"
+    retryable = True
+
+
+class CapacityError(HyperfleetError):
+    status_code = 503
+    error_type = "capacity_exhausted"
+    retryable = True
+
+
+class UpstreamError(HyperfleetError):
+    status_code = 502
+    error_type = "upstream_error"
+    retryable = True
+
+
+class CircuitOpenError(UpstreamError):
+    status_code = 503
+    error_type = "circuit_open"
+
+
+class StoreError(HyperfleetError):
+    status_code = 503
+    error_type = "store_unavailable"
+    retryable = True

@@ -1,0 +1,58 @@
+"""Streaming events of a turn, and the coalescing of text deltas.
+
+One Ray object per token would not scale, so text is buffered and sent at most once per
+``interval_s`` (about 20 ms) or when ``max_chars`` are waiting; every other event flushes the
+buffer first, so the order seen by a client is the order things happened.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+EventType = Literal["turn_start", "text_delta", "tool_use", "tool_result", "turn_end", "error"]
+Emit = Callable[[EventType, dict[str, Any]], Awaitable[None]]
+
+COALESCE_INTERVAL_S = 0.02
+COALESCE_MAX_CHARS = 512
+
+
+def event(seq: int, kind: EventType, data: dict[str, Any]) -> dict[str, Any]:
+    """The wire form of an event: ``{"type", "seq", "data"}``."""
+    return {"type": kind, "seq": seq, "data": data}
+
+
+class TextCoalescer:
+    """Buffers text deltas; emits one ``text_delta`` per window."""
+
+    def __init__(
+        self,
+        emit: Emit,
+        interval_s: float = COALESCE_INTERVAL_S,
+        max_chars: int = COALESCE_MAX_CHARS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._emit = emit
+        self._interval_s = interval_s
+        self._max_chars = max_chars
+        self._clock = clock
+        self._buffer: list[str] = []
+        self._size = 0
+        self._last = clock()
+
+    async def add(self, text: str) -> None:
+        if not text:
+            return
+        self._buffer.append(text)
+        self._size += len(text)
+        if self._size >= self._max_chars or self._clock() - self._last >= self._interval_s:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._buffer:
+            text = "".join(self._buffer)
+            self._buffer.clear()
+            self._size = 0
+            await self._emit("text_delta", {"text": text})
+        self._last = self._clock()

@@ -1,0 +1,388 @@
+"""What an agent replica does, as a plain class: it hosts sessions and runs their turns.
+
+``AgentActor`` (``actor.py``) is a thin Ray shell over this; everything here is tested without
+Ray. Sessions live in memory while used; every committed turn is in the store, so a session that
+was evicted (idle past its TTL, or pushed out by a fuller replica), or whose replica restarted,
+is reloaded from the store on its next access, transparently.
+
+Idempotency: a send with a key that is running joins that run; one that was committed returns the
+committed turn; either with a different message is ``IdempotencyConflictError``. So 50 concurrent
+duplicates make one model call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import (
+    CapacityError,
+    HyperfleetError,
+    IdempotencyConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    SessionBusyError,
+    StaleSessionError,
+    UpstreamError,
+)
+from .events import EventType, event
+from .loop import AgentLoop
+from .session import Session, digest
+from .spec import AgentSpec
+from .store import SessionRecord, SessionStore, TurnRecord
+from .tools import Workspace
+
+logger = logging.getLogger(__name__)
+
+CAPACITY_RETRY_AFTER_S = 5.0
+DRAIN_POLL_S = 0.05
+STREAM_QUEUE_EVENTS = 1_024
+MAX_MESSAGE_CHARS = 1_000_000
+TRANSCRIPT_PAGE = 100
+
+
+class SessionHost:
+    def __init__(
+        self,
+        agent_id: str,
+        spec: AgentSpec,
+        store: SessionStore,
+        loop: AgentLoop,
+        workspaces: Path,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.agent_id = agent_id
+        self.spec = spec
+        self.store = store
+        self.loop = loop
+        self.workspaces = workspaces
+        self._clock = clock
+        self._wall = wall_clock
+        self._sessions: dict[str, Session] = {}
+        self._loading: dict[str, asyncio.Future[Session]] = {}
+        self._inflight: dict[tuple[str, str], tuple[str, asyncio.Future[TurnRecord]]] = {}
+        self.draining = False
+        self.turns_completed = 0
+        self.turns_failed = 0
+
+    # Sessions -----------------------------------------------------------------------------
+
+    async def open_session(self, owner: str, session_id: str | None = None) -> dict[str, Any]:
+        if self.draining:
+            raise CapacityError("this replica is draining", retry_after_s=CAPACITY_RETRY_AFTER_S)
+        if len(self._sessions) >= self.spec.max_sessions and not self._evict_one():
+            raise CapacityError(
+                f"this replica hosts its maximum of {self.spec.max_sessions} sessions",
+                retry_after_s=CAPACITY_RETRY_AFTER_S,
+            )
+        record = SessionRecord(
+            session_id=session_id or "ses_" + uuid.uuid4().hex,
+            agent_id=self.agent_id,
+            owner=owner,
+            created_at=self._wall(),
+        )
+        await self.store.create_session(record)
+        session = self._new_session(record)
+        self._sessions[record.session_id] = session
+        return {"id": record.session_id, "agent_id": self.agent_id, "created_at": record.created_at}
+
+    def _new_session(self, record: SessionRecord) -> Session:
+        workspace = Workspace(self.workspaces / self.agent_id / record.session_id)
+        workspace.create()
+        return Session(record=record, workspace=workspace, last_used=self._clock())
+
+    async def _get(self, session_id: str, owner: str | None) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = await self._load(session_id)
+        if owner is not None and session.record.owner != owner:
+            raise NotFoundError(f"no session {session_id}")
+        session.last_used = self._clock()
+        return session
+
+    async def _load(self, session_id: str) -> Session:
+        """Reloads a session from the store; concurrent loads of one session share one read."""
+        pending = self._loading.get(session_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
+        self._loading[session_id] = future
+        try:
+            record = await self.store.get_session(session_id)
+            if record is None or record.closed or record.agent_id != self.agent_id:
+                raise NotFoundError(f"no session {session_id}")
+            if len(self._sessions) >= self.spec.max_sessions and not self._evict_one():
+                raise CapacityError("this replica is full", retry_after_s=CAPACITY_RETRY_AFTER_S)
+            session = self._new_session(record)
+            after = 0
+            while True:
+                page = await self.store.list_turns(session_id, after, TRANSCRIPT_PAGE)
+                for turn in page:
+                    session.apply(turn, restore_seq=True)
+                if len(page) < TRANSCRIPT_PAGE:
+                    break
+                after = page[-1].index
+            self._sessions[session_id] = session
+            future.set_result(session)
+            return session
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: waiters re-raise it
+            raise
+        finally:
+            del self._loading[session_id]
+
+    def _evict_one(self) -> bool:
+        """Frees a slot by evicting the least recently used idle session."""
+        idle = [s for s in self._sessions.values() if not s.busy]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda s: s.last_used)
+        del self._sessions[victim.id]
+        return True
+
+    def evict_idle(self) -> int:
+        """Drops sessions idle past the TTL from memory; they reload on their next access."""
+        cutoff = self._clock() - self.spec.session_idle_ttl_s
+        stale = [s.id for s in self._sessions.values() if not s.busy and s.last_used < cutoff]
+        for session_id in stale:
+            del self._sessions[session_id]
+        return len(stale)
+
+    async def close_session(self, session_id: str, owner: str | None = None) -> None:
+        session = await self._get(session_id, owner)
+        if session.busy:
+            raise SessionBusyError("a turn is running in this session", session_id=session_id)
+        await self.store.close_session(session_id)
+        self._sessions.pop(session_id, None)
+
+    async def transcript(
+        self, session_id: str, owner: str | None = None, after: int = 0, limit: int = 50
+    ) -> dict[str, Any]:
+        session = await self._get(session_id, owner)
+        turns = await self.store.list_turns(session_id, after, limit)
+        return {
+            "session_id": session_id,
+            "version": session.version,
+            "turns": [{**t.public(), "messages": t.messages} for t in turns],
+            "has_more": bool(turns) and turns[-1].index < session.version,
+        }
+
+    # Turns --------------------------------------------------------------------------------
+
+    async def send(
+        self,
+        session_id: str,
+        content: str | list[dict[str, Any]],
+        idempotency_key: str | None = None,
+        owner: str | None = None,
+    ) -> dict[str, Any]:
+        async def ignore(kind: EventType, data: dict[str, Any]) -> None:
+            return None
+
+        turn = await self._turn(session_id, content, idempotency_key, owner, ignore)
+        return turn.public()
+
+    async def stream(
+        self,
+        session_id: str,
+        content: str | list[dict[str, Any]],
+        idempotency_key: str | None = None,
+        owner: str | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yields the turn's events. If the consumer goes away the turn still completes and is
+        committed, so a resend with the same idempotency key gets it."""
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(STREAM_QUEUE_EVENTS)
+
+        async def emit(kind: EventType, data: dict[str, Any]) -> None:
+            session = self._sessions.get(session_id)
+            number = session.next_seq() if session is not None else 0
+            await queue.put(event(number, kind, data))
+
+        async def run() -> None:
+            try:
+                await self._turn(session_id, content, idempotency_key, owner, emit)
+            except HyperfleetError as e:
+                await emit("error", {"status_code": e.status_code, **e.to_json()})
+            finally:
+                await queue.put(None)
+
+        task = asyncio.create_task(run())
+        try:
+            while (item := await queue.get()) is not None:
+                yield item
+        finally:
+            if not task.done():
+                # Keep the turn running to its commit; drop what would have been streamed.
+                task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+                while not queue.empty():
+                    queue.get_nowait()
+                _drain_in_background(queue)
+            await asyncio.sleep(0)
+
+    async def _turn(
+        self,
+        session_id: str,
+        content: str | list[dict[str, Any]],
+        key: str | None,
+        owner: str | None,
+        emit: Any,
+    ) -> TurnRecord:
+        _check_content(content)
+        request_digest = digest(content)
+        if key is not None:
+            running = self._inflight.get((session_id, key))
+            if running is not None:
+                if running[0] != request_digest:
+                    raise IdempotencyConflictError(
+                        f"idempotency key {key!r} is in use with a different message"
+                    )
+                turn = await asyncio.shield(running[1])
+                await emit("turn_end", _turn_end(turn, replayed=True))
+                return turn
+        future: asyncio.Future[TurnRecord] | None = None
+        if key is not None:
+            future = asyncio.get_running_loop().create_future()
+            self._inflight[(session_id, key)] = (request_digest, future)
+        try:
+            turn = await self._run_once(session_id, content, key, request_digest, owner, emit)
+            if future is not None:
+                future.set_result(turn)
+            return turn
+        except BaseException as e:
+            if future is not None:
+                future.set_exception(e)
+                future.exception()
+            raise
+        finally:
+            if key is not None:
+                self._inflight.pop((session_id, key), None)
+
+    async def _run_once(
+        self,
+        session_id: str,
+        content: str | list[dict[str, Any]],
+        key: str | None,
+        request_digest: str,
+        owner: str | None,
+        emit: Any,
+    ) -> TurnRecord:
+        session = await self._get(session_id, owner)
+        if key is not None:
+            committed = await self.store.find_turn(session_id, key)
+            if committed is not None:
+                if committed.request_digest != request_digest:
+                    raise IdempotencyConflictError(
+                        f"idempotency key {key!r} was used for a different message"
+                    )
+                await emit("turn_end", _turn_end(committed, replayed=True))
+                return committed
+        if session.busy:
+            raise SessionBusyError("a turn is running in this session", session_id=session_id)
+        async with session.turn_lock:
+            turn_id = "turn_" + uuid.uuid4().hex
+            await emit("turn_start", {"turn_id": turn_id, "session_id": session_id})
+            try:
+                async with asyncio.timeout(self.spec.turn_timeout_s):
+                    outcome = await self.loop.run(
+                        session.messages, content, session.workspace, emit
+                    )
+            except TimeoutError as e:
+                self.turns_failed += 1
+                raise UpstreamError(
+                    f"the turn ran past its {self.spec.turn_timeout_s:g} s limit",
+                    session_id=session_id,
+                ) from e
+            except HyperfleetError:
+                self.turns_failed += 1
+                raise
+            turn = TurnRecord(
+                session_id=session_id,
+                index=session.version + 1,
+                turn_id=turn_id,
+                request_digest=request_digest,
+                messages=outcome.messages,
+                stop_reason=outcome.stop_reason,
+                usage=outcome.usage.to_json(),
+                cost_usd=outcome.usage.cost_usd(self.spec.model),
+                model=self.spec.model,
+                created_at=self._wall(),
+                last_seq=session.seq + 1,
+                idempotency_key=key,
+                content=outcome.content,
+            )
+            try:
+                await self.store.commit_turn(turn, expected_version=session.version)
+            except StaleSessionError:
+                # Someone else owns this session now: forget our copy, it reloads next time.
+                self._sessions.pop(session_id, None)
+                self.turns_failed += 1
+                raise
+            session.apply(turn, restore_seq=False)
+            self.turns_completed += 1
+            await emit("turn_end", _turn_end(turn, replayed=False))
+            return turn
+
+    # Operations ---------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "agent_id": self.agent_id,
+            "sessions": len(self._sessions),
+            "busy_sessions": sum(1 for s in self._sessions.values() if s.busy),
+            "capacity": self.spec.max_sessions,
+            "draining": self.draining,
+            "turns_completed": self.turns_completed,
+            "turns_failed": self.turns_failed,
+            "breaker": self.loop.breaker.state,
+        }
+
+    async def drain(self, deadline_s: float) -> list[str]:
+        """Stops taking sessions, lets running turns finish (up to ``deadline_s``), then hands
+        every session back to the store; returns their ids."""
+        self.draining = True
+        deadline = self._clock() + deadline_s
+        # Polled: turns finish on their own schedule and the deadline bounds the wait.
+        while any(s.busy for s in self._sessions.values()) and self._clock() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(DRAIN_POLL_S)
+        handed = [s.id for s in self._sessions.values() if not s.busy]
+        for session_id in handed:
+            del self._sessions[session_id]
+        return handed
+
+
+def _turn_end(turn: TurnRecord, replayed: bool) -> dict[str, Any]:
+    return {**turn.public(), "replayed": replayed}
+
+
+def _check_content(content: str | list[dict[str, Any]]) -> None:
+    if isinstance(content, str):
+        if not content.strip():
+            raise_invalid("the message is empty")
+        if len(content) > MAX_MESSAGE_CHARS:
+            raise_invalid(f"the message is over {MAX_MESSAGE_CHARS} characters")
+    elif not isinstance(content, list) or not content:
+        raise_invalid("the message must be text or a non-empty list of content blocks")
+
+
+def raise_invalid(message: str) -> None:
+    raise InvalidRequestError(message)
+
+
+def _drain_in_background(queue: asyncio.Queue[dict[str, Any] | None]) -> None:
+    async def drain() -> None:
+        while await queue.get() is not None:
+            pass
+
+    task = asyncio.get_running_loop().create_task(drain())
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()

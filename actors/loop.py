@@ -1,0 +1,215 @@
+"""The agent loop: one user message in, model calls and tool runs until the model is done.
+
+Each model call is a streaming Messages call on the official ``AsyncAnthropic`` client (the real
+API and the emulator are one code path). ``tool_use`` runs the tools, concurrently when several are
+asked for, sends their ``tool_result`` blocks back and calls again, until ``end_turn``,
+``max_tokens``, or ``max_turns`` model calls (then ``stop_reason: "max_turns"``).
+
+Failures: the SDK's own retries (``max_retries`` on the client) handle errors answered before a
+stream starts; the loop adds no second retry around them. A stream that breaks before its first
+content block is retried here with backoff, since nothing was shown yet. A break after content
+ends the turn with ``UpstreamError``: nothing of it is committed and the caller may send the same
+message again. Every failure and success feeds the credential's circuit breaker.
+
+Prompt caching: ``cache_control`` marks the tools, the system prompt and the end of the
+conversation so far, so each call of a long tool loop reads the previous call's prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+import httpx2
+
+from .breaker import CircuitBreaker
+from .errors import UpstreamError
+from .events import Emit, TextCoalescer
+from .pricing import Usage
+from .tools import Tool, ToolResult, Workspace
+
+STREAM_ATTEMPTS = 3
+STREAM_BACKOFF_S = 0.25
+_CACHE = {"type": "ephemeral"}
+# Answered before the stream started, after the SDK's own retries: not the loop's to retry.
+_CLIENT_ERRORS = (400, 401, 403, 404, 413, 422)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    model: str
+    system: str
+    max_tokens: int
+    max_turns: int
+    temperature: float | None = None
+    stream_attempts: int = STREAM_ATTEMPTS
+    stream_backoff_s: float = STREAM_BACKOFF_S
+
+
+@dataclass(frozen=True)
+class TurnOutcome:
+    messages: list[dict[str, Any]]  # the user message and everything the agent added
+    content: list[dict[str, Any]]  # the final assistant message's blocks
+    stop_reason: str
+    usage: Usage
+    model_calls: int
+
+
+class AgentLoop:
+    def __init__(
+        self,
+        client: anthropic.AsyncAnthropic,
+        config: LoopConfig,
+        tools: dict[str, Tool],
+        breaker: CircuitBreaker,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.client = client
+        self.config = config
+        self.tools = tools
+        self.breaker = breaker
+        self._sleep = sleep
+        self._tool_defs = [t.definition() for t in tools.values()]
+        if self._tool_defs:
+            self._tool_defs[-1] = {**self._tool_defs[-1], "cache_control": _CACHE}
+        self._system = (
+            [{"type": "text", "text": config.system, "cache_control": _CACHE}]
+            if config.system
+            else None
+        )
+
+    async def run(
+        self,
+        history: list[dict[str, Any]],
+        user_content: str | list[dict[str, Any]],
+        workspace: Workspace,
+        emit: Emit,
+    ) -> TurnOutcome:
+        """Runs one turn. Raises ``UpstreamError`` (or ``CircuitOpenError``) if the model fails."""
+        added: list[dict[str, Any]] = [{"role": "user", "content": user_content}]
+        usage = Usage()
+        calls = 0
+        stop_reason = "max_turns"
+        content: list[dict[str, Any]] = []
+        while calls < self.config.max_turns:
+            calls += 1
+            message = await self._call([*history, *added], emit)
+            usage += _usage(message.usage)
+            content = [_block(b) for b in message.content]
+            added.append({"role": "assistant", "content": content})
+            if message.stop_reason != "tool_use":
+                stop_reason = message.stop_reason or "end_turn"
+                break
+            uses = [b for b in content if b["type"] == "tool_use"]
+            for use in uses:
+                await emit(
+                    "tool_use", {"id": use["id"], "name": use["name"], "input": use["input"]}
+                )
+            results = await asyncio.gather(*(self._run_tool(u, workspace) for u in uses))
+            blocks = []
+            for use, result in zip(uses, results, strict=True):
+                await emit(
+                    "tool_result",
+                    {
+                        "tool_use_id": use["id"],
+                        "content": result.content,
+                        "is_error": result.is_error,
+                    },
+                )
+                block: dict[str, Any] = {
+                    "type": "tool_result",
+                    "tool_use_id": use["id"],
+                    "content": result.content,
+                }
+                if result.is_error:
+                    block["is_error"] = True
+                blocks.append(block)
+            added.append({"role": "user", "content": blocks})
+        return TurnOutcome(added, content, stop_reason, usage, calls)
+
+    async def _run_tool(self, use: dict[str, Any], workspace: Workspace) -> ToolResult:
+        tool = self.tools.get(use["name"])
+        if tool is None:
+            return ToolResult(f"there is no tool named {use['name']!r}", is_error=True)
+        return await tool.run(use.get("input") or {}, workspace)
+
+    def _params(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        marked = list(messages)
+        last = copy.copy(marked[-1])
+        blocks = last["content"]
+        if isinstance(blocks, str):
+            blocks = [{"type": "text", "text": blocks}]
+        blocks = [*blocks[:-1], {**blocks[-1], "cache_control": _CACHE}]
+        marked[-1] = {**last, "content": blocks}
+        params: dict[str, Any] = {
+            "model": self.config.model,
+            "max_tokens": self.config.max_tokens,
+            "messages": marked,
+        }
+        if self._system is not None:
+            params["system"] = self._system
+        if self._tool_defs:
+            params["tools"] = self._tool_defs
+        if self.config.temperature is not None:
+            params["temperature"] = self.config.temperature
+        return params
+
+    async def _call(self, messages: list[dict[str, Any]], emit: Emit) -> Any:
+        params = self._params(messages)
+        last_error: Exception | None = None
+        for attempt in range(self.config.stream_attempts):
+            self.breaker.check()
+            coalescer = TextCoalescer(emit)
+            started = False
+            try:
+                async with self.client.messages.stream(**params) as stream:
+                    async for event in stream:
+                        if event.type == "content_block_start":
+                            started = True
+                        elif event.type == "text":
+                            await coalescer.add(event.text)
+                    message = await stream.get_final_message()
+                await coalescer.flush()
+                self.breaker.record_success()
+                return message
+            except anthropic.APIStatusError as e:
+                if e.status_code in _CLIENT_ERRORS:
+                    raise UpstreamError(f"the model API refused the request: {e.message}") from e
+                self.breaker.record_failure()
+                if e.response.status_code != 200:  # the SDK already retried this one
+                    raise UpstreamError(f"the model API failed: {e.message}") from e
+                last_error = e
+            except (anthropic.APIConnectionError, httpx2.TransportError) as e:
+                self.breaker.record_failure()
+                last_error = e
+            await coalescer.flush()
+            if started:
+                raise UpstreamError(
+                    f"the model stream broke after output began: {last_error}"
+                ) from last_error
+            await self._sleep(self.config.stream_backoff_s * 2**attempt)
+        raise UpstreamError(
+            f"the model stream failed {self.config.stream_attempts} times: {last_error}"
+        ) from last_error
+
+
+def _block(block: Any) -> dict[str, Any]:
+    data: dict[str, Any] = block.model_dump(mode="json", exclude_none=True)
+    data.pop("parsed_output", None)
+    return data
+
+
+def _usage(usage: Any) -> Usage:
+    creation = usage.cache_creation
+    one_hour = getattr(creation, "ephemeral_1h_input_tokens", 0) if creation else 0
+    return Usage(
+        usage.input_tokens or 0,
+        usage.output_tokens or 0,
+        usage.cache_read_input_tokens or 0,
+        usage.cache_creation_input_tokens or 0,
+        one_hour or 0,
+    )

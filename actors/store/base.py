@@ -1,0 +1,92 @@
+"""The session store: where sessions and their committed turns live.
+
+Contract of every ``SessionStore`` (checked by one conformance suite against each implementation):
+
+- ``create_session`` stores a new session at version 0; an existing id is a ``ConflictError``.
+- ``commit_turn(turn, expected_version)`` is atomic and fenced: it appends the whole turn (the user
+  message, every assistant and tool message, usage) and moves the session from
+  ``expected_version`` to ``turn.index == expected_version + 1``, or changes nothing. A session
+  whose version is not ``expected_version`` raises ``StaleSessionError`` (a stale owner: a replica
+  that was paused or partitioned while the session moved cannot write). An idempotency key already
+  committed in the session raises ``IdempotencyConflictError``. A closed or unknown session raises
+  ``NotFoundError``. A commit that returned is durable: it survives a crash of the store process.
+- ``find_turn(session_id, key)`` returns the committed turn with that idempotency key, or None.
+- ``list_turns`` returns committed turns in order, ``index > after``, at most ``limit``.
+- ``close_session`` is idempotent; a closed session is kept (its transcript stays readable) but
+  takes no commit.
+- Every call is bounded by the store's own timeout and raises ``StoreError`` when the backend
+  cannot be reached; none is retried inside the store.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    session_id: str
+    agent_id: str
+    owner: str
+    created_at: float
+    version: int = 0
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    session_id: str
+    index: int
+    turn_id: str
+    request_digest: str
+    messages: list[dict[str, Any]]
+    stop_reason: str
+    usage: dict[str, int]
+    cost_usd: float
+    model: str
+    created_at: float
+    last_seq: int
+    idempotency_key: str | None = None
+    content: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> TurnRecord:
+        return cls(**json.loads(data))
+
+    def public(self) -> dict[str, Any]:
+        """The finished turn as callers see it."""
+        return {
+            "turn_id": self.turn_id,
+            "session_id": self.session_id,
+            "index": self.index,
+            "content": self.content,
+            "stop_reason": self.stop_reason,
+            "usage": self.usage,
+            "cost_usd": self.cost_usd,
+            "model": self.model,
+            "created_at": self.created_at,
+        }
+
+
+@runtime_checkable
+class SessionStore(Protocol):
+    async def create_session(self, record: SessionRecord) -> None: ...
+
+    async def get_session(self, session_id: str) -> SessionRecord | None: ...
+
+    async def commit_turn(self, turn: TurnRecord, expected_version: int) -> None: ...
+
+    async def find_turn(self, session_id: str, idempotency_key: str) -> TurnRecord | None: ...
+
+    async def list_turns(
+        self, session_id: str, after: int = 0, limit: int | None = None
+    ) -> list[TurnRecord]: ...
+
+    async def close_session(self, session_id: str) -> None: ...
+
+    async def ping(self) -> None: ...

@@ -1,0 +1,158 @@
+"""Redis session store: direct from every replica, for deployments that need the store to be HA.
+
+A commit is one Lua script, so the version check, the idempotency check and the append happen
+atomically in Redis. Durability is the server's: run it with ``appendonly yes`` and
+``appendfsync always`` for a commit to survive a crash of Redis itself (the test server does).
+
+Keys, per session: ``hf:s:{id}`` (hash: agent, owner, created_at, version, closed),
+``hf:t:{id}`` (list of turn JSON, in order), ``hf:k:{id}`` (hash: idempotency key -> index).
+"""
+
+from __future__ import annotations
+
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from ..errors import (
+    ConflictError,
+    IdempotencyConflictError,
+    NotFoundError,
+    StaleSessionError,
+    StoreError,
+)
+from .base import SessionRecord, TurnRecord
+
+TIMEOUT_S = 5.0
+MAX_LIST = 1_000
+
+_COMMIT = """
+local version = redis.call('HGET', KEYS[1], 'version')
+if not version or redis.call('HGET', KEYS[1], 'closed') == '1' then
+  return redis.error_reply('NOTFOUND')
+end
+if tonumber(version) ~= tonumber(ARGV[1]) then
+  return redis.error_reply('STALE ' .. version)
+end
+if ARGV[3] ~= '' and redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then
+  return redis.error_reply('DUPKEY')
+end
+local index = tonumber(version) + 1
+redis.call('RPUSH', KEYS[2], ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[3], index) end
+redis.call('HSET', KEYS[1], 'version', index)
+return index
+"""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _keys(session_id: str) -> list[str]:
+    return [f"hf:s:{session_id}", f"hf:t:{session_id}", f"hf:k:{session_id}"]
+
+
+class RedisSessionStore:
+    def __init__(self, url: str, timeout_s: float = TIMEOUT_S) -> None:
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        self._commit = self._redis.register_script(_COMMIT)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    async def create_session(self, record: SessionRecord) -> None:
+        key = _keys(record.session_id)[0]
+        mapping = {
+            "agent_id": record.agent_id,
+            "owner": record.owner,
+            "created_at": repr(record.created_at),
+            "version": record.version,
+            "closed": int(record.closed),
+        }
+        try:
+            created = await self._redis.hsetnx(key, "agent_id", record.agent_id)
+            if not created:
+                raise ConflictError(f"session {record.session_id} exists")
+            await self._redis.hset(key, mapping=mapping)  # type: ignore[arg-type]
+        except RedisError as e:
+            raise StoreError(f"redis: {e}") from e
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        try:
+            data = await self._redis.hgetall(_keys(session_id)[0])
+        except RedisError as e:
+            raise StoreError(f"redis: {e}") from e
+        if not data or b"version" not in data:
+            return None
+        return SessionRecord(
+            session_id=session_id,
+            agent_id=_text(data[b"agent_id"]),
+            owner=_text(data[b"owner"]),
+            created_at=float(data[b"created_at"]),
+            version=int(data[b"version"]),
+            closed=data.get(b"closed") == b"1",
+        )
+
+    async def commit_turn(self, turn: TurnRecord, expected_version: int) -> None:
+        if turn.index != expected_version + 1:
+            raise StaleSessionError(
+                f"turn index {turn.index} does not follow version {expected_version}",
+                session_id=turn.session_id,
+            )
+        args: list[str | int] = [expected_version, turn.to_json(), turn.idempotency_key or ""]
+        try:
+            await self._commit(keys=_keys(turn.session_id), args=args)
+        except ResponseError as e:
+            text = str(e)
+            if text.startswith("NOTFOUND"):
+                raise NotFoundError(f"session {turn.session_id} is closed or unknown") from e
+            if text.startswith("STALE"):
+                raise StaleSessionError(
+                    f"session {turn.session_id} is at version {text.split()[1]}, "
+                    f"not {expected_version}",
+                    session_id=turn.session_id,
+                ) from e
+            if text.startswith("DUPKEY"):
+                raise IdempotencyConflictError(
+                    f"idempotency key {turn.idempotency_key!r} was already used"
+                ) from e
+            raise StoreError(f"redis: {e}") from e
+        except RedisError as e:
+            raise StoreError(f"redis: {e}") from e
+
+    async def find_turn(self, session_id: str, idempotency_key: str) -> TurnRecord | None:
+        _, turns, keys = _keys(session_id)
+        try:
+            index = await self._redis.hget(keys, idempotency_key)
+            if index is None:
+                return None
+            body = await self._redis.lindex(turns, int(index) - 1)
+        except RedisError as e:
+            raise StoreError(f"redis: {e}") from e
+        return None if body is None else TurnRecord.from_json(body)
+
+    async def list_turns(
+        self, session_id: str, after: int = 0, limit: int | None = None
+    ) -> list[TurnRecord]:
+        count = min(limit or MAX_LIST, MAX_LIST)
+        try:
+            bodies = await self._redis.lrange(_keys(session_id)[1], after, after + count - 1)
+        except RedisError as e:
+            raise StoreError(f"redis: {e}") from e
+        return [TurnRecord.from_json(b) for b in bodies]
+
+    async def close_session(self, session_id: str) -> None:
+        key = _keys(session_id)[0]
+        try:
+            if await self._redis.exists(key):
+                await self._redis.hset(key, "closed", 1)
+        except RedisError as e:
+            raise StoreError(f"redis: {e}") from e
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except RedisError as e:
+            raise StoreError(f"redis: {e}") from e

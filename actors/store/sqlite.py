@@ -1,0 +1,147 @@
+"""SQLite session store: the default, one file on the head node.
+
+WAL journal with ``synchronous=FULL``: a commit is on disk when ``commit_turn`` returns. Calls are
+synchronous and short; the store runs inside one actor (``actor.py``) whose event loop serialises
+them, so one connection suffices and ``BEGIN IMMEDIATE`` makes each commit atomic.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from ..errors import (
+    ConflictError,
+    IdempotencyConflictError,
+    NotFoundError,
+    StaleSessionError,
+    StoreError,
+)
+from .base import SessionRecord, TurnRecord
+
+BUSY_TIMEOUT_MS = 5_000
+MAX_LIST = 1_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0,
+    closed INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS turns (
+    session_id TEXT NOT NULL REFERENCES sessions(session_id),
+    idx INTEGER NOT NULL,
+    idempotency_key TEXT,
+    body TEXT NOT NULL,
+    PRIMARY KEY (session_id, idx)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS turns_key ON turns(session_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+"""
+
+
+class SqliteSessionStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    async def create_session(self, record: SessionRecord) -> None:
+        try:
+            self._db.execute(
+                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    record.session_id,
+                    record.agent_id,
+                    record.owner,
+                    record.created_at,
+                    record.version,
+                    int(record.closed),
+                ),
+            )
+        except sqlite3.IntegrityError as e:
+            raise ConflictError(f"session {record.session_id} exists") from e
+        except sqlite3.Error as e:
+            raise StoreError(f"sqlite: {e}") from e
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        row = self._db.execute(
+            "SELECT session_id, agent_id, owner, created_at, version, closed "
+            "FROM sessions WHERE session_id = ?",
+            (session_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return SessionRecord(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
+
+    async def commit_turn(self, turn: TurnRecord, expected_version: int) -> None:
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute(
+                    "SELECT version, closed FROM sessions WHERE session_id = ?", (turn.session_id,)
+                ).fetchone()
+                if row is None or row[1]:
+                    raise NotFoundError(f"session {turn.session_id} is closed or unknown")
+                if row[0] != expected_version or turn.index != expected_version + 1:
+                    raise StaleSessionError(
+                        f"session {turn.session_id} is at version {row[0]}, not {expected_version}",
+                        session_id=turn.session_id,
+                    )
+                if (
+                    turn.idempotency_key is not None
+                    and db.execute(
+                        "SELECT 1 FROM turns WHERE session_id = ? AND idempotency_key = ?",
+                        (turn.session_id, turn.idempotency_key),
+                    ).fetchone()
+                ):
+                    raise IdempotencyConflictError(
+                        f"idempotency key {turn.idempotency_key!r} was already used"
+                    )
+                db.execute(
+                    "INSERT INTO turns VALUES (?, ?, ?, ?)",
+                    (turn.session_id, turn.index, turn.idempotency_key, turn.to_json()),
+                )
+                db.execute(
+                    "UPDATE sessions SET version = ? WHERE session_id = ?",
+                    (turn.index, turn.session_id),
+                )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StoreError(f"sqlite: {e}") from e
+
+    async def find_turn(self, session_id: str, idempotency_key: str) -> TurnRecord | None:
+        row = self._db.execute(
+            "SELECT body FROM turns WHERE session_id = ? AND idempotency_key = ?",
+            (session_id, idempotency_key),
+        ).fetchone()
+        return None if row is None else TurnRecord.from_json(row[0])
+
+    async def list_turns(
+        self, session_id: str, after: int = 0, limit: int | None = None
+    ) -> list[TurnRecord]:
+        rows = self._db.execute(
+            "SELECT body FROM turns WHERE session_id = ? AND idx > ? ORDER BY idx LIMIT ?",
+            (session_id, after, min(limit or MAX_LIST, MAX_LIST)),
+        ).fetchall()
+        return [TurnRecord.from_json(r[0]) for r in rows]
+
+    async def close_session(self, session_id: str) -> None:
+        self._db.execute("UPDATE sessions SET closed = 1 WHERE session_id = ?", (session_id,))
+
+    async def ping(self) -> None:
+        self._db.execute("SELECT 1").fetchone()

@@ -1,0 +1,79 @@
+"""Pricing, the circuit breaker and text coalescing, with injected clocks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from actors import CircuitBreaker, CircuitOpenError, Usage, price_of
+from actors.events import TextCoalescer
+
+
+def test_price_lookup_and_cost() -> None:
+    assert price_of("claude-haiku-4-5-20251001") == price_of("claude-haiku-4-5")
+    assert price_of("claude-unknown-9") == max(
+        (price_of(m) for m in ("claude-opus-5", "claude-sonnet-5")), key=lambda p: p.output_per_mtok
+    )
+    usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000)
+    assert usage.cost_usd("claude-sonnet-5-5") == pytest.approx(18.0)
+    cached = Usage(cache_read_input_tokens=1_000_000, cache_creation_input_tokens=1_000_000)
+    assert cached.cost_usd("claude-sonnet-5-5") == pytest.approx(0.3 + 3.75)
+    total = usage + cached
+    assert total.to_json()["cache_read_input_tokens"] == 1_000_000
+    assert Usage.from_json(total.to_json()) == Usage(1_000_000, 1_000_000, 1_000_000, 1_000_000)
+
+
+def test_breaker_opens_fails_fast_and_half_opens() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=3, cooldown_s=10, clock=lambda: now[0])
+    for _ in range(3):
+        breaker.check()
+        breaker.record_failure()
+    assert breaker.state == "open"
+    now[0] = 4.0
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.check()
+    assert info.value.retry_after_s == pytest.approx(6.0)
+    now[0] = 10.0
+    breaker.check()  # the half-open trial
+    with pytest.raises(CircuitOpenError):
+        breaker.check()  # only one trial at a time
+    breaker.record_failure()
+    assert breaker.state == "open"
+    now[0] = 20.0
+    breaker.check()
+    breaker.record_success()
+    assert breaker.state == "closed"
+    breaker.check()
+
+
+def test_breaker_counts_consecutive_failures_only() -> None:
+    breaker = CircuitBreaker(failure_threshold=2)
+    breaker.record_failure()
+    breaker.record_success()
+    breaker.record_failure()
+    assert breaker.state == "closed"
+
+
+async def test_coalescer_batches_by_time_and_size() -> None:
+    now = [0.0]
+    sent: list[tuple[str, dict[str, Any]]] = []
+
+    async def emit(kind: Any, data: dict[str, Any]) -> None:
+        sent.append((kind, data))
+
+    coalescer = TextCoalescer(emit, interval_s=0.02, max_chars=10, clock=lambda: now[0])
+    for piece in ["a", "b", "c"]:
+        await coalescer.add(piece)
+    assert sent == []
+    now[0] = 0.03
+    await coalescer.add("d")
+    assert sent == [("text_delta", {"text": "abcd"})]
+    await coalescer.add("0123456789")  # the size bound
+    assert sent[-1] == ("text_delta", {"text": "0123456789"})
+    await coalescer.add("tail")
+    await coalescer.flush()
+    assert sent[-1] == ("text_delta", {"text": "tail"})
+    await coalescer.flush()
+    assert len(sent) == 3
