@@ -10,20 +10,17 @@ import json
 import os
 import secrets
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .daemon import Daemons, DaemonState
+from .processes import tail, wait_http_ok
 from .settings import Settings
 
 EMULATOR = "emulator"
 DEFAULT_EMULATOR_PORT = 8090
 READY_TIMEOUT_S = 30.0
-PROBE_TIMEOUT_S = 2.0
 NOT_YET = (
     "Ray head and session store (the agent runtime is in actors/, started with the API)",
     "Serve HTTP API, users and keys (hyperfleet chat)",
@@ -59,20 +56,6 @@ def _secret_file(path: Path, prefix: str) -> str:
     return value
 
 
-def wait_http_ok(url: str, timeout_s: float) -> bool:
-    """Polls ``url`` until it answers 200 or ``timeout_s`` passes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as response:  # noqa: S310
-                if response.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    return False
-
-
 def up(
     settings: Settings, emulator_port: int, progress: Callable[[str], None] = print
 ) -> StackInfo:
@@ -90,9 +73,9 @@ def up(
         emulator = daemons.start(EMULATOR, argv, env)
         url = f"http://127.0.0.1:{emulator_port}"
         if not wait_http_ok(url + "/_emulator/stats", READY_TIMEOUT_S):
-            tail = _tail(emulator.log)
+            tail_text = tail(emulator.log, 20)
             daemons.stop(EMULATOR)
-            raise StackError(f"the emulator did not become ready; its log says:\n{tail}")
+            raise StackError(f"the emulator did not become ready; its log says:\n{tail_text}")
         emulator = daemons.state(EMULATOR)
     else:
         progress("ANTHROPIC_API_KEY is set: agents will use the real API; no emulator started.")
@@ -113,13 +96,6 @@ def status(settings: Settings) -> dict[str, object]:
         "emulator": {"running": state.running, "pid": state.pid, "log": str(state.log)},
         "not_yet": list(NOT_YET),
     }
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def format_status(info: dict[str, object]) -> str:

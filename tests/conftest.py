@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
@@ -26,10 +25,3 @@ os.environ["RAY_AUTH_TOKEN_PATH"] = str(RAY_TOKEN_PATH)
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(_TOKEN_DIR, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port

@@ -1,7 +1,8 @@
 """The integration tier: one real local Ray cluster per test session and real servers on 127.0.0.1.
 
-Everything here is started as a real process and stopped by its PID (never ``ray stop``, which
-would kill other Ray processes on the machine). Ray's GCS gets a free port, never 6379.
+Everything here is started as a real process (``cluster.processes``) and stopped by its PID (never
+``ray stop``, which would kill other Ray processes on the machine). Ray's GCS gets a free port,
+never 6379.
 """
 
 from __future__ import annotations
@@ -9,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -22,28 +21,25 @@ from typing import Any
 
 import pytest
 
-from cluster.stack import wait_http_ok
-from tests.conftest import RAY_TOKEN_PATH, free_port
+from cluster.processes import (
+    free_port,
+    start_ray_head,
+    start_redis,
+    stop,
+    tail,
+)
+from cluster.processes import (
+    start_emulator as _start_emulator_process,
+)
+from tests.conftest import RAY_TOKEN_PATH
 
 READY_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 45.0
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration/" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
-
-
-def _stop(process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
-    if process.poll() is not None:
-        return
-    os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
 
 
 @dataclass
@@ -61,18 +57,8 @@ class EmulatorServer:
 def start_emulator(log: Path, *flags: str) -> tuple[subprocess.Popen[bytes], EmulatorServer]:
     port = free_port()
     key = "sk-ant-test-" + os.urandom(6).hex()
-    argv = [sys.executable, "-m", "cluster.cli", "emulator", "--port", str(port), "--api-key", key]
-    process = subprocess.Popen(
-        [*argv, *flags],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    server = EmulatorServer(f"http://127.0.0.1:{port}", key, log)
-    if not wait_http_ok(server.base_url + "/_emulator/stats", READY_TIMEOUT_S):
-        _stop(process)
-        raise RuntimeError(f"emulator did not start:\n{log.read_text()}")
-    return process, server
+    process = _start_emulator_process(port, key, log, *flags)
+    return process, EmulatorServer(f"http://127.0.0.1:{port}", key, log)
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +69,7 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorServe
     try:
         yield server
     finally:
-        _stop(process)
+        stop(process)
 
 
 @pytest.fixture(scope="session")
@@ -106,37 +92,12 @@ class RedisServer:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A real redis-server on a free port, fsyncing every write (as the store's docs ask)."""
-    import redis
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed; the README's test command installs it")
     port = free_port()
-    data = tmp_path_factory.mktemp("redis")
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data)]
-    argv += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
-    process = subprocess.Popen(
-        argv,
-        stdout=(data / "redis.log").open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    client = redis.Redis(port=port, socket_timeout=1)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                _stop(process)
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.1)
-    client.close()
+    process = start_redis(port, tmp_path_factory.mktemp("redis"))
     try:
         yield RedisServer(f"redis://127.0.0.1:{port}/0", port)
     finally:
-        _stop(process)
+        stop(process)
 
 
 @dataclass
@@ -156,22 +117,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     import ray
 
     port = free_port()
-    run_dir = tmp_path_factory.mktemp("ray")
-    log = run_dir / "ray-head.log"
-    argv = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--head",
-        f"--port={port}",
-        "--num-cpus=4",
-        '--resources={"hyperfleet_vm_slot": 2}',
-        "--include-dashboard=false",
-        "--disable-usage-stats",
-        "--block",
-    ]
-    process = subprocess.Popen(
-        argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
-    )
+    log = tmp_path_factory.mktemp("ray") / "ray-head.log"
+    process = start_ray_head(port, log, num_cpus=4, resources={"hyperfleet_vm_slot": 2})
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + READY_TIMEOUT_S
     try:
@@ -181,9 +128,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
                 break
             except (ConnectionError, RuntimeError):
                 if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError(f"Ray head did not start:\n{log.read_text()}") from None
+                    raise RuntimeError(f"Ray head did not start:\n{tail(log)}") from None
                 time.sleep(0.5)
         yield RayCluster(address, port, RAY_TOKEN_PATH)
     finally:
         ray.shutdown()
-        _stop(process)
+        stop(process)

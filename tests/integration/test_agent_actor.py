@@ -165,6 +165,18 @@ def test_sandboxed_bash_cannot_read_the_token_or_reach_ray(
         assert "65534" in text  # root's replicas run tools as nobody
 
 
+def test_label_selector_pins_a_replica(runtime: RuntimeConfig) -> None:
+    node_id = ray.get_runtime_context().get_node_id()
+    spec = AgentSpec(
+        resources=Resources(cores=0.25, memory_mb=128), label_selector={"ray.io/node-id": node_id}
+    )
+    handle = spawn_replica("t" + uuid.uuid4().hex[:8], 0, spec, runtime)
+    try:
+        assert _get(handle.stats.remote())["node_id"] == node_id
+    finally:
+        ray.kill(handle, no_restart=True)
+
+
 def _batch_snippet() -> str:
     match = re.search(
         r"<!-- batch-snippet -->\s*```python\n(.*?)```", README.read_text(), re.DOTALL

@@ -17,6 +17,7 @@ from actors import (
     AgentSpec,
     CapacityError,
     CircuitBreaker,
+    CircuitOpenError,
     IdempotencyConflictError,
     LoopConfig,
     SessionBusyError,
@@ -26,8 +27,9 @@ from actors import (
     UpstreamError,
 )
 from actors.tools import Sandbox, build_tools
+from cluster.processes import stop
 
-from .conftest import EmulatorServer
+from .conftest import EmulatorServer, start_emulator
 
 HostFactory = Callable[..., SessionHost]
 
@@ -57,7 +59,7 @@ async def make_host(
             LoopConfig(
                 spec.model, spec.system, spec.max_tokens, spec.max_turns, stream_backoff_s=0.01
             ),
-            build_tools(spec.tools, Sandbox(), spec.tool_timeout_s),
+            build_tools(spec.tools, Sandbox(egress=spec.egress), spec.tool_timeout_s),
             CircuitBreaker(),
         )
         return SessionHost(agent_id, spec, store, loop, workspaces_root)
@@ -170,10 +172,10 @@ async def test_stream_fault_before_content_is_retried(
 async def test_random_stream_faults_are_retried_to_success(
     tmp_path: Path, make_host: HostFactory
 ) -> None:
-    from .conftest import _stop, start_emulator
-
+    faults = ["--fault-429", "0.1", "--fault-529", "0.1", "--fault-500", "0.1"]
+    faults += ["--fault-drop", "0.15", "--fault-midstream", "0.15", "--fault-after-events", "1"]
     process, flaky = start_emulator(
-        tmp_path / "flaky.log", "--fault-drop", "0.3", "--fault-after-events", "1", "--seed", "3"
+        tmp_path / "flaky.log", *faults, "--seed", "1", "--retry-after-ms", "10"
     )
     try:
         host = make_host()
@@ -181,12 +183,14 @@ async def test_random_stream_faults_are_retried_to_success(
             base_url=flaky.base_url, api_key=flaky.api_key
         )
         sid = (await host.open_session("alice"))["id"]
-        for i in range(6):
+        for i in range(6):  # the seeded fault sequence hits every kind, each retried away
             turn = await host.send(sid, f"message {i}")
             assert turn["index"] == i + 1
-        assert flaky.stats()["faults"].get("drop", 0) > 0
+        struck = flaky.stats()["faults"]
+        assert set(struck) == {"429", "529", "500", "midstream", "drop"}, struck
+        assert [t["index"] for t in (await host.transcript(sid))["turns"]] == list(range(1, 7))
     finally:
-        _stop(process)
+        stop(process)
 
 
 @pytest.mark.parametrize("fault", ["midstream", "drop"])
@@ -302,3 +306,31 @@ async def test_drain_finishes_turns_and_hands_sessions_back(make_host: HostFacto
     assert (await running)["index"] == 1
     with pytest.raises(CapacityError):
         await host.open_session("alice")
+
+
+async def test_circuit_breaker_opens_after_consecutive_failures(
+    make_host: HostFactory, emulator: EmulatorServer
+) -> None:
+    host = make_host(headers={"x-emulator-fault": "500"})
+    sid = (await host.open_session("alice"))["id"]
+    for _ in range(host.loop.breaker.failure_threshold):
+        with pytest.raises(UpstreamError):
+            await host.send(sid, "hello")
+    before = _model_calls(emulator)
+    with pytest.raises(CircuitOpenError) as info:
+        await host.send(sid, "hello")
+    assert info.value.retry_after_s and info.value.retry_after_s > 0
+    assert _model_calls(emulator) == before  # failed fast, upstream untouched
+    assert host.stats()["breaker"] == "open"
+
+
+@pytest.mark.parametrize("egress", [False, True])
+async def test_tool_network_only_with_egress(
+    make_host: HostFactory, emulator: EmulatorServer, egress: bool
+) -> None:
+    host = make_host(egress=egress)
+    sid = (await host.open_session("alice"))["id"]
+    port = emulator.base_url.rsplit(":", 1)[1]
+    probe = f"(exec 3<>/dev/tcp/127.0.0.1/{port}) && echo REACHED"
+    turn = await host.send(sid, "[[tool bash " + json.dumps({"command": probe}) + "]]")
+    assert ("REACHED" in _text(turn)) is egress

@@ -9,7 +9,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import free_port
+from cluster.processes import free_port
 
 TIMEOUT_S = 60
 
