@@ -186,8 +186,8 @@ class SessionHost:
         async def ignore(kind: EventType, data: dict[str, Any]) -> None:
             return None
 
-        turn = await self._turn(session_id, content, idempotency_key, owner, ignore)
-        return turn.public()
+        turn, replayed = await self._turn(session_id, content, idempotency_key, owner, ignore)
+        return {**turn.public(), "replayed": replayed}
 
     async def stream(
         self,
@@ -233,7 +233,8 @@ class SessionHost:
         key: str | None,
         owner: str | None,
         emit: Any,
-    ) -> TurnRecord:
+    ) -> tuple[TurnRecord, bool]:
+        """Runs (or replays) one turn; the flag says it was replayed, not run."""
         _check_content(content)
         request_digest = digest(content)
         if key is not None:
@@ -245,16 +246,18 @@ class SessionHost:
                     )
                 turn = await asyncio.shield(running[1])
                 await emit("turn_end", _turn_end(turn, replayed=True))
-                return turn
+                return turn, True
         future: asyncio.Future[TurnRecord] | None = None
         if key is not None:
             future = asyncio.get_running_loop().create_future()
             self._inflight[(session_id, key)] = (request_digest, future)
         try:
-            turn = await self._run_once(session_id, content, key, request_digest, owner, emit)
+            turn, replayed = await self._run_once(
+                session_id, content, key, request_digest, owner, emit
+            )
             if future is not None:
                 future.set_result(turn)
-            return turn
+            return turn, replayed
         except BaseException as e:
             if future is not None:
                 future.set_exception(e)
@@ -272,7 +275,7 @@ class SessionHost:
         request_digest: str,
         owner: str | None,
         emit: Any,
-    ) -> TurnRecord:
+    ) -> tuple[TurnRecord, bool]:
         session = await self._get(session_id, owner)
         if key is not None:
             committed = await self.store.find_turn(session_id, key)
@@ -282,7 +285,7 @@ class SessionHost:
                         f"idempotency key {key!r} was used for a different message"
                     )
                 await emit("turn_end", _turn_end(committed, replayed=True))
-                return committed
+                return committed, True
         if session.busy:
             raise SessionBusyError("a turn is running in this session", session_id=session_id)
         async with session.turn_lock:
@@ -327,7 +330,7 @@ class SessionHost:
             session.apply(turn, restore_seq=False)
             self.turns_completed += 1
             await emit("turn_end", _turn_end(turn, replayed=False))
-            return turn
+            return turn, False
 
     # Operations ---------------------------------------------------------------------------
 

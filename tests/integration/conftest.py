@@ -134,3 +134,48 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     finally:
         ray.shutdown()
         stop(process)
+
+
+@dataclass
+class ApiServer:
+    base_url: str
+    admin_key: str
+
+
+@pytest.fixture(scope="session")
+def api_server(
+    ray_cluster: RayCluster,
+    emulator: EmulatorServer,
+    workspaces_root: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ApiServer]:
+    """The Serve app with two ingress replicas, its control store and the session store."""
+    import ray
+    from ray import serve
+
+    from actors import start_store_actor
+    from serve_app import APP_NAME, build, start_control_actor
+
+    data = tmp_path_factory.mktemp("api")
+    store = start_store_actor(data / "sessions.db")
+    control = start_control_actor(data / "control.db")
+    ray.get([store.ping.remote(), control.ping.remote()], timeout=60)
+    admin_id = "usr_admin"
+    ray.get(control.call.remote("create_user", admin_id, "admin", {}, True), timeout=30)
+    admin_key = ray.get(control.call.remote("issue_key", admin_id), timeout=30)["api_key"]
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = {
+        "runtime": {
+            "anthropic_base_url": emulator.base_url,
+            "anthropic_api_key": emulator.api_key,
+            "workspaces": str(workspaces_root),
+        },
+        "ip_requests_per_minute": 100_000,
+    }
+    serve.run(build(config, num_replicas=2), name=APP_NAME, route_prefix="/")
+    try:
+        yield ApiServer(f"http://127.0.0.1:{port}", admin_key)
+    finally:
+        serve.shutdown()
+        ray.kill(control, no_restart=True)

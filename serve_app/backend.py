@@ -1,0 +1,196 @@
+"""The API's Ray edge: the control-store actor and its client, and the agent replicas' handles.
+
+All Ray calls of the HTTP layer are made here. The control store is one detached actor pinned to
+the head node; every call to it or to a replica is bounded by a timeout, and a replica that is
+restarting answers 503 with ``Retry-After`` instead of hanging the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from actors import (
+    NAMESPACE,
+    AgentSpec,
+    HyperfleetError,
+    RuntimeConfig,
+    replica_name,
+    spawn_replica,
+)
+
+from .control import ControlStore
+from .errors import ApiError
+
+CONTROL_ACTOR_NAME = "control-store"
+HEAD_RESOURCE = "node:__internal_head__"
+CONTROL_TIMEOUT_S = 10.0
+REPLICA_TIMEOUT_S = 900.0  # a turn's own wall-clock limit is the real bound
+REPLICA_READY_S = 15.0
+RESTARTING_RETRY_S = 2.0
+_METHODS = frozenset(
+    {
+        "create_user",
+        "get_user",
+        "set_quotas",
+        "issue_key",
+        "authenticate",
+        "admit",
+        "revoke_key",
+        "has_admin",
+        "create_agent",
+        "get_agent",
+        "list_agents",
+        "set_agent_status",
+        "add_route",
+        "get_route",
+        "close_route",
+        "sessions_per_replica",
+        "reserve",
+        "settle",
+        "usage",
+    }
+)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+class ControlStoreActor:
+    def __init__(self, path: str) -> None:
+        self._store = ControlStore(Path(path))
+
+    def call(self, method: str, *args: Any) -> Any:
+        if method not in _METHODS:
+            raise ValueError(f"no control-store method {method!r}")
+        return getattr(self._store, method)(*args)
+
+    def ping(self) -> str:
+        return "ok"
+
+
+def start_control_actor(path: Path) -> Any:
+    return ControlStoreActor.options(  # type: ignore[attr-defined]
+        name=CONTROL_ACTOR_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        resources={HEAD_RESOURCE: 0.001},
+    ).remote(str(path))
+
+
+def _cause(error: RayTaskError) -> BaseException:
+    """The platform error an actor raised, unwrapped from Ray's task error."""
+    cause = error.cause
+    return cause if isinstance(cause, HyperfleetError) else error
+
+
+def _unavailable(what: str, error: Exception) -> ApiError:
+    return ApiError(
+        503,
+        "unavailable",
+        f"{what} is not reachable right now ({type(error).__name__})",
+        retry_after_s=RESTARTING_RETRY_S,
+    )
+
+
+class Control:
+    """The control store, seen from an ingress replica."""
+
+    def __init__(self) -> None:
+        self._handle: Any = None
+
+    async def call(self, method: str, *args: Any) -> Any:
+        try:
+            if self._handle is None:
+                self._handle = ray.get_actor(CONTROL_ACTOR_NAME, namespace=NAMESPACE)
+            return await asyncio.wait_for(
+                self._handle.call.remote(method, *args), CONTROL_TIMEOUT_S
+            )
+        except RayTaskError as e:
+            raise _cause(e) from None
+        except (TimeoutError, GetTimeoutError, RayActorError, ValueError) as e:
+            if isinstance(e, ValueError) and "Failed to look up actor" not in str(e):
+                raise
+            raise _unavailable("the control store", e) from e
+
+
+class Replicas:
+    """Agent replicas by name; handles are cached per ingress replica."""
+
+    def __init__(self, runtime: RuntimeConfig) -> None:
+        self.runtime = runtime
+        self._handles: dict[str, Any] = {}
+
+    def handle(self, agent_id: str, index: int) -> Any:
+        name = replica_name(agent_id, index)
+        handle = self._handles.get(name)
+        if handle is None:
+            try:
+                handle = ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError as e:
+                raise _unavailable(f"replica {name}", e) from e
+            self._handles[name] = handle
+        return handle
+
+    async def spawn(self, agent_id: str, spec: AgentSpec, count: int) -> bool:
+        """Starts ``count`` replicas; True when all answered a health check in time."""
+        handles = [spawn_replica(agent_id, i, spec, self.runtime) for i in range(count)]
+        for i, handle in enumerate(handles):
+            self._handles[replica_name(agent_id, i)] = handle
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(h.health.remote() for h in handles)), REPLICA_READY_S
+            )
+        except (TimeoutError, GetTimeoutError):
+            return False  # placed later, when the cluster has room (the autoscaler adds nodes)
+        return True
+
+    async def call(self, agent_id: str, index: int, method: str, *args: Any) -> Any:
+        handle = self.handle(agent_id, index)
+        try:
+            return await asyncio.wait_for(getattr(handle, method).remote(*args), REPLICA_TIMEOUT_S)
+        except RayTaskError as e:
+            raise _cause(e) from None
+        except RayActorError as e:
+            raise _unavailable(f"replica {replica_name(agent_id, index)}", e) from e
+
+    async def stream(self, agent_id: str, index: int, *args: Any) -> AsyncIterator[dict[str, Any]]:
+        handle = self.handle(agent_id, index)
+        try:
+            async for ref in handle.stream.remote(*args):
+                event: dict[str, Any] = await ref
+                yield event
+        except RayTaskError as e:
+            raise _cause(e) from None
+        except RayActorError as e:
+            raise _unavailable(f"replica {replica_name(agent_id, index)}", e) from e
+
+    async def stats(self, agent_id: str, count: int) -> list[dict[str, Any]]:
+        async def one(index: int) -> dict[str, Any]:
+            try:
+                stats: dict[str, Any] = await asyncio.wait_for(
+                    self.handle(agent_id, index).stats.remote(), CONTROL_TIMEOUT_S
+                )
+                return stats
+            except (ApiError, RayActorError, TimeoutError, GetTimeoutError):
+                return {"replica": replica_name(agent_id, index), "state": "unavailable"}
+
+        return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+    async def remove(self, agent_id: str, count: int, drain_s: float) -> None:
+        """Drains every replica (finishing turns, up to ``drain_s``), then kills it."""
+        for index in range(count):
+            name = replica_name(agent_id, index)
+            try:
+                handle = self.handle(agent_id, index)
+                await asyncio.wait_for(handle.drain.remote(drain_s), drain_s + 5)
+            except (ApiError, RayActorError, TimeoutError, GetTimeoutError):
+                pass  # already gone or unplaced: nothing to drain
+            with contextlib.suppress(ValueError):  # already gone
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+            self._handles.pop(name, None)

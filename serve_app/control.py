@@ -1,0 +1,321 @@
+"""The control-plane store: users, API keys, agents, session routes, usage and token reservations.
+
+One SQLite file on the head, behind one actor (``ControlStoreActor``) whose event loop serialises
+every call, so quota checks (agents per user, tokens per day) are atomic across ingress replicas.
+Admission of a turn reserves its ``max_tokens`` against the day's budget; the actual usage settles
+the reservation after the turn, so concurrent turns overshoot by at most one reservation.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import keys
+from .errors import ApiError, QuotaExceededError
+from .ratelimit import Decision, RateLimiter
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, is_admin INTEGER NOT NULL,
+    quotas TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS api_keys (
+    prefix TEXT PRIMARY KEY, user_id TEXT NOT NULL REFERENCES users(id),
+    secret_hash TEXT NOT NULL, created_at REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS agents (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, spec TEXT NOT NULL, status TEXT NOT NULL,
+    replicas INTEGER NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS routes (
+    session_id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, owner TEXT NOT NULL,
+    replica INTEGER NOT NULL, created_at REAL NOT NULL, closed INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS routes_agent ON routes(agent_id, closed);
+CREATE TABLE IF NOT EXISTS usage (
+    user_id TEXT NOT NULL, agent_id TEXT NOT NULL, day TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_read_input_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_creation_input_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0, turns INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, agent_id, day));
+CREATE TABLE IF NOT EXISTS reservations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, day TEXT NOT NULL,
+    tokens INTEGER NOT NULL, created_at REAL NOT NULL);
+"""
+TOKEN_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+)
+MAX_AGENTS_LISTED = 1_000
+
+
+def today() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+class ControlStore:
+    """The control plane's state. The server secret that keys are hashed with is created next to
+    the database on first start (mode 0600) and never leaves this process."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        secret_path = path.with_suffix(".secret")
+        if not secret_path.exists():
+            secret_path.touch(mode=0o600)
+            secret_path.write_bytes(secrets.token_bytes(32))
+        self._secret = secret_path.read_bytes()
+        self._limiter = RateLimiter()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = FULL")
+        self._db.execute("PRAGMA busy_timeout = 5000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # Users and keys -----------------------------------------------------------------------
+
+    def create_user(
+        self, user_id: str, name: str, quotas: dict[str, Any], is_admin: bool = False
+    ) -> dict[str, Any]:
+        self._db.execute(
+            "INSERT INTO users VALUES (?, ?, ?, ?, ?)",
+            (user_id, name, int(is_admin), json.dumps(quotas), time.time()),
+        )
+        return self.get_user(user_id)  # type: ignore[return-value]
+
+    def get_user(self, user_id: str) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT id, name, is_admin, quotas, created_at FROM users WHERE id = ?", (user_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return {
+            "id": row[0],
+            "name": row[1],
+            "is_admin": bool(row[2]),
+            "quotas": json.loads(row[3]),
+            "created_at": row[4],
+        }
+
+    def set_quotas(self, user_id: str, quotas: dict[str, Any]) -> dict[str, Any] | None:
+        self._db.execute("UPDATE users SET quotas = ? WHERE id = ?", (json.dumps(quotas), user_id))
+        return self.get_user(user_id)
+
+    def issue_key(self, user_id: str) -> dict[str, str]:
+        """A new key for the user: the plaintext is returned here, once, and never stored."""
+        key = keys.new_key(self._secret)
+        self._db.execute(
+            "INSERT INTO api_keys VALUES (?, ?, ?, ?, 0)",
+            (key.prefix, user_id, key.secret_hash, time.time()),
+        )
+        return {"prefix": key.prefix, "api_key": key.plaintext}
+
+    def authenticate(self, api_key: str) -> dict[str, Any] | None:
+        """The user a key belongs to, or None for a malformed, unknown or revoked key."""
+        parsed = keys.parse_key(api_key)
+        if parsed is None:
+            return None
+        prefix, secret = parsed
+        row = self._db.execute(
+            "SELECT user_id, secret_hash FROM api_keys WHERE prefix = ? AND revoked = 0", (prefix,)
+        ).fetchone()
+        if row is None or not keys.verify(self._secret, secret, row[1]):
+            return None
+        user = self.get_user(row[0])
+        if user is not None:
+            user["key_prefix"] = prefix
+        return user
+
+    def admit(
+        self, api_key: str | None, client_ip: str, ip_per_minute: int
+    ) -> tuple[dict[str, Any] | None, Decision]:
+        """One call per request: the per-IP limit, the key, then the key's own limit."""
+        by_ip = self._limiter.hit("ip:" + client_ip, ip_per_minute)
+        if not by_ip.allowed:
+            return None, by_ip
+        user = self.authenticate(api_key) if api_key else None
+        if user is None:
+            return None, by_ip
+        per_key = int(user["quotas"].get("requests_per_minute", 100))
+        return user, self._limiter.hit("key:" + user["key_prefix"], per_key)
+
+    def revoke_key(self, prefix: str, requester: str | None) -> bool:
+        """Revokes a key; ``requester`` None is an admin, else only the key's own user."""
+        query = "UPDATE api_keys SET revoked = 1 WHERE prefix = ? AND revoked = 0"
+        args: tuple[str, ...] = (prefix,)
+        if requester is not None:
+            query += " AND user_id = ?"
+            args = (prefix, requester)
+        return self._db.execute(query, args).rowcount == 1
+
+    def has_admin(self) -> bool:
+        return self._db.execute("SELECT 1 FROM users WHERE is_admin = 1").fetchone() is not None
+
+    # Agents -------------------------------------------------------------------------------
+
+    def create_agent(
+        self, agent_id: str, owner: str, spec_json: str, replicas: int, max_agents: int
+    ) -> dict[str, Any]:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            (count,) = db.execute(
+                "SELECT COUNT(*) FROM agents WHERE owner = ? AND status != 'deleted'", (owner,)
+            ).fetchone()
+            if count >= max_agents:
+                raise QuotaExceededError(f"you have {count} agents, your quota is {max_agents}")
+            db.execute(
+                "INSERT INTO agents VALUES (?, ?, ?, 'starting', ?, ?)",
+                (agent_id, owner, spec_json, replicas, time.time()),
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return self.get_agent(agent_id)  # type: ignore[return-value]
+
+    def get_agent(self, agent_id: str) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT id, owner, spec, status, replicas, created_at FROM agents WHERE id = ?",
+            (agent_id,),
+        ).fetchone()
+        if row is None or row[3] == "deleted":
+            return None
+        return {
+            "id": row[0],
+            "owner": row[1],
+            "spec": row[2],
+            "status": row[3],
+            "replicas": row[4],
+            "created_at": row[5],
+        }
+
+    def list_agents(self, owner: str | None) -> list[dict[str, Any]]:
+        query = "SELECT id FROM agents WHERE status != 'deleted'"
+        args: tuple[str, ...] = ()
+        if owner is not None:
+            query += " AND owner = ?"
+            args = (owner,)
+        rows = self._db.execute(query + f" ORDER BY created_at LIMIT {MAX_AGENTS_LISTED}", args)
+        return [a for (agent_id,) in rows.fetchall() if (a := self.get_agent(agent_id))]
+
+    def set_agent_status(self, agent_id: str, status: str) -> None:
+        self._db.execute("UPDATE agents SET status = ? WHERE id = ?", (status, agent_id))
+
+    # Session routes -----------------------------------------------------------------------
+
+    def add_route(self, session_id: str, agent_id: str, owner: str, replica: int) -> None:
+        self._db.execute(
+            "INSERT INTO routes VALUES (?, ?, ?, ?, ?, 0)",
+            (session_id, agent_id, owner, replica, time.time()),
+        )
+
+    def get_route(self, session_id: str) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT session_id, agent_id, owner, replica, created_at, closed FROM routes "
+            "WHERE session_id = ?",
+            (session_id,),
+        ).fetchone()
+        if row is None or row[5]:
+            return None
+        keys = ("id", "agent_id", "owner", "replica", "created_at")
+        return dict(zip(keys, row[:5], strict=True))
+
+    def close_route(self, session_id: str) -> None:
+        self._db.execute("UPDATE routes SET closed = 1 WHERE session_id = ?", (session_id,))
+
+    def sessions_per_replica(self, agent_id: str) -> dict[int, int]:
+        rows = self._db.execute(
+            "SELECT replica, COUNT(*) FROM routes WHERE agent_id = ? AND closed = 0 "
+            "GROUP BY replica",
+            (agent_id,),
+        ).fetchall()
+        return {int(r): int(n) for r, n in rows}
+
+    # Usage and budgets --------------------------------------------------------------------
+
+    def reserve(self, user_id: str, tokens: int, tokens_per_day: int | None) -> int:
+        """Admits a turn that may use ``tokens``, or raises ``QuotaExceededError``."""
+        day = today()
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if tokens_per_day is not None:
+                used = self._used(user_id, day)
+                (reserved,) = db.execute(
+                    "SELECT COALESCE(SUM(tokens), 0) FROM reservations "
+                    "WHERE user_id = ? AND day = ?",
+                    (user_id, day),
+                ).fetchone()
+                if used + reserved + tokens > tokens_per_day:
+                    raise QuotaExceededError(
+                        f"this turn may use {tokens} tokens; {used} used and {reserved} reserved "
+                        f"today of your {tokens_per_day} tokens per day"
+                    )
+            cursor = db.execute(
+                "INSERT INTO reservations (user_id, day, tokens, created_at) VALUES (?, ?, ?, ?)",
+                (user_id, day, tokens, time.time()),
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return int(cursor.lastrowid or 0)
+
+    def _used(self, user_id: str, day: str) -> int:
+        (used,) = self._db.execute(
+            "SELECT COALESCE(SUM(input_tokens + output_tokens + cache_read_input_tokens + "
+            "cache_creation_input_tokens), 0) FROM usage WHERE user_id = ? AND day = ?",
+            (user_id, day),
+        ).fetchone()
+        return int(used)
+
+    def settle(
+        self,
+        reservation: int,
+        user_id: str,
+        agent_id: str,
+        usage: dict[str, int] | None,
+        cost_usd: float,
+    ) -> None:
+        """Releases a reservation and records what the turn used (None: it failed, no usage)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
+        if usage is not None:
+            values = [int(usage.get(f, 0)) for f in TOKEN_FIELDS]
+            db.execute(
+                "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) "
+                "ON CONFLICT (user_id, agent_id, day) DO UPDATE SET "
+                "input_tokens = input_tokens + excluded.input_tokens, "
+                "output_tokens = output_tokens + excluded.output_tokens, "
+                "cache_read_input_tokens = cache_read_input_tokens + "
+                "excluded.cache_read_input_tokens, "
+                "cache_creation_input_tokens = cache_creation_input_tokens + "
+                "excluded.cache_creation_input_tokens, "
+                "cost_usd = cost_usd + excluded.cost_usd, turns = turns + 1",
+                (user_id, agent_id, today(), *values, cost_usd),
+            )
+        db.execute("COMMIT")
+
+    def usage(self, user_id: str) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT agent_id, day, input_tokens, output_tokens, cache_read_input_tokens, "
+            "cache_creation_input_tokens, cost_usd, turns FROM usage WHERE user_id = ? "
+            "ORDER BY day DESC, agent_id LIMIT 1000",
+            (user_id,),
+        ).fetchall()
+        keys = ("agent_id", "day", *TOKEN_FIELDS, "cost_usd", "turns")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def check_exists(found: object, what: str) -> None:
+    if found is None:
+        raise ApiError(404, "not_found", f"{what} not found")

@@ -1,0 +1,47 @@
+"""The Serve deployment: a stateless Starlette ingress, any number of replicas, autoscaled."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from starlette.applications import Starlette
+
+from actors import RuntimeConfig
+
+from .app import Api, build_app
+from .backend import Control, Replicas
+
+APP_NAME = "hyperfleet"
+
+
+class IngressConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    runtime: RuntimeConfig
+    ip_requests_per_minute: int = Field(default=100, ge=1)
+
+
+@serve.deployment(
+    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32},
+    max_ongoing_requests=256,
+    ray_actor_options={"num_cpus": 0.25},
+)
+@serve.ingress()
+class Ingress:
+    def __init__(self, config: dict[str, Any]) -> None:
+        parsed = IngressConfig.model_validate(config)
+        self.api = Api(Control(), Replicas(parsed.runtime), parsed.ip_requests_per_minute)
+
+    def __serve_build_asgi_app__(self) -> Starlette:
+        return build_app(self.api)
+
+
+def build(config: dict[str, Any], num_replicas: int | None = None) -> Any:
+    """The Serve application (for ``serve.run`` and ``serve deploy`` configs); a fixed
+    ``num_replicas`` turns autoscaling off."""
+    deployment: Any = Ingress
+    if num_replicas is not None:
+        deployment = Ingress.options(num_replicas=num_replicas, autoscaling_config=None)  # type: ignore[attr-defined]
+    return deployment.bind(config)

@@ -1,0 +1,60 @@
+"""HTTP errors: the platform's errors (``actors.HyperfleetError``) plus the API's own, and the one
+JSON shape every error answer has: ``{"error": {"type": ..., "message": ...}}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from actors import HyperfleetError
+
+
+class ApiError(HyperfleetError):
+    """An error of the HTTP layer, with its own status and type."""
+
+    def __init__(
+        self,
+        status_code: int,
+        error_type: str,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.status_code = status_code
+        self.error_type = error_type
+        self.headers = headers or {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild,
+            (self.status_code, self.error_type, self.message, self.retry_after_s, self.headers),
+        )
+
+
+def _rebuild(
+    status: int, kind: str, message: str, retry: float | None, headers: dict[str, str]
+) -> ApiError:
+    return ApiError(status, kind, message, retry_after_s=retry, headers=headers)
+
+
+class QuotaExceededError(ApiError):
+    def __init__(self, message: str) -> None:
+        super().__init__(403, "quota_exceeded", message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (QuotaExceededError, (self.message,))
+
+
+def error_response(error: HyperfleetError) -> JSONResponse:
+    headers = dict(getattr(error, "headers", {}) or {})
+    if error.retry_after_s is not None:
+        headers.setdefault("Retry-After", str(max(1, int(-(-error.retry_after_s // 1)))))
+    body = {"error": {"type": error.error_type, "message": error.message}}
+    return JSONResponse(body, status_code=error.status_code, headers=headers)
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, "not_found", f"{what} not found")

@@ -1,0 +1,79 @@
+"""Request bodies of the HTTP API, validated with pydantic (a violation: 422 naming the field)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from actors import AgentSpec, Resources
+
+MAX_MESSAGE_CHARS = 200_000
+
+
+class Quotas(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_agents: int = Field(default=50, ge=0, le=100_000)
+    requests_per_minute: int = Field(default=100, ge=1, le=1_000_000)
+    tokens_per_day: int | None = Field(default=None, ge=0)
+
+
+class QuotasPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_agents: int | None = Field(default=None, ge=0, le=100_000)
+    requests_per_minute: int | None = Field(default=None, ge=1, le=1_000_000)
+    tokens_per_day: int | None = Field(default=None, ge=0)
+
+
+class UserCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    quotas: Quotas = Field(default_factory=Quotas)
+
+
+class UserPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    quotas: QuotasPatch
+
+
+class SpawnRequest(BaseModel):
+    """The seed's shorthand for an agent: resources at the top level."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    anthropic_api_key: SecretStr | None = None
+    cores: float = Field(default=1.0, ge=0, le=256)
+    memory: int = Field(default=1024, ge=64, le=1_048_576, description="MiB")
+    gpus: float = Field(default=0.0, ge=0, le=16)
+    model: str = Field(default="claude-sonnet-5-5", min_length=1, max_length=128)
+    system: str = Field(default="", max_length=200_000)
+    tools: tuple[str, ...] = ()
+
+    def to_spec(self) -> AgentSpec:
+        return AgentSpec(
+            model=self.model,
+            system=self.system,
+            tools=self.tools,
+            resources=Resources(cores=self.cores, memory_mb=self.memory, gpus=self.gpus),
+            anthropic_api_key=self.anthropic_api_key,
+        )
+
+
+class MessageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    content: str | list[dict[str, Any]] = Field(min_length=1)
+    stream: bool = False
+
+    def checked_content(self) -> str | list[dict[str, Any]]:
+        if isinstance(self.content, str) and len(self.content) > MAX_MESSAGE_CHARS:
+            from .errors import ApiError
+
+            raise ApiError(
+                413, "message_too_large", f"the message is over {MAX_MESSAGE_CHARS} characters"
+            )
+        return self.content

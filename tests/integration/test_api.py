@@ -1,0 +1,333 @@
+"""The HTTP API over real HTTP against real Serve (two ingress replicas), real replicas, the
+emulator and the stores."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import ray
+
+from .conftest import ApiServer
+
+TIMEOUT_S = 60.0
+
+
+class Client:
+    def __init__(self, base_url: str, key: str | None) -> None:
+        self.http = httpx.Client(base_url=base_url, timeout=TIMEOUT_S)
+        self.key = key
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = dict(kwargs.pop("headers", {}) or {})
+        if self.key is not None:
+            headers.setdefault("Authorization", f"Bearer {self.key}")
+        return self.http.request(method, path, headers=headers, **kwargs)
+
+    def ok(self, method: str, path: str, status: int = 200, **kwargs: Any) -> Any:
+        response = self.request(method, path, **kwargs)
+        assert response.status_code == status, response.text
+        return response.json()
+
+
+@pytest.fixture(scope="module")
+def admin(api_server: ApiServer) -> Iterator[Client]:
+    client = Client(api_server.base_url, api_server.admin_key)
+    yield client
+    client.http.close()
+
+
+def _user(admin: Client, api_server: ApiServer, **quotas: Any) -> Client:
+    body: dict[str, Any] = {"name": "u-" + uuid.uuid4().hex[:6]}
+    if quotas:
+        body["quotas"] = quotas
+    created = admin.ok("POST", "/v1/users", 201, json=body)
+    assert created["api_key"].startswith("hf_")
+    client = Client(api_server.base_url, created["api_key"])
+    client.user_id = created["id"]  # type: ignore[attr-defined]
+    return client
+
+
+@pytest.fixture(scope="module")
+def alice(admin: Client, api_server: ApiServer) -> Client:
+    return _user(admin, api_server)
+
+
+@pytest.fixture(scope="module")
+def agent(alice: Client) -> dict[str, Any]:
+    spec = {"tools": ["bash", "read_file"], "system": "You are an API test agent."}
+    created = alice.ok("POST", "/v1/agents", 201, json=spec)
+    assert created["status"] == "ready"
+    return dict(created)
+
+
+def _session(client: Client, agent_id: str) -> str:
+    return str(client.ok("POST", f"/v1/agents/{agent_id}/sessions", 201)["id"])
+
+
+def _events(response: httpx.Response) -> list[tuple[str, int, dict[str, Any]]]:
+    events = []
+    for block in response.text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], int(fields["id"]), json.loads(fields["data"])))
+    return events
+
+
+def test_health_ready_openapi(api_server: ApiServer) -> None:
+    http = httpx.Client(base_url=api_server.base_url, timeout=TIMEOUT_S)
+    assert http.get("/health").json() == {"status": "ok"}
+    ready = http.get("/ready")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    doc = http.get("/openapi.json").json()
+    assert doc["openapi"] == "3.1.0"
+    assert "post" in doc["paths"]["/v1/sessions/{session_id}/messages"]
+    assert "AgentSpec" in doc["components"]["schemas"]
+
+
+def test_users_and_keys(admin: Client, api_server: ApiServer) -> None:
+    bob = _user(admin, api_server, requests_per_minute=500)
+    me = bob.ok("GET", f"/v1/users/{bob.user_id}")  # type: ignore[attr-defined]
+    assert me["quotas"] == {"max_agents": 50, "requests_per_minute": 500, "tokens_per_day": None}
+    assert bob.request("POST", "/v1/users", json={"name": "x"}).status_code == 403
+    carol = _user(admin, api_server)
+    assert bob.request("GET", f"/v1/users/{carol.user_id}").status_code == 404  # type: ignore[attr-defined]
+    patched = admin.ok(
+        "PATCH",
+        f"/v1/users/{bob.user_id}",
+        json={"quotas": {"max_agents": 3}},  # type: ignore[attr-defined]
+    )
+    assert patched["quotas"]["max_agents"] == 3 and patched["quotas"]["requests_per_minute"] == 500
+    second = bob.ok("POST", f"/v1/users/{bob.user_id}/keys", 201)  # type: ignore[attr-defined]
+    other = Client(api_server.base_url, second["api_key"])
+    assert other.ok("GET", "/v1/agents")["data"] == []
+    assert carol.request("DELETE", f"/v1/keys/{second['prefix']}").status_code == 404
+    bob.ok("DELETE", f"/v1/keys/{second['prefix']}")
+    revoked = other.request("GET", "/v1/agents")
+    assert revoked.status_code == 401
+    assert revoked.json() == {"error": {"type": "unauthorized", "message": "invalid API key"}}
+
+
+def test_agents(alice: Client, agent: dict[str, Any]) -> None:
+    assert agent["isolation"] == "vm" and agent["credential"] == "platform"
+    listed = alice.ok("GET", "/v1/agents")["data"]
+    assert agent["id"] in [a["id"] for a in listed]
+    detail = alice.ok("GET", f"/v1/agents/{agent['id']}")
+    assert detail["replicas"][0]["node_id"] and detail["capacity"] == 100
+    stats = alice.ok("GET", "/v1/agents/stats")
+    assert stats["agents"] >= 1 and sum(stats["per_node"].values()) == stats["replicas"]
+
+
+def test_spawn_shorthand_keeps_the_key_secret(alice: Client) -> None:
+    body = {"anthropic_api_key": "sk-ant-owner-secret", "cores": 0.25, "memory": 256}
+    created = alice.ok("POST", "/v1/agents/spawn", 201, json=body)
+    assert created["credential"] == "own" and created["resources"]["cores"] == 0.25
+    for response in (
+        json.dumps(created),
+        alice.request("GET", f"/v1/agents/{created['id']}").text,
+        alice.request("GET", "/v1/agents").text,
+    ):
+        assert "sk-ant-owner-secret" not in response
+    alice.ok("DELETE", f"/v1/agents/{created['id']}")
+    assert alice.request("GET", f"/v1/agents/{created['id']}").status_code == 404
+
+
+def test_conversation_json_stream_and_tools(alice: Client, agent: dict[str, Any]) -> None:
+    sid = _session(alice, agent["id"])
+    assert alice.ok("GET", f"/v1/sessions/{sid}")["agent_id"] == agent["id"]
+    turn = alice.ok("POST", f"/v1/sessions/{sid}/messages", json={"content": "Hello API"})
+    assert turn["content"][0]["text"].startswith("You said: Hello API.")
+    assert turn["usage"]["output_tokens"] > 0 and turn["cost_usd"] > 0
+    streamed = alice.request(
+        "POST",
+        f"/v1/sessions/{sid}/messages",
+        json={"content": '[[tool bash {"command": "echo from-sse"}]]', "stream": True},
+    )
+    assert streamed.status_code == 200
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    events = _events(streamed)
+    kinds = [e[0] for e in events]
+    assert kinds[0] == "turn_start" and kinds[-1] == "turn_end"
+    assert "tool_use" in kinds and "tool_result" in kinds
+    assert [e[1] for e in events] == sorted(e[1] for e in events)
+    result = next(e[2] for e in events if e[0] == "tool_result")
+    assert result["content"] == "from-sse\n" and result["is_error"] is False
+    page = alice.ok("GET", f"/v1/sessions/{sid}/messages", params={"limit": 1})
+    assert page["version"] == 2 and len(page["turns"]) == 1 and page["has_more"] is True
+    rest = alice.ok("GET", f"/v1/sessions/{sid}/messages", params={"after": 1})
+    assert [t["index"] for t in rest["turns"]] == [2]
+    usage = alice.ok("GET", "/v1/usage")["data"]
+    row = next(r for r in usage if r["agent_id"] == agent["id"])
+    assert row["turns"] >= 2 and row["output_tokens"] > 0 and row["cost_usd"] > 0
+
+
+def test_idempotent_resend(alice: Client, agent: dict[str, Any]) -> None:
+    sid = _session(alice, agent["id"])
+    headers = {"Idempotency-Key": "resend-1"}
+    first = alice.ok(
+        "POST", f"/v1/sessions/{sid}/messages", json={"content": "once"}, headers=headers
+    )
+    again = alice.ok(
+        "POST", f"/v1/sessions/{sid}/messages", json={"content": "once"}, headers=headers
+    )
+    assert again["turn_id"] == first["turn_id"] and again["replayed"] is True
+    conflict = alice.request(
+        "POST", f"/v1/sessions/{sid}/messages", json={"content": "other"}, headers=headers
+    )
+    assert conflict.status_code == 409
+    assert conflict.json()["error"]["type"] == "idempotency_conflict"
+    assert alice.ok("GET", f"/v1/sessions/{sid}/messages")["version"] == 1
+
+
+def test_busy_session_is_409(alice: Client, agent: dict[str, Any]) -> None:
+    sid = _session(alice, agent["id"])
+
+    async def both() -> list[int]:
+        async with httpx.AsyncClient(base_url=alice.http.base_url, timeout=TIMEOUT_S) as http:
+            headers = {"Authorization": f"Bearer {alice.key}"}
+            slow = http.post(
+                f"/v1/sessions/{sid}/messages",
+                json={"content": '[[tool bash {"command": "sleep 2"}]]'},
+                headers=headers,
+            )
+            task = asyncio.ensure_future(slow)
+            await asyncio.sleep(1.0)
+            second = await http.post(
+                f"/v1/sessions/{sid}/messages", json={"content": "me too"}, headers=headers
+            )
+            return [(await task).status_code, second.status_code]
+
+    first, second = asyncio.run(both())
+    assert (first, second) == (200, 409)
+
+
+def test_batch_job_and_http_see_the_same_sessions(alice: Client, agent: dict[str, Any]) -> None:
+    sid = _session(alice, agent["id"])
+    alice.ok("POST", f"/v1/sessions/{sid}/messages", json={"content": "over http"})
+    replica = ray.get_actor(f"agent-{agent['id']}-0", namespace="hyperfleet")
+    turn = ray.get(replica.send.remote(sid, "from a batch job"), timeout=TIMEOUT_S)
+    assert turn["index"] == 2
+    transcript = alice.ok("GET", f"/v1/sessions/{sid}/messages")
+    assert [t["messages"][0]["content"] for t in transcript["turns"]] == [
+        "over http",
+        "from a batch job",
+    ]
+
+
+def test_error_statuses(alice: Client, agent: dict[str, Any], api_server: ApiServer) -> None:
+    sid = _session(alice, agent["id"])
+    anonymous = Client(api_server.base_url, None)
+    assert anonymous.request("GET", "/v1/agents").status_code == 401
+    assert Client(api_server.base_url, "hf_nope").request("GET", "/v1/agents").status_code == 401
+    unknown = alice.request("GET", "/v1/nowhere")
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "not_found"
+    assert alice.request("PUT", "/v1/agents").json()["error"]["type"] == "method_not_allowed"
+    bad_json = alice.request(
+        "POST",
+        f"/v1/sessions/{sid}/messages",
+        content=b"{nope",
+        headers={"content-type": "application/json"},
+    )
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["type"] == "invalid_json"
+    deep = alice.request("POST", f"/v1/sessions/{sid}/messages", content=b"[" * 100 + b"]" * 100)
+    assert deep.status_code == 400
+    big = alice.request("POST", f"/v1/sessions/{sid}/messages", content=b"x" * (1024 * 1024 + 10))
+    assert big.status_code == 413
+    schema = alice.request("POST", f"/v1/sessions/{sid}/messages", json={"content": 5})
+    assert schema.status_code == 422 and "content" in schema.json()["error"]["message"]
+    bad_spec = alice.request("POST", "/v1/agents", json={"max_turns": "lots"})
+    assert bad_spec.status_code == 422 and "max_turns" in bad_spec.json()["error"]["message"]
+    limit = alice.request("GET", f"/v1/sessions/{sid}/messages", params={"limit": "-4"})
+    assert limit.status_code == 422
+    # None of that changed the session.
+    assert alice.ok("GET", f"/v1/sessions/{sid}/messages")["version"] == 0
+
+
+def test_other_users_objects_are_404_everywhere(
+    alice: Client, agent: dict[str, Any], admin: Client, api_server: ApiServer
+) -> None:
+    sid = _session(alice, agent["id"])
+    mallory = _user(admin, api_server)
+    aid = agent["id"]
+    for method, path, body in [
+        ("GET", f"/v1/agents/{aid}", None),
+        ("DELETE", f"/v1/agents/{aid}", None),
+        ("POST", f"/v1/agents/{aid}/sessions", None),
+        ("GET", f"/v1/sessions/{sid}", None),
+        ("DELETE", f"/v1/sessions/{sid}", None),
+        ("GET", f"/v1/sessions/{sid}/messages", None),
+        ("POST", f"/v1/sessions/{sid}/messages", {"content": "hi"}),
+    ]:
+        response = mallory.request(method, path, json=body)
+        assert response.status_code == 404, (method, path, response.text)
+    assert alice.ok("GET", f"/v1/sessions/{sid}/messages")["version"] == 0
+
+
+def test_close_session(alice: Client, agent: dict[str, Any]) -> None:
+    sid = _session(alice, agent["id"])
+    alice.ok("DELETE", f"/v1/sessions/{sid}")
+    assert alice.request("GET", f"/v1/sessions/{sid}").status_code == 404
+    assert (
+        alice.request("POST", f"/v1/sessions/{sid}/messages", json={"content": "x"}).status_code
+        == 404
+    )
+
+
+def test_rate_limit_holds_across_two_ingress_replicas(admin: Client, api_server: ApiServer) -> None:
+    limited = _user(admin, api_server, requests_per_minute=30)
+    statuses = [limited.request("GET", "/v1/agents") for _ in range(45)]
+    admitted = [r for r in statuses if r.status_code == 200]
+    refused = [r for r in statuses if r.status_code == 429]
+    assert len(admitted) == 30 and len(refused) == 15
+    assert admitted[-1].headers["ratelimit-remaining"] == "0"
+    assert admitted[0].headers["ratelimit-limit"] == "30"
+    assert int(refused[0].headers["Retry-After"]) >= 1
+    assert refused[0].json()["error"]["type"] == "rate_limited"
+
+
+def test_quotas(admin: Client, api_server: ApiServer) -> None:
+    capped = _user(admin, api_server, max_agents=1, tokens_per_day=4500)
+    system = "policy " * 600  # the first turn uses over 600 input tokens
+    created = capped.ok("POST", "/v1/agents", 201, json={"max_tokens": 4000, "system": system})
+    second = capped.request("POST", "/v1/agents", json={})
+    assert second.status_code == 403 and second.json()["error"]["type"] == "quota_exceeded"
+    sid = _session(capped, created["id"])
+    capped.ok("POST", f"/v1/sessions/{sid}/messages", json={"content": "fits"})
+    # 4,000 reserved on top of the 600+ the first turn used exceeds 4,500 tokens per day.
+    over = capped.request("POST", f"/v1/sessions/{sid}/messages", json={"content": "too much"})
+    assert over.status_code == 403 and "tokens per day" in over.json()["error"]["message"]
+
+
+def test_full_replica_is_503_with_retry_after(alice: Client) -> None:
+    small = alice.ok("POST", "/v1/agents", 201, json={"max_sessions": 1, "tools": ["bash"]})
+    _session(alice, small["id"])
+    sid = _session(alice, small["id"])  # the idle first session is evicted to make room
+    running = alice.http.build_request(
+        "POST",
+        f"/v1/sessions/{sid}/messages",
+        json={"content": '[[tool bash {"command": "sleep 2"}]]'},
+        headers={"Authorization": f"Bearer {alice.key}"},
+    )
+
+    async def full() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=alice.http.base_url, timeout=TIMEOUT_S) as http:
+            task = asyncio.ensure_future(http.send(running))
+            await asyncio.sleep(1.0)
+            third = await http.post(
+                f"/v1/agents/{small['id']}/sessions",
+                headers={"Authorization": f"Bearer {alice.key}"},
+            )
+            await task
+            return third
+
+    third = asyncio.run(full())
+    assert third.status_code == 503
+    assert int(third.headers["Retry-After"]) >= 1
+    assert third.json()["error"]["type"] == "capacity_exhausted"
+    alice.ok("DELETE", f"/v1/agents/{small['id']}")
+    time.sleep(0)
