@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from . import stack
+from . import client, stack
 from .emulator import EmulatorConfig, serve
 from .settings import Settings
 
@@ -98,24 +99,17 @@ def _run_emulator(args: argparse.Namespace) -> int:
 def _run_up(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     try:
-        info = stack.up(settings, args.emulator_port)
+        info = stack.up(settings, args.port, args.emulator_port, args.ray_port)
     except stack.StackError as e:
         print(f"hyperfleet up: {e}", file=sys.stderr)
         return 1
     print()
-    if info.emulator_url is not None:
-        pid = info.emulator.pid if info.emulator else "?"
-        key_file = info.emulator_key_file
-        print(f"Anthropic emulator: {info.emulator_url} (pid {pid})")
-        print(f"  its API key is in {key_file}; try:")
-        print(
-            f"  curl -s {info.emulator_url}/v1/messages "
-            f'-H "x-api-key: $(cat {key_file})" '
-            "-H 'anthropic-version: 2023-06-01' -H 'content-type: application/json' "
-            '-d \'{"model":"claude-sonnet-5-5","max_tokens":64,'
-            '"messages":[{"role":"user","content":"Hello"}]}\''
-        )
-    print("Not there yet: " + "; ".join(info.not_yet) + ".")
+    print(f"Hyperfleet API: {info.api_url}")
+    print(f"Admin API key:  {info.admin_key}")
+    print(f"  (saved in {info.admin_key_file})")
+    if info.emulator_url:
+        print(f"Anthropic emulator: {info.emulator_url} (no ANTHROPIC_API_KEY set)")
+    print("Next: hyperfleet agents create --tool bash, then hyperfleet chat <agent-id>.")
     print(f"Logs: {settings.logs_dir}. Stop with: hyperfleet down")
     return 0
 
@@ -126,8 +120,37 @@ def _run_down(args: argparse.Namespace) -> int:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    info = stack.status(Settings.from_env())
-    print(stack.format_status(info))
+    print(json.dumps(stack.status(Settings.from_env()), indent=2))
+    return 0
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    try:
+        return client.chat(
+            client.ApiClient.from_env(Settings.from_env()), args.agent_id, sys.stdin, sys.stdout
+        )
+    except client.ClientError as e:
+        print(f"hyperfleet chat: {e}", file=sys.stderr)
+        return 1
+
+
+def _run_agents(args: argparse.Namespace) -> int:
+    try:
+        api = client.ApiClient.from_env(Settings.from_env())
+        if args.action == "create":
+            spec: dict[str, object] = {"model": args.model, "tools": args.tool or []}
+            if args.system:
+                spec["system"] = args.system
+            client.print_json(api.call("POST", "/v1/agents", spec))
+        elif args.action == "list":
+            for agent in api.call("GET", "/v1/agents")["data"]:
+                tools = ",".join(agent["tools"]) or "-"
+                print(f"{agent['id']}  {agent['status']:8}  {agent['model']}  tools={tools}")
+        else:
+            client.print_json(api.call("DELETE", f"/v1/agents/{args.agent_id}"))
+    except client.ClientError as e:
+        print(f"hyperfleet agents: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -141,17 +164,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "up",
         help="start the local stack on this machine",
-        description="Start the local stack in the background (state in $HYPERFLEET_HOME).",
+        description=(
+            "Start, in the background: a Ray head, the stores, the Serve HTTP API, and the "
+            "Anthropic emulator when ANTHROPIC_API_KEY is not set. State in $HYPERFLEET_HOME."
+        ),
     )
+    p.add_argument("--port", type=int, default=stack.DEFAULT_API_PORT, help="HTTP API port")
     p.add_argument("--emulator-port", type=int, default=stack.DEFAULT_EMULATOR_PORT)
+    p.add_argument("--ray-port", type=int, default=stack.DEFAULT_RAY_PORT, help="Ray GCS port")
     sub.add_parser("down", help="stop the local stack", description="Stop what `up` started.")
     sub.add_parser(
         "status", help="show the local stack", description="Show what runs and where it logs."
     )
+    p = sub.add_parser(
+        "chat",
+        help="stream a conversation with an agent",
+        description="Open a session with an agent and chat, streaming its replies and tool calls.",
+    )
+    p.add_argument("agent_id")
+    p = sub.add_parser("agents", help="create, list or delete agents", description="Manage agents.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="create an agent", description="Create an agent.")
+    create.add_argument("--model", default="claude-sonnet-5-5")
+    create.add_argument("--system", default="", help="system prompt")
+    create.add_argument("--tool", action="append", help="bash, read_file, ... (repeatable)")
+    actions.add_parser("list", help="list your agents", description="List your agents.")
+    delete = actions.add_parser("delete", help="drain and delete", description="Delete an agent.")
+    delete.add_argument("agent_id")
     return parser
 
 
-_HANDLERS = {"emulator": _run_emulator, "up": _run_up, "down": _run_down, "status": _run_status}
+_HANDLERS = {
+    "emulator": _run_emulator,
+    "up": _run_up,
+    "down": _run_down,
+    "status": _run_status,
+    "chat": _run_chat,
+    "agents": _run_agents,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,10 @@
-"""The local stack behind ``hyperfleet up`` / ``down`` / ``status``.
+"""The local stack behind ``hyperfleet up`` / ``down`` / ``status``: on one machine, a Ray head
+(token auth on), the session store and control store (head-pinned actors), the Serve HTTP API, and
+the Anthropic emulator when no ``ANTHROPIC_API_KEY`` is set. ``up`` creates an admin user and key
+on first start and writes the key to ``$HYPERFLEET_HOME/admin.key``; it is idempotent.
 
-Today it runs what exists: the Anthropic emulator (when no ``ANTHROPIC_API_KEY`` is set). The Ray
-head, the session store and the Serve API join it as they land; ``up`` says what is not there yet.
+The head declares more CPUs than the machine has and a few VM slots: replicas are I/O-bound, and
+on one machine there are no VMs, so ``isolation: vm`` agents share it (say so, not hide it).
 """
 
 from __future__ import annotations
@@ -10,22 +13,25 @@ import json
 import os
 import secrets
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .daemon import Daemons, DaemonState
-from .processes import tail, wait_http_ok
+from .daemon import Daemons
+from .processes import tail, wait_http_ok, wait_port
 from .settings import Settings
 
 EMULATOR = "emulator"
+RAY_HEAD = "ray-head"
 DEFAULT_EMULATOR_PORT = 8090
-READY_TIMEOUT_S = 30.0
-NOT_YET = (
-    "Ray head and session store (the agent runtime is in actors/, started with the API)",
-    "Serve HTTP API, users and keys (hyperfleet chat)",
-    "Hypercore stand-in and autoscaling",
-)
+DEFAULT_API_PORT = 8000
+DEFAULT_RAY_PORT = 6385  # not 6379, Redis's port
+LOCAL_CPUS = 16
+LOCAL_VM_SLOTS = 4
+READY_TIMEOUT_S = 90.0
+STEPS = 5
 
 
 class StackError(Exception):
@@ -34,69 +40,174 @@ class StackError(Exception):
 
 @dataclass(frozen=True)
 class StackInfo:
-    emulator: DaemonState | None
+    api_url: str
+    admin_key: str
+    admin_key_file: Path
     emulator_url: str | None
-    emulator_key_file: Path | None
-    not_yet: tuple[str, ...]
 
 
 def _daemons(settings: Settings) -> Daemons:
     return Daemons(settings.run_dir, settings.logs_dir)
 
 
-def _secret_file(path: Path, prefix: str) -> str:
-    """Reads a generated key, creating it (mode 0600) on first use."""
+def _secret_file(path: Path, make: Callable[[], str]) -> str:
+    """Reads a generated secret, creating it (mode 0600) on first use."""
     if path.exists():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
-    value = prefix + secrets.token_urlsafe(24)
+    value = make()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
     return value
 
 
+def ray_env(settings: Settings) -> dict[str, str]:
+    """Token auth for every Ray process of the stack, with the stack's own token."""
+    token_file = settings.home / "ray_auth_token"
+    _secret_file(token_file, lambda: secrets.token_hex(32))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+
+
+def _state_file(settings: Settings) -> Path:
+    return settings.home / "stack.json"
+
+
 def up(
-    settings: Settings, emulator_port: int, progress: Callable[[str], None] = print
+    settings: Settings,
+    api_port: int = DEFAULT_API_PORT,
+    emulator_port: int = DEFAULT_EMULATOR_PORT,
+    ray_port: int = DEFAULT_RAY_PORT,
+    progress: Callable[[str], None] = print,
 ) -> StackInfo:
-    """Starts the local stack; idempotent (a running part is left as it is)."""
+    """Starts the local stack; a part that runs already is left as it is."""
     daemons = _daemons(settings)
     settings.home.mkdir(parents=True, exist_ok=True)
-    emulator = None
-    url = key_file = None
+    os.environ.update(ray_env(settings))
+    emulator_url = None
+    base_url: str | None
     if settings.anthropic_api_key is None:
-        key_file = settings.home / "emulator.key"
-        key = _secret_file(key_file, "sk-ant-emu-")
-        progress(f"[1/1] starting the Anthropic emulator on 127.0.0.1:{emulator_port} ...")
-        env = dict(os.environ, HYPERFLEET_EMULATOR_API_KEY=key)
+        emulator_key = _secret_file(
+            settings.home / "emulator.key", lambda: "sk-ant-emu-" + secrets.token_urlsafe(24)
+        )
+        progress(f"[1/{STEPS}] Anthropic emulator on 127.0.0.1:{emulator_port} ...")
+        env = dict(os.environ, HYPERFLEET_EMULATOR_API_KEY=emulator_key)
         argv = [sys.executable, "-m", "cluster.cli", "emulator", "--port", str(emulator_port)]
         emulator = daemons.start(EMULATOR, argv, env)
-        url = f"http://127.0.0.1:{emulator_port}"
-        if not wait_http_ok(url + "/_emulator/stats", READY_TIMEOUT_S):
-            tail_text = tail(emulator.log, 20)
+        emulator_url = f"http://127.0.0.1:{emulator_port}"
+        ready = wait_http_ok(emulator_url + "/_emulator/stats", READY_TIMEOUT_S)
+        if not ready or not daemons.state(EMULATOR).running:  # answered by someone else?
             daemons.stop(EMULATOR)
-            raise StackError(f"the emulator did not become ready; its log says:\n{tail_text}")
-        emulator = daemons.state(EMULATOR)
+            raise StackError(f"the emulator did not start; its log:\n{tail(emulator.log)}")
+        base_url, api_key = emulator_url, emulator_key
     else:
-        progress("ANTHROPIC_API_KEY is set: agents will use the real API; no emulator started.")
-    return StackInfo(emulator, url, key_file, NOT_YET)
+        progress(f"[1/{STEPS}] ANTHROPIC_API_KEY is set: agents use the real API, no emulator")
+        base_url = settings.anthropic_base_url
+        api_key = settings.anthropic_api_key.get_secret_value()
+
+    progress(f"[2/{STEPS}] Ray head on port {ray_port} (token auth on) ...")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    argv = [ray_bin, "start", "--head", f"--port={ray_port}", f"--num-cpus={LOCAL_CPUS}"]
+    argv += [f"--resources={json.dumps({'hyperfleet_vm_slot': LOCAL_VM_SLOTS})}"]
+    argv += ["--include-dashboard=false", "--disable-usage-stats", "--block"]
+    head = daemons.start(RAY_HEAD, argv, dict(os.environ))
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not wait_port(ray_port, 1.0) and time.monotonic() < deadline:
+        if not daemons.state(RAY_HEAD).running:
+            break
+    if not wait_port(ray_port, 0.1):
+        daemons.stop(RAY_HEAD)
+        raise StackError(f"the Ray head did not start; its log:\n{tail(head.log)}")
+
+    import ray
+
+    ray.init(address=f"127.0.0.1:{ray_port}", namespace="hyperfleet", log_to_driver=False)
+    try:
+        progress(f"[3/{STEPS}] session store and control store ...")
+        from actors import start_store_actor
+        from serve_app import start_control_actor
+
+        data = settings.home / "data"
+        store = start_store_actor(data / "sessions.db")
+        control = start_control_actor(data / "control.db")
+        ray.get([store.ping.remote(), control.ping.remote()], timeout=READY_TIMEOUT_S)
+
+        progress(f"[4/{STEPS}] admin key ...")
+        admin_key = _admin_key(settings, control)
+
+        progress(f"[5/{STEPS}] Serve HTTP API on 127.0.0.1:{api_port} ...")
+        _deploy(settings, api_port, base_url, api_key)
+    finally:
+        ray.shutdown()
+    api_url = f"http://127.0.0.1:{api_port}"
+    if not wait_http_ok(api_url + "/health", READY_TIMEOUT_S):
+        raise StackError(f"the API did not answer on {api_url}; see {settings.logs_dir}")
+    recorded = {
+        "api_url": api_url,
+        "ray_address": f"127.0.0.1:{ray_port}",
+        "emulator": emulator_url,
+    }
+    _state_file(settings).write_text(json.dumps(recorded))
+    return StackInfo(api_url, admin_key, settings.home / "admin.key", emulator_url)
+
+
+def _admin_key(settings: Settings, control: Any) -> str:
+    import ray
+
+    key_file = settings.home / "admin.key"
+    if key_file.exists() and ray.get(
+        control.call.remote("authenticate", key_file.read_text().strip())
+    ):
+        return key_file.read_text().strip()
+    admin_id = "usr_admin_" + secrets.token_hex(4)
+    ray.get(control.call.remote("create_user", admin_id, "admin", {}, True))
+    key: str = ray.get(control.call.remote("issue_key", admin_id))["api_key"]
+    key_file.unlink(missing_ok=True)
+    _secret_file(key_file, lambda: key)
+    return key
+
+
+def _deploy(settings: Settings, api_port: int, base_url: str | None, api_key: str) -> None:
+    from ray import serve
+
+    from serve_app import APP_NAME, build
+
+    serve.start(http_options={"host": "127.0.0.1", "port": api_port})
+    config = {
+        "runtime": {
+            "anthropic_base_url": base_url,
+            "anthropic_api_key": api_key,
+            "store_url": "ray://session-store",
+        }
+    }
+    serve.run(build(config), name=APP_NAME, route_prefix="/", blocking=False)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while serve.status().applications[APP_NAME].status != "RUNNING":
+        if time.monotonic() > deadline:
+            raise StackError("the Serve application did not reach RUNNING")
+        time.sleep(0.5)
 
 
 def down(settings: Settings, progress: Callable[[str], None] = print) -> None:
-    if _daemons(settings).stop(EMULATOR):
-        progress("stopped the Anthropic emulator")
-    else:
-        progress("the Anthropic emulator was not running")
+    daemons = _daemons(settings)
+    for name, what in ((RAY_HEAD, "Ray head, Serve and the stores"), (EMULATOR, "emulator")):
+        if daemons.stop(name):
+            progress(f"stopped the {what}")
+        else:
+            progress(f"the {what} was not running")
+    _state_file(settings).unlink(missing_ok=True)
 
 
-def status(settings: Settings) -> dict[str, object]:
-    state = _daemons(settings).state(EMULATOR)
-    return {
-        "home": str(settings.home),
-        "emulator": {"running": state.running, "pid": state.pid, "log": str(state.log)},
-        "not_yet": list(NOT_YET),
-    }
-
-
-def format_status(info: dict[str, object]) -> str:
-    return json.dumps(info, indent=2)
+def status(settings: Settings) -> dict[str, Any]:
+    daemons = _daemons(settings)
+    try:
+        state = json.loads(_state_file(settings).read_text())
+    except (OSError, ValueError):
+        state = {}
+    api_url = state.get("api_url")
+    api_ok = bool(api_url) and wait_http_ok(api_url + "/health", 2.0)
+    parts = {}
+    for name in (RAY_HEAD, EMULATOR):
+        d = daemons.state(name)
+        parts[name] = {"running": d.running, "pid": d.pid, "log": str(d.log)}
+    return {"home": str(settings.home), **parts, "api": {"url": api_url, "healthy": api_ok}}

@@ -246,7 +246,7 @@ class Api:
         ready = await self.replicas.spawn(agent_id, spec, count)
         status = "ready" if ready else "pending"
         await self.control.call("set_agent_status", agent_id, status)
-        body = {"id": agent_id, "status": status, "replicas": count, **spec.public_json()}
+        body = {"id": agent_id, "status": status, **spec.public_json(), "replica_count": count}
         return JSONResponse(body, status_code=201, headers=headers)
 
     async def list_agents(self, request: Request) -> Response:
@@ -260,9 +260,9 @@ class Api:
         return {
             "id": agent["id"],
             "status": agent["status"],
-            "replicas": agent["replicas"],
             "created_at": agent["created_at"],
             **spec.public_json(),
+            "replica_count": agent["replicas"],
         }
 
     async def get_agent(self, request: Request) -> Response:
@@ -270,6 +270,7 @@ class Api:
         agent = await self._agent(request.path_params["agent_id"], user)
         stats = await self.replicas.stats(agent["id"], agent["replicas"])
         body = await self._agent_summary(agent)
+        body["replica_bounds"] = body.pop("replicas")
         body["replicas"] = [
             {k: s.get(k) for k in ("replica", "node_id", "sessions", "capacity", "draining")}
             | ({"state": s["state"]} if "state" in s else {"state": "running"})

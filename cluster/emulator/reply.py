@@ -270,8 +270,10 @@ def _prose(
     """An echo of the user's words, then seeded sentences: exactly ``length`` tokens when
     ``exact``, else the sentence that crosses ``length`` is finished."""
     prompt = next((t for t in reversed(texts) if not t.lstrip().startswith("<")), "")
-    echo = [p.strip() for p, _ in split_pieces(prompt)][:ECHO_TOKENS]
-    words: list[str] = ["You", " said", ":", *(" " + p for p in echo), "."] if echo else []
+    echo = [p for p, tokens in split_pieces(prompt) if tokens][:ECHO_TOKENS]
+    if echo:  # the user's own spacing, so "Hello!" echoes as "Hello!"
+        echo[0] = " " + echo[0].lstrip()
+    words: list[str] = ["You", " said", ":", *echo, "."] if echo else []
     while len(words) < length:
         sentence = [rng.choice(_WORDS) for _ in range(rng.randint(6, 14))]
         words.append((" " if words else "") + sentence[0].capitalize())

@@ -118,7 +118,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
 
     port = free_port()
     log = tmp_path_factory.mktemp("ray") / "ray-head.log"
-    process = start_ray_head(port, log, num_cpus=4, resources={"hyperfleet_vm_slot": 2})
+    # Replicas are I/O-bound: declare more CPUs than the machine has, as the local stack does.
+    process = start_ray_head(port, log, num_cpus=16, resources={"hyperfleet_vm_slot": 4})
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + READY_TIMEOUT_S
     try:

@@ -60,11 +60,12 @@ def alice(admin: Client, api_server: ApiServer) -> Client:
 
 
 @pytest.fixture(scope="module")
-def agent(alice: Client) -> dict[str, Any]:
+def agent(alice: Client) -> Iterator[dict[str, Any]]:
     spec = {"tools": ["bash", "read_file"], "system": "You are an API test agent."}
     created = alice.ok("POST", "/v1/agents", 201, json=spec)
     assert created["status"] == "ready"
-    return dict(created)
+    yield dict(created)
+    alice.ok("DELETE", f"/v1/agents/{created['id']}")
 
 
 def _session(client: Client, agent_id: str) -> str:
@@ -298,9 +299,12 @@ def test_quotas(admin: Client, api_server: ApiServer) -> None:
     assert second.status_code == 403 and second.json()["error"]["type"] == "quota_exceeded"
     sid = _session(capped, created["id"])
     capped.ok("POST", f"/v1/sessions/{sid}/messages", json={"content": "fits"})
-    # 4,000 reserved on top of the 600+ the first turn used exceeds 4,500 tokens per day.
-    over = capped.request("POST", f"/v1/sessions/{sid}/messages", json={"content": "too much"})
-    assert over.status_code == 403 and "tokens per day" in over.json()["error"]["message"]
+    try:
+        # 4,000 reserved on top of the 600+ the first turn used exceeds 4,500 tokens per day.
+        over = capped.request("POST", f"/v1/sessions/{sid}/messages", json={"content": "more"})
+        assert over.status_code == 403 and "tokens per day" in over.json()["error"]["message"]
+    finally:
+        capped.ok("DELETE", f"/v1/agents/{created['id']}")
 
 
 def test_full_replica_is_503_with_retry_after(alice: Client) -> None:

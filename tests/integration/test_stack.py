@@ -1,25 +1,38 @@
-"""``hyperfleet up`` / ``status`` / ``down`` as a user runs them, with real processes."""
+"""``hyperfleet up`` / ``agents`` / ``chat`` / ``status`` / ``down`` as a user runs them, with real
+processes, and the README's curl conversation run as written."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
+
+import pytest
 
 from cluster.processes import free_port
 
-TIMEOUT_S = 60
+README = Path(__file__).resolve().parents[2] / "README.md"
+TIMEOUT_S = 180
 
 
-def _hyperfleet(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+def _env(home: Path, api_url: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "RAY_AUTH"))}
     env["HYPERFLEET_HOME"] = str(home)
+    if api_url:
+        env["HYPERFLEET_URL"] = api_url
+    return env
+
+
+def _hyperfleet(
+    home: Path, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cluster.cli", *args],
-        env=env,
+        env=_env(home),
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
@@ -27,38 +40,83 @@ def _hyperfleet(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_up_status_down(tmp_path: Path) -> None:
-    port = free_port()
-    up = _hyperfleet(tmp_path, "up", "--emulator-port", str(port))
+def _curl_block() -> str:
+    match = re.search(
+        r"<!-- curl-conversation -->\s*```sh\n(.*?)```", README.read_text(), re.DOTALL
+    )
+    assert match, "README lost its curl conversation"
+    return match.group(1)
+
+
+@pytest.mark.timeout(400)
+def test_up_chat_curl_status_down(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    ports = [str(free_port()) for _ in range(3)]
+    up = _hyperfleet(
+        home, "up", "--port", ports[0], "--emulator-port", ports[1], "--ray-port", ports[2]
+    )
     try:
-        assert up.returncode == 0, up.stderr
-        assert f"http://127.0.0.1:{port}" in up.stdout
-        assert "Not there yet" in up.stdout
-        key_file = tmp_path / "emulator.key"
+        assert up.returncode == 0, up.stdout + up.stderr
+        api_url = f"http://127.0.0.1:{ports[0]}"
+        assert f"Hyperfleet API: {api_url}" in up.stdout
+        key_file = home / "admin.key"
         assert key_file.stat().st_mode & 0o777 == 0o600
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/messages",
-            data=json.dumps(
-                {
-                    "model": "claude-sonnet-5-5",
-                    "max_tokens": 16,
-                    "messages": [{"role": "user", "content": "hi"}],
-                }
-            ).encode(),
-            headers={
-                "x-api-key": key_file.read_text().strip(),
-                "anthropic-version": "2023-06-01",
-                "content-type": "application/json",
-            },
+        assert key_file.read_text().strip() in up.stdout
+        again = _hyperfleet(
+            home, "up", "--port", ports[0], "--emulator-port", ports[1], "--ray-port", ports[2]
         )
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-            assert json.loads(response.read())["type"] == "message"
-        again = _hyperfleet(tmp_path, "up", "--emulator-port", str(port))
         assert again.returncode == 0, again.stderr
-        status = json.loads(_hyperfleet(tmp_path, "status").stdout)
-        assert status["emulator"]["running"] is True
+        assert key_file.read_text().strip() in again.stdout  # the same admin, not a new one
+
+        created = _hyperfleet(home, "agents", "create", "--tool", "bash")
+        assert created.returncode == 0, created.stderr
+        agent_id = json.loads(created.stdout)["id"]
+        assert agent_id in _hyperfleet(home, "agents", "list").stdout
+        chat = _hyperfleet(
+            home, "chat", agent_id, stdin='Hello there\n[[tool bash {"command": "echo chat-ok"}]]\n'
+        )
+        assert chat.returncode == 0, chat.stderr
+        assert "agent> You said: Hello there." in chat.stdout
+        assert "[tool bash" in chat.stdout and "[result] chat-ok" in chat.stdout
+        assert "(end_turn;" in chat.stdout
+
+        curl = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", _curl_block()],
+            env=_env(home, api_url),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            check=False,
+        )
+        assert curl.returncode == 0, curl.stderr
+        assert "You said: Hello!" in curl.stdout
+        assert "event: tool_result" in curl.stdout and "hello from the sandbox" in curl.stdout
+        assert '"version":2' in curl.stdout.replace(" ", "")
+        assert '"turns"' in curl.stdout and '"cost_usd"' in curl.stdout
+
+        status = json.loads(_hyperfleet(home, "status").stdout)
+        assert status["api"]["healthy"] is True
+        assert status["ray-head"]["running"] and status["emulator"]["running"]
+        deleted = _hyperfleet(home, "agents", "delete", agent_id)
+        assert json.loads(deleted.stdout)["status"] == "deleted"
     finally:
-        down = _hyperfleet(tmp_path, "down")
-    assert down.returncode == 0
-    assert "stopped" in down.stdout
-    assert json.loads(_hyperfleet(tmp_path, "status").stdout)["emulator"]["running"] is False
+        down = _hyperfleet(home, "down")
+    assert down.returncode == 0 and "stopped the Ray head" in down.stdout
+    after = json.loads(_hyperfleet(home, "status").stdout)
+    assert not after["ray-head"]["running"] and not after["emulator"]["running"]
+
+
+def test_cli_client_errors_are_clear(tmp_path: Path) -> None:
+    missing = _hyperfleet(tmp_path, "agents", "list")
+    assert missing.returncode == 1 and "no API key" in missing.stderr
+    (tmp_path / "admin.key").write_text("hf_x_y")
+    env_url = _env(tmp_path, f"http://127.0.0.1:{free_port()}")
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "agents", "list"],
+        env=env_url,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
