@@ -23,6 +23,7 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from .breaker import CircuitBreaker
+from .errors import InvalidRequestError
 from .host import SessionHost
 from .loop import AgentLoop, LoopConfig
 from .spec import AgentSpec, placement_options
@@ -39,7 +40,9 @@ class RuntimeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     anthropic_base_url: str | None = None
-    anthropic_api_key: SecretStr
+    anthropic_api_key: SecretStr | None = Field(
+        default=None, description="default: ANTHROPIC_API_KEY in the replica's environment"
+    )
     store_url: str = "ray://session-store"
     workspaces: str | None = Field(
         default=None, description="default: /var/lib/hyperfleet/workspaces as root, else ~"
@@ -57,6 +60,16 @@ def default_workspaces() -> Path:
     return Path.home() / ".hyperfleet" / "workspaces"
 
 
+def _key_from_environment() -> SecretStr:
+    key = os.environ.get("ANTHROPIC_API_KEY")
+    if not key:
+        raise InvalidRequestError(
+            "no Anthropic key: the agent has none, the platform config has none, and "
+            "ANTHROPIC_API_KEY is not set on this node"
+        )
+    return SecretStr(key)
+
+
 def replica_name(agent_id: str, index: int) -> str:
     return f"agent-{agent_id}-{index}"
 
@@ -65,7 +78,7 @@ def replica_name(agent_id: str, index: int) -> str:
 class AgentActor:
     def __init__(self, agent_id: str, index: int, spec: AgentSpec, runtime: RuntimeConfig) -> None:
         self.name = replica_name(agent_id, index)
-        key = spec.anthropic_api_key or runtime.anthropic_api_key
+        key = spec.anthropic_api_key or runtime.anthropic_api_key or _key_from_environment()
         timeout = httpx2.Timeout(runtime.request_timeout_s, connect=10.0)
         self._client = anthropic.AsyncAnthropic(
             api_key=key.get_secret_value(),

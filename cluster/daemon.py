@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .processes import descendants, reap_leftovers
+
 STOP_GRACE_S = 10.0
 POLL_S = 0.1
 
@@ -81,13 +83,16 @@ class Daemons:
         self._pidfile(name).unlink(missing_ok=True)
         if not current.running or current.pid is None:
             return False
+        tree = descendants(current.pid)
         os.killpg(current.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
             if _start_ticks(current.pid) is None or _is_zombie(current.pid):
-                return True
+                break
             time.sleep(POLL_S)
-        os.killpg(current.pid, signal.SIGKILL)
+        else:
+            os.killpg(current.pid, signal.SIGKILL)
+        reap_leftovers(tree)
         return True
 
 

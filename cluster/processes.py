@@ -8,6 +8,7 @@ machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -71,16 +72,64 @@ def wait_port(port: int, timeout_s: float, process: subprocess.Popen[bytes] | No
     return False
 
 
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()  # fields from 3 (state) on
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """Every live process below ``pid``, as (pid, start time), so a reused pid is not mistaken."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+            starts[int(entry.name)] = fields[19]
+    found: list[tuple[int, str]] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append((child, starts[child]))
+            todo.append(child)
+    return found
+
+
+def reap_leftovers(leftovers: list[tuple[int, str]], grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL, the processes of ``leftovers`` still alive (same start time).
+
+    Needed because some children leave their parent's process group and outlive it: Ray
+    Serve's HAProxy keeps running after its Ray head is stopped."""
+
+    def alive() -> list[int]:
+        return [p for p, start in leftovers if (f := _stat(p)) and f[19] == start and f[0] != "Z"]
+
+    for pid in alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while alive() and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    for pid in alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def stop(process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM to the process, then SIGKILL to its group after ``timeout_s``."""
+    """SIGTERM to the process, SIGKILL to its group after ``timeout_s``, then any descendant
+    that outlived it."""
     if process.poll() is not None:
         return
+    tree = descendants(process.pid)
     os.kill(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(10)
+    reap_leftovers(tree)
 
 
 def _spawn(

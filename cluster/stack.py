@@ -32,6 +32,10 @@ LOCAL_CPUS = 16
 LOCAL_VM_SLOTS = 4
 READY_TIMEOUT_S = 90.0
 STEPS = 5
+HEAD_DRAIN_S = 40.0  # SIGTERM lets `ray start --block` drain for up to 30 s
+# Serve's HAProxy ingress: ~1,800 against ~165 requests/s for the default Python proxy on a
+# 2-core machine (benchmarks/api_bench.py). HYPERFLEET_PROXY=default turns it off.
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 class StackError(Exception):
@@ -110,7 +114,10 @@ def up(
     argv = [ray_bin, "start", "--head", f"--port={ray_port}", f"--num-cpus={LOCAL_CPUS}"]
     argv += [f"--resources={json.dumps({'hyperfleet_vm_slot': LOCAL_VM_SLOTS})}"]
     argv += ["--include-dashboard=false", "--disable-usage-stats", "--block"]
-    head = daemons.start(RAY_HEAD, argv, dict(os.environ))
+    env = dict(os.environ)
+    if os.environ.get("HYPERFLEET_PROXY", "haproxy") == "haproxy":
+        env.update(HAPROXY_ENV)
+    head = daemons.start(RAY_HEAD, argv, env)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not wait_port(ray_port, 1.0) and time.monotonic() < deadline:
         if not daemons.state(RAY_HEAD).running:
@@ -191,7 +198,7 @@ def _deploy(settings: Settings, api_port: int, base_url: str | None, api_key: st
 def down(settings: Settings, progress: Callable[[str], None] = print) -> None:
     daemons = _daemons(settings)
     for name, what in ((RAY_HEAD, "Ray head, Serve and the stores"), (EMULATOR, "emulator")):
-        if daemons.stop(name):
+        if daemons.stop(name, grace_s=HEAD_DRAIN_S if name == RAY_HEAD else 10.0):
             progress(f"stopped the {what}")
         else:
             progress(f"the {what} was not running")

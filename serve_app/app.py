@@ -105,11 +105,17 @@ class Api:
         client = request.client.host if request.client else "unknown"
         key = _key_of(request)
         user, decision = await self.control.call("admit", key, client, self.ip_per_minute)
-        headers = decision.headers()
+        return self._check_admission(user, decision, request)
+
+    @staticmethod
+    def _check_admission(
+        user: dict[str, Any] | None, decision: Any, request: Request
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        headers: dict[str, str] = decision.headers()
         if not decision.allowed:
             raise ApiError(429, "rate_limited", "too many requests; slow down", headers=headers)
         if user is None:
-            message = "missing API key" if key is None else "invalid API key"
+            message = "missing API key" if _key_of(request) is None else "invalid API key"
             raise ApiError(401, "unauthorized", message)
         return user, headers
 
@@ -360,19 +366,29 @@ class Api:
         return JSONResponse(body, headers=headers)
 
     async def send_message(self, request: Request) -> Response:
-        user, headers = await self._admit(request)
-        route = await self._route(request.path_params["session_id"], user)
-        message = _validate(MessageIn, await _json_body(request))
-        content = message.checked_content()
-        key = request.headers.get("idempotency-key")
-        if key is not None and not 1 <= len(key) <= 255:
-            raise ApiError(400, "invalid_request", "Idempotency-Key must be 1 to 255 characters")
-        agent = await self.control.call("get_agent", route["agent_id"])
-        if agent is None:
-            raise not_found(f"session {route['id']}")
-        spec = await self._spec(agent)
-        budget = user["quotas"].get("tokens_per_day")
-        reservation = await self.control.call("reserve", user["id"], spec.max_tokens, budget)
+        # The hot path: one control-store call admits, routes and reserves; usage settles
+        # without being waited for.
+        session_id = request.path_params["session_id"]
+        try:
+            message = _validate(MessageIn, await _json_body(request))
+            content = message.checked_content()
+            key = request.headers.get("idempotency-key")
+            if key is not None and not 1 <= len(key) <= 255:
+                raise ApiError(
+                    400, "invalid_request", "Idempotency-Key must be 1 to 255 characters"
+                )
+        except ApiError:
+            await self._admit(request)  # a bad body still counts against the limits, after auth
+            raise
+        client = request.client.host if request.client else "unknown"
+        begun = await self.control.call(
+            "begin_message", _key_of(request), client, self.ip_per_minute, session_id
+        )
+        user, headers = self._check_admission(begun["user"], begun["decision"], request)
+        route = begun["route"]
+        if route is None:
+            raise not_found(f"session {session_id}")
+        reservation = begun["reservation"]
         args = (route["id"], content, key, user["id"])
         if message.stream:
             stream = self._stream(route, reservation, user["id"], args)
@@ -380,10 +396,10 @@ class Api:
         try:
             turn = await self.replicas.call(route["agent_id"], route["replica"], "send", *args)
         except BaseException:
-            await self.control.call("settle", reservation, user["id"], route["agent_id"], None, 0.0)
+            self.control.fire("settle", reservation, user["id"], route["agent_id"], None, 0.0)
             raise
         charged = None if turn.get("replayed") else turn["usage"]
-        await self.control.call(
+        self.control.fire(
             "settle", reservation, user["id"], route["agent_id"], charged, turn["cost_usd"]
         )
         return JSONResponse(_public_turn(turn), headers=headers)
@@ -402,7 +418,7 @@ class Api:
             error = {"status_code": e.status_code, **e.to_json()}
             yield _sse({"type": "error", "seq": 0, "data": error})
         finally:
-            await self.control.call("settle", reservation, user_id, route["agent_id"], usage, cost)
+            self.control.fire("settle", reservation, user_id, route["agent_id"], usage, cost)
 
     # Usage ----------------------------------------------------------------------------------
 

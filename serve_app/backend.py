@@ -42,6 +42,7 @@ _METHODS = frozenset(
         "issue_key",
         "authenticate",
         "admit",
+        "begin_message",
         "revoke_key",
         "has_admin",
         "create_agent",
@@ -117,6 +118,12 @@ class Control:
             if isinstance(e, ValueError) and "Failed to look up actor" not in str(e):
                 raise
             raise _unavailable("the control store", e) from e
+
+    def fire(self, method: str, *args: Any) -> None:
+        """Sends a call without waiting for it (bookkeeping off the request's critical path)."""
+        if self._handle is None:
+            self._handle = ray.get_actor(CONTROL_ACTOR_NAME, namespace=NAMESPACE)
+        self._handle.call.remote(method, *args)
 
 
 class Replicas:

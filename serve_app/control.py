@@ -70,6 +70,7 @@ class ControlStore:
             secret_path.write_bytes(secrets.token_bytes(32))
         self._secret = secret_path.read_bytes()
         self._limiter = RateLimiter()
+        self._max_tokens: dict[str, int] = {}  # per agent; a spec never changes
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
@@ -157,6 +158,29 @@ class ControlStore:
 
     def has_admin(self) -> bool:
         return self._db.execute("SELECT 1 FROM users WHERE is_admin = 1").fetchone() is not None
+
+    def begin_message(
+        self, api_key: str | None, client_ip: str, ip_per_minute: int, session_id: str
+    ) -> dict[str, Any]:
+        """The hot path of ``POST /messages`` in one call: limits and key (as ``admit``), the
+        session's route and agent, and the turn's token reservation."""
+        user, decision = self.admit(api_key, client_ip, ip_per_minute)
+        out: dict[str, Any] = {"user": user, "decision": decision, "route": None}
+        if user is None or not decision.allowed:
+            return out
+        route = self.get_route(session_id)
+        agent = self.get_agent(route["agent_id"]) if route else None
+        if route is None or agent is None or route["owner"] != user["id"]:
+            return out
+        max_tokens = self._max_tokens.get(agent["id"])
+        if max_tokens is None:
+            max_tokens = int(json.loads(agent["spec"]).get("max_tokens", 4096))
+            self._max_tokens[agent["id"]] = max_tokens
+        budget = user["quotas"].get("tokens_per_day")
+        out.update(
+            route=route, agent=agent, reservation=self.reserve(user["id"], max_tokens, budget)
+        )
+        return out
 
     # Agents -------------------------------------------------------------------------------
 

@@ -38,6 +38,11 @@ class Ingress:
         return build_app(self.api)
 
 
+def app(args: dict[str, Any]) -> Any:
+    """The application builder ``serve_config.yaml`` names (``serve deploy``)."""
+    return build(args)
+
+
 def build(config: dict[str, Any], num_replicas: int | None = None) -> Any:
     """The Serve application (for ``serve.run`` and ``serve deploy`` configs); a fixed
     ``num_replicas`` turns autoscaling off."""

@@ -31,3 +31,29 @@ def test_a_reused_pid_is_not_signalled(tmp_path: Path) -> None:
     (tmp_path / "run" / "ghost.json").write_text(json.dumps(record))
     assert not daemons.state("ghost").running
     assert not daemons.stop("ghost")
+
+
+def test_stop_reaps_children_that_left_the_group(tmp_path: Path) -> None:
+    import subprocess
+
+    from cluster.processes import stop
+
+    pid_file = tmp_path / "orphan.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+        " start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    orphan = int(pid_file.read_text())
+    stop(parent, timeout_s=5)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{orphan}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stat = Path(f"/proc/{orphan}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"

@@ -1,0 +1,184 @@
+"""The HTTP API's cost over a bare Serve path, and Serve's default proxy against HAProxy mode.
+
+For each proxy mode it starts a fresh Ray head (HAProxy mode: ``RAY_SERVE_ENABLE_HA_PROXY=1`` and
+``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` in the cluster's environment), then measures, with N
+keep-alive clients for D seconds each:
+- ``echo``: a bare deployment answering a constant (the proxy's own ceiling);
+- ``baseline``: a bare deployment forwarding to one actor that calls the emulator (streaming,
+  like the agent loop), no auth, no session, no commit;
+- ``full``: ``POST /v1/sessions/{id}/messages`` through Hyperfleet's ingress (auth, rate limits,
+  quota reservation, routing, the replica's session and loop, the fenced commit, usage).
+The emulator has zero latency, so the numbers are the platform's own costs.
+
+    python -m benchmarks.api_bench [--clients 8] [--seconds 10] [--modes default,haproxy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+KEY = "sk-ant-bench"
+BODY = {"content": "What is the status of the fleet?"}
+
+
+def _worker_main(mode: str, clients: int, seconds: float, work: str) -> None:
+    """Runs in a fresh process per proxy mode: Ray reads the HAProxy flags at start."""
+    import aiohttp
+    import anthropic
+    import httpx
+    import ray
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    from actors import start_store_actor
+    from cluster.processes import free_port, start_emulator, start_ray_head, stop
+    from serve_app import APP_NAME, build, start_control_actor
+
+    work_dir = Path(work)
+    emulator_port, ray_port, http_port = free_port(), free_port(), free_port()
+    processes = [start_emulator(emulator_port, KEY, work_dir / f"emu-{mode}.log")]
+    processes.append(start_ray_head(ray_port, work_dir / f"ray-{mode}.log", num_cpus=16))
+    emulator_url = f"http://127.0.0.1:{emulator_port}"
+    try:
+        ray.init(address=f"127.0.0.1:{ray_port}", namespace="hyperfleet", log_to_driver=False)
+        store = start_store_actor(work_dir / f"s-{mode}.db")
+        control = start_control_actor(work_dir / f"c-{mode}.db")
+        ray.get([store.ping.remote(), control.ping.remote()], timeout=60)
+        ray.get(
+            control.call.remote("create_user", "usr_b", "bench", {"requests_per_minute": 10**7})
+        )
+        user_key = ray.get(control.call.remote("issue_key", "usr_b"))["api_key"]
+
+        @ray.remote(num_cpus=0)
+        class Caller:
+            def __init__(self) -> None:
+                self.client = anthropic.AsyncAnthropic(base_url=emulator_url, api_key=KEY)
+
+            async def call(self, text: str) -> dict[str, Any]:
+                async with self.client.messages.stream(
+                    model="claude-sonnet-5-5",
+                    max_tokens=1024,
+                    messages=[{"role": "user", "content": text}],
+                ) as stream:
+                    message = await stream.get_final_message()
+                return message.model_dump(mode="json")
+
+        _caller = Caller.options(name="baseline-caller", lifetime="detached").remote()
+
+        @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0.25})
+        class Baseline:
+            def __init__(self) -> None:
+                self.caller = ray.get_actor("baseline-caller", namespace="hyperfleet")
+
+            async def __call__(self, request: Request) -> JSONResponse:
+                body = await request.json()
+                return JSONResponse(await self.caller.call.remote(body["content"]))
+
+        @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0.25})
+        class Echo:
+            async def __call__(self, request: Request) -> JSONResponse:
+                return JSONResponse({"ok": True})
+
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        config = {
+            "runtime": {"anthropic_base_url": emulator_url, "anthropic_api_key": KEY},
+            "ip_requests_per_minute": 10**7,
+        }
+        serve.run(build(config, num_replicas=2), name=APP_NAME, route_prefix="/")
+        serve.run(Baseline.bind(), name="baseline", route_prefix="/baseline")
+        serve.run(Echo.bind(), name="echo", route_prefix="/echo")
+        base = f"http://127.0.0.1:{http_port}"
+        headers = {"Authorization": f"Bearer {user_key}"}
+        with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
+            agent = http.post("/v1/agents", json={"max_sessions": 1000}).json()
+            sessions = [
+                http.post(f"/v1/agents/{agent['id']}/sessions").json()["id"] for _ in range(clients)
+            ]
+
+        async def drive(name: str, path_of: Any) -> tuple[float, float, float]:
+            latencies: list[float] = []
+            errors = 0
+            stop_at = time.monotonic() + seconds
+            connector = aiohttp.TCPConnector(limit=clients)
+            async with aiohttp.ClientSession(base, connector=connector, headers=headers) as s:
+
+                async def worker(n: int) -> None:
+                    nonlocal errors
+                    while time.monotonic() < stop_at:
+                        started = time.perf_counter()
+                        async with s.post(path_of(n), json=BODY) as response:
+                            await response.read()
+                            errors += response.status != 200
+                        latencies.append(time.perf_counter() - started)
+
+                started = time.monotonic()
+                await asyncio.gather(*(worker(n) for n in range(clients)))
+                elapsed = time.monotonic() - started
+            q = statistics.quantiles(latencies, n=100)
+            rate = len(latencies) / elapsed
+            print(
+                f"  {mode:8} {name:9} {rate:8,.0f} req/s  p50 {q[49] * 1000:6.2f} ms  "
+                f"p99 {q[98] * 1000:7.2f} ms  errors {errors}",
+                flush=True,
+            )
+            return rate, q[49], q[98]
+
+        async def measure() -> None:
+            await drive("echo", lambda n: "/echo")
+            base_rate, base_p50, base_p99 = await drive("baseline", lambda n: "/baseline")
+            rate, p50, p99 = await drive("full", lambda n: f"/v1/sessions/{sessions[n]}/messages")
+            print(
+                f"  {mode:8} full/baseline throughput {rate / base_rate:.0%} (target >= 60%); "
+                f"added latency p50 {(p50 - base_p50) * 1000:.2f} ms (target <= 3 ms), "
+                f"p99 {(p99 - base_p99) * 1000:.2f} ms",
+                flush=True,
+            )
+
+        asyncio.run(measure())
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        for process in reversed(processes):
+            stop(process)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--modes", default="default,haproxy")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _worker_main(args.worker, args.clients, args.seconds, os.environ["HF_BENCH_WORK"])
+        return
+    work = Path(tempfile.mkdtemp(prefix="hyperfleet-api-bench-"))
+    (work / "token").write_text(secrets.token_hex(32))
+    print(f"{os.cpu_count()} CPUs; {args.clients} clients, {args.seconds:g} s per measurement")
+    try:
+        for mode in args.modes.split(","):
+            env = dict(os.environ, HF_BENCH_WORK=str(work), RAY_AUTH_MODE="token")
+            env["RAY_AUTH_TOKEN_PATH"] = str(work / "token")
+            if mode == "haproxy":
+                env.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
+            argv = [sys.executable, "-m", "benchmarks.api_bench", "--worker", mode]
+            argv += ["--clients", str(args.clients), "--seconds", str(args.seconds)]
+            subprocess.run(argv, env=env, check=True, timeout=900)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
