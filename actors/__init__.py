@@ -21,7 +21,7 @@ from .loop import AgentLoop, LoopConfig
 from .pricing import Usage, price_of
 from .spec import AgentSpec, Replicas, Resources, placement_options
 from .store import RedisSessionStore, SessionStore, SqliteSessionStore, open_store
-from .store.actor import start_store_actor
+from .store.actor import start_on_head, start_store_actor
 
 __all__ = [
     "NAMESPACE",
@@ -53,5 +53,6 @@ __all__ = [
     "price_of",
     "replica_name",
     "spawn_replica",
+    "start_on_head",
     "start_store_actor",
 ]

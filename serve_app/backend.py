@@ -23,13 +23,13 @@ from actors import (
     RuntimeConfig,
     replica_name,
     spawn_replica,
+    start_on_head,
 )
 
 from .control import ControlStore
 from .errors import ApiError
 
 CONTROL_ACTOR_NAME = "control-store"
-HEAD_RESOURCE = "node:__internal_head__"
 CONTROL_TIMEOUT_S = 10.0
 REPLICA_TIMEOUT_S = 900.0  # a turn's own wall-clock limit is the real bound
 REPLICA_READY_S = 15.0
@@ -75,13 +75,8 @@ class ControlStoreActor:
 
 
 def start_control_actor(path: Path) -> Any:
-    return ControlStoreActor.options(  # type: ignore[attr-defined]
-        name=CONTROL_ACTOR_NAME,
-        namespace=NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        resources={HEAD_RESOURCE: 0.001},
-    ).remote(str(path))
+    """Starts (or finds) the control-store actor on the head node; returns its handle."""
+    return start_on_head(ControlStoreActor, CONTROL_ACTOR_NAME, path)
 
 
 def _cause(error: RayTaskError) -> BaseException:

@@ -243,11 +243,11 @@ class ControlStore:
 
     def get_route(self, session_id: str) -> dict[str, Any] | None:
         row = self._db.execute(
-            "SELECT session_id, agent_id, owner, replica, created_at, closed FROM routes "
-            "WHERE session_id = ?",
+            "SELECT r.session_id, r.agent_id, r.owner, r.replica, r.created_at, r.closed, "
+            "a.status FROM routes r JOIN agents a ON a.id = r.agent_id WHERE r.session_id = ?",
             (session_id,),
         ).fetchone()
-        if row is None or row[5]:
+        if row is None or row[5] or row[6] == "deleted":  # a deleted agent's sessions are gone
             return None
         keys = ("id", "agent_id", "owner", "replica", "created_at")
         return dict(zip(keys, row[:5], strict=True))

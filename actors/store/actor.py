@@ -54,15 +54,20 @@ class SessionStoreActor:
         return str(self._store.path)
 
 
-def start_store_actor(path: Path) -> Any:
-    """Starts (or finds) the store actor on the head node; returns its handle."""
-    return SessionStoreActor.options(  # type: ignore[attr-defined]
-        name=STORE_ACTOR_NAME,
+def start_on_head(actor_class: Any, name: str, path: Path) -> Any:
+    """Starts (or finds) a detached, named actor on the head node, where its file lives."""
+    return actor_class.options(
+        name=name,
         namespace=NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
         resources={HEAD_RESOURCE: 0.001},
     ).remote(str(path))
+
+
+def start_store_actor(path: Path) -> Any:
+    """Starts (or finds) the session-store actor on the head node; returns its handle."""
+    return start_on_head(SessionStoreActor, STORE_ACTOR_NAME, path)
 
 
 class ActorSessionStore:

@@ -134,8 +134,10 @@ def test_spawn_shorthand_keeps_the_key_secret(alice: Client) -> None:
         alice.request("GET", "/v1/agents").text,
     ):
         assert "sk-ant-owner-secret" not in response
+    sid = _session(alice, created["id"])
     alice.ok("DELETE", f"/v1/agents/{created['id']}")
     assert alice.request("GET", f"/v1/agents/{created['id']}").status_code == 404
+    assert alice.request("GET", f"/v1/sessions/{sid}").status_code == 404
 
 
 def test_conversation_json_stream_and_tools(alice: Client, agent: dict[str, Any]) -> None:
