@@ -50,6 +50,9 @@ class RuntimeConfig(BaseModel):
     max_retries: int = Field(default=2, ge=0, le=10)
     request_timeout_s: float = Field(default=120.0, gt=0, le=3_600)
     sweep_interval_s: float = Field(default=30.0, gt=0)
+    custom_tools: tuple[str, ...] = Field(
+        default=(), description="module:function tools agents may use (platform code, trusted)"
+    )
 
 
 def default_workspaces() -> Path:
@@ -86,7 +89,9 @@ class AgentActor:
             max_retries=runtime.max_retries,
             timeout=timeout,
         )
-        tools = build_tools(spec.tools, Sandbox(egress=spec.egress), spec.tool_timeout_s)
+        tools = build_tools(
+            spec.tools, Sandbox(egress=spec.egress), spec.tool_timeout_s, runtime.custom_tools
+        )
         loop = AgentLoop(
             self._client,
             LoopConfig(

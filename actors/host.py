@@ -27,7 +27,6 @@ from .errors import (
     InvalidRequestError,
     NotFoundError,
     SessionBusyError,
-    StaleSessionError,
     UpstreamError,
 )
 from .events import EventType, event
@@ -210,6 +209,11 @@ class SessionHost:
                 await self._turn(session_id, content, idempotency_key, owner, emit)
             except HyperfleetError as e:
                 await emit("error", {"status_code": e.status_code, **e.to_json()})
+            except Exception:
+                # The stream is a supervisory boundary: a bug ends it with an error event.
+                logger.exception("turn in session %s failed", session_id)
+                error = {"type": "internal_error", "message": "the turn failed"}
+                await emit("error", {"status_code": 500, **error})
             finally:
                 await queue.put(None)
 
@@ -276,6 +280,8 @@ class SessionHost:
         owner: str | None,
         emit: Any,
     ) -> tuple[TurnRecord, bool]:
+        if self.draining:
+            raise CapacityError("this replica is draining", retry_after_s=CAPACITY_RETRY_AFTER_S)
         session = await self._get(session_id, owner)
         if key is not None:
             committed = await self.store.find_turn(session_id, key)
@@ -322,8 +328,9 @@ class SessionHost:
             )
             try:
                 await self.store.commit_turn(turn, expected_version=session.version)
-            except StaleSessionError:
-                # Someone else owns this session now: forget our copy, it reloads next time.
+            except BaseException:
+                # Stale (someone else owns it now) or unknown (the reply was lost, the commit may
+                # have happened): forget our copy either way; it reloads from the store next time.
                 self._sessions.pop(session_id, None)
                 self.turns_failed += 1
                 raise

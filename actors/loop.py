@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from .events import Emit, TextCoalescer
 from .pricing import Usage
 from .tools import Tool, ToolResult, Workspace
 
+logger = logging.getLogger(__name__)
 STREAM_ATTEMPTS = 3
 STREAM_BACKOFF_S = 0.25
 _CACHE = {"type": "ephemeral"}
@@ -135,7 +137,11 @@ class AgentLoop:
         tool = self.tools.get(use["name"])
         if tool is None:
             return ToolResult(f"there is no tool named {use['name']!r}", is_error=True)
-        return await tool.run(use.get("input") or {}, workspace)
+        try:
+            return await tool.run(use.get("input") or {}, workspace)
+        except Exception as e:  # a tool bug must not end the turn: the model reads the failure
+            logger.exception("tool %s failed", use["name"])
+            return ToolResult(f"the tool failed: {type(e).__name__}: {e}", is_error=True)
 
     def _params(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         marked = list(messages)

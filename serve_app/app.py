@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from actors import AgentSpec, HyperfleetError
+from actors.tools import CustomToolError, check_custom_tools
 
 from .backend import Control, Replicas
 from .errors import ApiError, error_response, not_found
@@ -239,6 +240,10 @@ class Api:
     async def _create_agent(
         self, user: dict[str, Any], spec: AgentSpec, headers: dict[str, str]
     ) -> Response:
+        try:
+            check_custom_tools(spec.tools, self.replicas.runtime.custom_tools)
+        except CustomToolError as e:
+            raise ApiError(422, "validation_error", f"tools: {e}") from e
         agent_id = "agt_" + uuid.uuid4().hex[:16]
         count = max(1, spec.replicas.min)
         max_agents = int(user["quotas"].get("max_agents", 50))
@@ -249,7 +254,11 @@ class Api:
             spec_json = json.dumps(data)
         await self.control.call("create_agent", agent_id, user["id"], spec_json, count, max_agents)
         self._specs[agent_id] = spec
-        ready = await self.replicas.spawn(agent_id, spec, count)
+        try:
+            ready = await self.replicas.spawn(agent_id, spec, count)
+        except ApiError:
+            await self.control.call("set_agent_status", agent_id, "deleted")
+            raise
         status = "ready" if ready else "pending"
         await self.control.call("set_agent_status", agent_id, status)
         body = {"id": agent_id, "status": status, **spec.public_json(), "replica_count": count}

@@ -31,7 +31,8 @@ from .errors import ApiError
 
 CONTROL_ACTOR_NAME = "control-store"
 CONTROL_TIMEOUT_S = 10.0
-REPLICA_TIMEOUT_S = 900.0  # a turn's own wall-clock limit is the real bound
+TURN_CALL_TIMEOUT_S = 3_700.0  # a turn's own wall-clock limit (at most an hour) bounds it first
+REPLICA_CALL_TIMEOUT_S = 30.0  # every other replica call: an unplaced replica must not hang us
 REPLICA_READY_S = 15.0
 RESTARTING_RETRY_S = 2.0
 _METHODS = frozenset(
@@ -150,15 +151,22 @@ class Replicas:
             )
         except (TimeoutError, GetTimeoutError):
             return False  # placed later, when the cluster has room (the autoscaler adds nodes)
+        except (RayActorError, RayTaskError) as e:
+            for handle in handles:
+                ray.kill(handle, no_restart=True)
+            raise ApiError(
+                503, "replica_failed", f"the agent's replicas could not start: {e}"[:2000]
+            ) from e
         return True
 
     async def call(self, agent_id: str, index: int, method: str, *args: Any) -> Any:
         handle = self.handle(agent_id, index)
         try:
-            return await asyncio.wait_for(getattr(handle, method).remote(*args), REPLICA_TIMEOUT_S)
+            timeout_s = TURN_CALL_TIMEOUT_S if method == "send" else REPLICA_CALL_TIMEOUT_S
+            return await asyncio.wait_for(getattr(handle, method).remote(*args), timeout_s)
         except RayTaskError as e:
             raise _cause(e) from None
-        except RayActorError as e:
+        except (RayActorError, TimeoutError, GetTimeoutError) as e:
             raise _unavailable(f"replica {replica_name(agent_id, index)}", e) from e
 
     async def stream(self, agent_id: str, index: int, *args: Any) -> AsyncIterator[dict[str, Any]]:
@@ -185,8 +193,9 @@ class Replicas:
         return list(await asyncio.gather(*(one(i) for i in range(count))))
 
     async def remove(self, agent_id: str, count: int, drain_s: float) -> None:
-        """Drains every replica (finishing turns, up to ``drain_s``), then kills it."""
-        for index in range(count):
+        """Drains every replica at once (finishing turns, up to ``drain_s``), then kills them."""
+
+        async def one(index: int) -> None:
             name = replica_name(agent_id, index)
             try:
                 handle = self.handle(agent_id, index)
@@ -196,3 +205,5 @@ class Replicas:
             with contextlib.suppress(ValueError):  # already gone
                 ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
             self._handles.pop(name, None)
+
+        await asyncio.gather(*(one(i) for i in range(count)))

@@ -16,11 +16,27 @@ __all__ = [
     "ToolResult",
     "Workspace",
     "build_tools",
+    "check_custom_tools",
 ]
 
 
-def build_tools(names: tuple[str, ...], sandbox: Sandbox, timeout_s: float) -> dict[str, Tool]:
+def check_custom_tools(names: tuple[str, ...], allowed: tuple[str, ...]) -> None:
+    """Custom tools run platform code in the replica, outside the sandbox: only those the
+    operator listed (``RuntimeConfig.custom_tools``) may be named by an agent."""
+    builtin = {"bash", "read_file", "write_file", "list_files"}
+    refused = [n for n in names if n not in builtin and n not in allowed]
+    if refused:
+        raise CustomToolError(
+            f"custom tools {', '.join(refused)} are not enabled on this platform"
+            + (f" (enabled: {', '.join(allowed)})" if allowed else "")
+        )
+
+
+def build_tools(
+    names: tuple[str, ...], sandbox: Sandbox, timeout_s: float, allowed: tuple[str, ...] = ()
+) -> dict[str, Tool]:
     """The tools an agent spec names, by name, in its order."""
+    check_custom_tools(names, allowed)
     builtin = {t.name: t for t in [bash_tool(sandbox, timeout_s), *file_tools()]}
     tools: dict[str, Tool] = {}
     for name in names:

@@ -3,10 +3,9 @@ confined to the workspace by path resolution."""
 
 from __future__ import annotations
 
-import stat
 from typing import Any
 
-from .base import Tool, ToolResult, truncate
+from .base import Tool, ToolResult
 from .sandbox import Sandbox, SandboxUnavailable
 from .workspace import PathEscapeError, Workspace
 
@@ -54,46 +53,38 @@ def bash_tool(sandbox: Sandbox, timeout_s: float) -> Tool:
 
 async def _read_file(tool_input: dict[str, Any], workspace: Workspace) -> ToolResult:
     try:
-        path = workspace.resolve(_string_input(tool_input, "path") or "")
-        data = path.read_bytes()[: MAX_READ_BYTES + 1]
+        path = _string_input(tool_input, "path") or ""
+        data = workspace.read(path, MAX_READ_BYTES + 1)
     except (PathEscapeError, ValueError, OSError) as e:
         return ToolResult(str(e), is_error=True)
     try:
         text = data[:MAX_READ_BYTES].decode("utf-8")
     except UnicodeDecodeError:
-        return ToolResult(f"{path.name} is not a UTF-8 text file", is_error=True)
-    return ToolResult(truncate(text, MAX_READ_BYTES))
+        return ToolResult(f"{path} is not a UTF-8 text file", is_error=True)
+    return ToolResult(text + ("\n[truncated at 256 KiB]" if len(data) > MAX_READ_BYTES else ""))
 
 
 async def _write_file(tool_input: dict[str, Any], workspace: Workspace) -> ToolResult:
     try:
-        path = workspace.resolve(_string_input(tool_input, "path") or "")
-        content = _string_input(tool_input, "content") or ""
-        data = content.encode()
+        path = _string_input(tool_input, "path") or ""
+        data = (_string_input(tool_input, "content") or "").encode()
         if len(data) > MAX_WRITE_BYTES:
             raise ValueError(f"content is {len(data)} bytes, over the {MAX_WRITE_BYTES} limit")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        workspace.resolve(str(path.parent))  # the parent, once created, must still be inside
-        path.write_bytes(data)
-        workspace.give_to_sandbox(path)
+        workspace.write(path, data)
     except (PathEscapeError, ValueError, OSError) as e:
         return ToolResult(str(e), is_error=True)
-    return ToolResult(f"wrote {len(data)} bytes to {path.relative_to(workspace.root.resolve())}")
+    return ToolResult(f"wrote {len(data)} bytes to {'/'.join(workspace.parts(path))}")
 
 
 async def _list_files(tool_input: dict[str, Any], workspace: Workspace) -> ToolResult:
     try:
-        path = workspace.resolve(_string_input(tool_input, "path", required=False) or ".")
-        entries = sorted(path.iterdir())
+        entries = workspace.list(_string_input(tool_input, "path", required=False) or ".")
     except (PathEscapeError, ValueError, OSError) as e:
         return ToolResult(str(e), is_error=True)
-    lines = []
-    for entry in entries[:MAX_LIST_ENTRIES]:
-        info = entry.lstat()
-        if stat.S_ISDIR(info.st_mode):
-            lines.append(f"{entry.name}/")
-        else:
-            lines.append(f"{entry.name}\t{info.st_size}")
+    lines = [
+        f"{name}/" if is_dir else f"{name}\t{size}"
+        for name, is_dir, size in entries[:MAX_LIST_ENTRIES]
+    ]
     if len(entries) > MAX_LIST_ENTRIES:
         lines.append(f"[{len(entries) - MAX_LIST_ENTRIES} more entries]")
     return ToolResult("\n".join(lines) if lines else "(empty)")

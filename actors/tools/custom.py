@@ -32,8 +32,13 @@ def load_custom_tool(ref: str, timeout_s: float) -> Tool:
         raise CustomToolError(f"custom tool {ref!r} cannot be loaded: {e}") from e
     if not callable(function):
         raise CustomToolError(f"custom tool {ref!r} is not callable")
-    model = _input_model(ref, function)
-    schema = model.model_json_schema()
+    try:
+        model = _input_model(ref, function)
+        schema = model.model_json_schema()
+    except (TypeError, ValueError) as e:  # pydantic's schema errors are TypeErrors/ValueErrors
+        if isinstance(e, CustomToolError):
+            raise
+        raise CustomToolError(f"custom tool {ref!r} has no JSON schema: {e}") from e
     schema.pop("title", None)
     description = (inspect.getdoc(function) or f"The {attr} tool.").split("\n\n")[0]
 

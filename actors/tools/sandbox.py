@@ -119,13 +119,16 @@ class Sandbox:
                 size += len(chunk)
             await process.wait()
 
+        exit_code: int | None = None
         try:
             await asyncio.wait_for(drain(), timeout_s)
-            exit_code: int | None = process.returncode
+            exit_code = process.returncode
         except TimeoutError:
-            exit_code = None
-            _kill_group(process.pid)
-            await process.wait()
+            pass
+        finally:
+            if process.returncode is None:  # timed out, or the turn was cancelled
+                _kill_group(process.pid)
+                await asyncio.shield(process.wait())
         output = b"".join(chunks).decode("utf-8", errors="replace")
         return Completed(exit_code, output, truncated)
 

@@ -134,7 +134,7 @@ async def test_workspace_escape_is_a_tool_error(make_host: HostFactory) -> None:
     link = await host.send(sid, '[[tool bash {"command": "ln -s /etc/hostname h && echo ok"}]]')
     assert "returned" in _text(link)
     followed = await host.send(sid, '[[tool read_file {"path": "h"}]]')
-    assert "outside the session workspace" in _text(followed)
+    assert "is a symlink" in _text(followed) and "failed with" in _text(followed)
     failing = await host.send(sid, '[[tool bash {"command": "exit 3"}]]')
     assert "failed with" in _text(failing) and "exit code 3" in _text(failing)
 
@@ -334,3 +334,25 @@ async def test_tool_network_only_with_egress(
     probe = f"(exec 3<>/dev/tcp/127.0.0.1/{port}) && echo REACHED"
     turn = await host.send(sid, "[[tool bash " + json.dumps({"command": probe}) + "]]")
     assert ("REACHED" in _text(turn)) is egress
+
+
+async def test_turn_time_limit_kills_the_tool_process(make_host: HostFactory) -> None:
+    host = make_host(turn_timeout_s=2, tool_timeout_s=60)
+    sid = (await host.open_session("alice"))["id"]
+    with pytest.raises(UpstreamError, match="past its 2 s limit"):
+        await host.send(sid, '[[tool bash {"command": "sleep 31.5"}]]')
+
+    def sleeping() -> bool:
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if b"sleep\x0031.5" in cmdline.read_bytes():
+                    return True
+            except OSError:
+                continue
+        return False
+
+    deadline = asyncio.get_running_loop().time() + 5
+    while sleeping() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
+    assert not sleeping()
+    assert (await host.send(sid, "still usable"))["index"] == 1

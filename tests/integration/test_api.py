@@ -243,6 +243,8 @@ def test_error_statuses(alice: Client, agent: dict[str, Any], api_server: ApiSer
     assert big.status_code == 413
     schema = alice.request("POST", f"/v1/sessions/{sid}/messages", json={"content": 5})
     assert schema.status_code == 422 and "content" in schema.json()["error"]["message"]
+    custom = alice.request("POST", "/v1/agents", json={"tools": ["os:system"]})
+    assert custom.status_code == 422 and "not enabled" in custom.json()["error"]["message"]
     bad_spec = alice.request("POST", "/v1/agents", json={"max_turns": "lots"})
     assert bad_spec.status_code == 422 and "max_turns" in bad_spec.json()["error"]["message"]
     limit = alice.request("GET", f"/v1/sessions/{sid}/messages", params={"limit": "-4"})

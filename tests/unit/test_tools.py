@@ -26,8 +26,19 @@ def test_paths_stay_inside(workspace: Workspace, tmp_path: Path) -> None:
         with pytest.raises(PathEscapeError):
             workspace.resolve(bad)
     os.symlink("/etc", workspace.root / "etc-link")
+    os.symlink("/etc/hostname", workspace.root / "host-link")
+    for linked in ("etc-link/passwd", "host-link"):
+        with pytest.raises(PathEscapeError):
+            workspace.read(linked, 100)
+        with pytest.raises(PathEscapeError):
+            workspace.write(linked, b"x")
+    os.mkfifo(workspace.root / "fifo")
+    with pytest.raises(PathEscapeError, match="not a regular file"):
+        workspace.read("fifo", 100)  # refused at once, not blocking the event loop
+    os.symlink("loop-b", workspace.root / "loop-a")
+    os.symlink("loop-a", workspace.root / "loop-b")
     with pytest.raises(PathEscapeError):
-        workspace.resolve("etc-link/passwd")
+        workspace.read("loop-a", 100)
 
 
 async def test_file_tools_round_trip(workspace: Workspace) -> None:
@@ -54,10 +65,15 @@ async def test_file_tool_errors_are_results(workspace: Workspace) -> None:
     assert "not a UTF-8" in (await tools["read_file"].run({"path": "bin"}, workspace)).content
     huge = await tools["write_file"].run({"path": "h", "content": "x" * 2_000_000}, workspace)
     assert huge.is_error and "limit" in huge.content
+    with (workspace.root / "sparse").open("wb") as f:
+        f.truncate(10 * 1024**3)  # 10 GiB of holes: read_file must read only its cap
+    big = await tools["read_file"].run({"path": "sparse"}, workspace)
+    assert big.content.endswith("[truncated at 256 KiB]")
 
 
 async def test_custom_tool_schema_and_calls(workspace: Workspace) -> None:
-    tools = build_tools((f"{FIXTURE}:add", f"{FIXTURE}:shout", f"{FIXTURE}:explode"), Sandbox(), 5)
+    refs = (f"{FIXTURE}:add", f"{FIXTURE}:shout", f"{FIXTURE}:explode")
+    tools = build_tools(refs, Sandbox(), 5, allowed=refs)
     add = tools["add"]
     assert add.description == "Add two integers."
     assert add.input_schema["required"] == ["a"]
@@ -73,9 +89,18 @@ async def test_custom_tool_schema_and_calls(workspace: Workspace) -> None:
 
 def test_custom_tools_that_cannot_load_are_explained() -> None:
     with pytest.raises(CustomToolError, match="cannot be loaded"):
-        build_tools(("no.such.module:f",), Sandbox(), 5)
+        build_tools(("no.such.module:f",), Sandbox(), 5, allowed=("no.such.module:f",))
+    untyped = f"{FIXTURE}:untyped"
     with pytest.raises(CustomToolError, match="has no annotation"):
-        build_tools((f"{FIXTURE}:untyped",), Sandbox(), 5)
+        build_tools((untyped,), Sandbox(), 5, allowed=(untyped,))
+
+
+def test_only_operator_enabled_custom_tools_load() -> None:
+    # Naming any importable function would run platform code outside the sandbox.
+    with pytest.raises(CustomToolError, match="not enabled on this platform"):
+        build_tools(("os:system",), Sandbox(), 5)
+    with pytest.raises(CustomToolError, match=r"enabled: .*:add"):
+        build_tools(("os:system",), Sandbox(), 5, allowed=(f"{FIXTURE}:add",))
 
 
 async def test_bash_without_bubblewrap_refuses(workspace: Workspace) -> None:
