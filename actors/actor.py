@@ -27,10 +27,11 @@ from .errors import InvalidRequestError
 from .host import SessionHost
 from .loop import AgentLoop, LoopConfig
 from .spec import AgentSpec, placement_options
-from .store import open_store
+from .store import TurnRecord, open_store
 from .tools import Sandbox, build_tools
 
 NAMESPACE = "hyperfleet"
+CONTROL_ACTOR_NAME = "control-store"  # serve_app's control store, where usage is metered
 logger = logging.getLogger(__name__)
 
 
@@ -105,9 +106,30 @@ class AgentActor:
             CircuitBreaker(),
         )
         workspaces = Path(runtime.workspaces) if runtime.workspaces else default_workspaces()
-        self.host = SessionHost(agent_id, spec, open_store(runtime.store_url), loop, workspaces)
+        self.agent_id = agent_id
+        self._meter: Any = None
+        self.host = SessionHost(
+            agent_id,
+            spec,
+            open_store(runtime.store_url),
+            loop,
+            workspaces,
+            on_commit=self._record_usage,
+        )
         self._sweep_interval_s = runtime.sweep_interval_s
         self._sweeper: asyncio.Task[None] | None = None
+
+    def _record_usage(self, owner: str, turn: TurnRecord) -> None:
+        """Meters a committed turn in the control store (when the HTTP API runs with it)."""
+        if self._meter is None:
+            try:
+                self._meter = ray.get_actor(CONTROL_ACTOR_NAME, namespace=NAMESPACE)
+            except ValueError:
+                logger.warning(
+                    "%s: no control store; turn %s is not metered", self.name, turn.turn_id
+                )
+                return
+        self._meter.call.remote("record_usage", owner, self.agent_id, turn.usage, turn.cost_usd)
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None:

@@ -55,6 +55,7 @@ class SessionHost:
         workspaces: Path,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        on_commit: Callable[[str, TurnRecord], None] | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.spec = spec
@@ -63,6 +64,7 @@ class SessionHost:
         self.workspaces = workspaces
         self._clock = clock
         self._wall = wall_clock
+        self._on_commit = on_commit  # meters each committed turn: (owner, turn)
         self._sessions: dict[str, Session] = {}
         self._loading: dict[str, asyncio.Future[Session]] = {}
         self._inflight: dict[tuple[str, str], tuple[str, asyncio.Future[TurnRecord]]] = {}
@@ -336,6 +338,8 @@ class SessionHost:
                 raise
             session.apply(turn, restore_seq=False)
             self.turns_completed += 1
+            if self._on_commit is not None:
+                self._on_commit(session.record.owner, turn)
             await emit("turn_end", _turn_end(turn, replayed=False))
             return turn, False
 

@@ -375,8 +375,8 @@ class Api:
         return JSONResponse(body, headers=headers)
 
     async def send_message(self, request: Request) -> Response:
-        # The hot path: one control-store call admits, routes and reserves; usage settles
-        # without being waited for.
+        # The hot path: one control-store call admits, routes and reserves; the replica meters
+        # the turn when it commits, and the reservation is released without being waited for.
         session_id = request.path_params["session_id"]
         try:
             message = _validate(MessageIn, await _json_body(request))
@@ -400,34 +400,25 @@ class Api:
         reservation = begun["reservation"]
         args = (route["id"], content, key, user["id"])
         if message.stream:
-            stream = self._stream(route, reservation, user["id"], args)
+            stream = self._stream(route, reservation, args)
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         try:
             turn = await self.replicas.call(route["agent_id"], route["replica"], "send", *args)
-        except BaseException:
-            self.control.fire("settle", reservation, user["id"], route["agent_id"], None, 0.0)
-            raise
-        charged = None if turn.get("replayed") else turn["usage"]
-        self.control.fire(
-            "settle", reservation, user["id"], route["agent_id"], charged, turn["cost_usd"]
-        )
+        finally:
+            self.control.fire("release", reservation)
         return JSONResponse(_public_turn(turn), headers=headers)
 
     async def _stream(
-        self, route: dict[str, Any], reservation: int, user_id: str, args: tuple[Any, ...]
+        self, route: dict[str, Any], reservation: int, args: tuple[Any, ...]
     ) -> AsyncIterator[bytes]:
-        usage: dict[str, int] | None = None
-        cost = 0.0
         try:
             async for event in self.replicas.stream(route["agent_id"], route["replica"], *args):
-                if event["type"] == "turn_end" and not event["data"].get("replayed"):
-                    usage, cost = event["data"]["usage"], event["data"]["cost_usd"]
                 yield _sse(event)
         except HyperfleetError as e:
             error = {"status_code": e.status_code, **e.to_json()}
             yield _sse({"type": "error", "seq": 0, "data": error})
         finally:
-            self.control.fire("settle", reservation, user_id, route["agent_id"], usage, cost)
+            self.control.fire("release", reservation)
 
     # Usage ----------------------------------------------------------------------------------
 

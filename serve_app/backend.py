@@ -25,11 +25,12 @@ from actors import (
     spawn_replica,
     start_on_head,
 )
+from actors.actor import CONTROL_ACTOR_NAME as ACTORS_CONTROL_ACTOR_NAME
 
 from .control import ControlStore
 from .errors import ApiError
 
-CONTROL_ACTOR_NAME = "control-store"
+CONTROL_ACTOR_NAME = ACTORS_CONTROL_ACTOR_NAME
 CONTROL_TIMEOUT_S = 10.0
 TURN_CALL_TIMEOUT_S = 3_700.0  # a turn's own wall-clock limit (at most an hour) bounds it first
 REPLICA_CALL_TIMEOUT_S = 30.0  # every other replica call: an unplaced replica must not hang us
@@ -55,7 +56,8 @@ _METHODS = frozenset(
         "close_route",
         "sessions_per_replica",
         "reserve",
-        "settle",
+        "release",
+        "record_usage",
         "usage",
     }
 )

@@ -2,8 +2,8 @@
 
 One SQLite file on the head, behind one actor (``ControlStoreActor``) whose event loop serialises
 every call, so quota checks (agents per user, tokens per day) are atomic across ingress replicas.
-Admission of a turn reserves its ``max_tokens`` against the day's budget; the actual usage settles
-the reservation after the turn, so concurrent turns overshoot by at most one reservation.
+Admission of a turn reserves its ``max_tokens`` against the day's budget; the replica records the
+turn's real usage when it commits, and the reservation is released after the turn.
 """
 
 from __future__ import annotations
@@ -301,33 +301,29 @@ class ControlStore:
         ).fetchone()
         return int(used)
 
-    def settle(
-        self,
-        reservation: int,
-        user_id: str,
-        agent_id: str,
-        usage: dict[str, int] | None,
-        cost_usd: float,
+    def release(self, reservation: int) -> None:
+        """Ends a turn's reservation (its usage is recorded by the replica that committed it)."""
+        self._db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
+
+    def record_usage(
+        self, user_id: str, agent_id: str, usage: dict[str, int], cost_usd: float
     ) -> None:
-        """Releases a reservation and records what the turn used (None: it failed, no usage)."""
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
-        if usage is not None:
-            values = [int(usage.get(f, 0)) for f in TOKEN_FIELDS]
-            db.execute(
-                "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) "
-                "ON CONFLICT (user_id, agent_id, day) DO UPDATE SET "
-                "input_tokens = input_tokens + excluded.input_tokens, "
-                "output_tokens = output_tokens + excluded.output_tokens, "
-                "cache_read_input_tokens = cache_read_input_tokens + "
-                "excluded.cache_read_input_tokens, "
-                "cache_creation_input_tokens = cache_creation_input_tokens + "
-                "excluded.cache_creation_input_tokens, "
-                "cost_usd = cost_usd + excluded.cost_usd, turns = turns + 1",
-                (user_id, agent_id, today(), *values, cost_usd),
-            )
-        db.execute("COMMIT")
+        """Adds a committed turn's usage to its user's and agent's day. Called by the replica at
+        the commit, so a turn is metered whether its caller stayed (HTTP, stream or not) or
+        went away, and batch jobs' turns are metered too."""
+        values = [int(usage.get(f, 0)) for f in TOKEN_FIELDS]
+        self._db.execute(
+            "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) "
+            "ON CONFLICT (user_id, agent_id, day) DO UPDATE SET "
+            "input_tokens = input_tokens + excluded.input_tokens, "
+            "output_tokens = output_tokens + excluded.output_tokens, "
+            "cache_read_input_tokens = cache_read_input_tokens + "
+            "excluded.cache_read_input_tokens, "
+            "cache_creation_input_tokens = cache_creation_input_tokens + "
+            "excluded.cache_creation_input_tokens, "
+            "cost_usd = cost_usd + excluded.cost_usd, turns = turns + 1",
+            (user_id, agent_id, today(), *values, cost_usd),
+        )
 
     def usage(self, user_id: str) -> list[dict[str, Any]]:
         rows = self._db.execute(

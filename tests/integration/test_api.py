@@ -164,9 +164,39 @@ def test_conversation_json_stream_and_tools(alice: Client, agent: dict[str, Any]
     assert page["version"] == 2 and len(page["turns"]) == 1 and page["has_more"] is True
     rest = alice.ok("GET", f"/v1/sessions/{sid}/messages", params={"after": 1})
     assert [t["index"] for t in rest["turns"]] == [2]
-    usage = alice.ok("GET", "/v1/usage")["data"]
-    row = next(r for r in usage if r["agent_id"] == agent["id"])
-    assert row["turns"] >= 2 and row["output_tokens"] > 0 and row["cost_usd"] > 0
+    row = _usage_row(alice, agent["id"], turns=2)
+    assert row["output_tokens"] > 0 and row["cost_usd"] > 0
+
+
+def _usage_row(client: Client, agent_id: str, turns: int) -> dict[str, Any]:
+    """The agent's usage row once it counts ``turns`` turns (metering is asynchronous)."""
+    deadline = time.monotonic() + 10
+    while True:
+        rows = client.ok("GET", "/v1/usage")["data"]
+        row = next((r for r in rows if r["agent_id"] == agent_id), {"turns": 0})
+        if row["turns"] >= turns or time.monotonic() > deadline:
+            assert row["turns"] == turns, rows
+            return dict(row)
+        time.sleep(0.1)
+
+
+def test_turns_are_metered_even_when_the_client_goes_away(alice: Client) -> None:
+    created = alice.ok("POST", "/v1/agents", 201, json={"tools": ["bash"]})
+    sid = _session(alice, created["id"])
+    with alice.http.stream(
+        "POST",
+        f"/v1/sessions/{sid}/messages",
+        json={"content": '[[tool bash {"command": "sleep 1; echo done"}]]', "stream": True},
+        headers={"Authorization": f"Bearer {alice.key}"},
+    ) as response:
+        next(response.iter_lines())  # the first event, then hang up mid-turn
+    # The turn still commits, and is billed once.
+    _usage_row(alice, created["id"], turns=1)
+    assert alice.ok("GET", f"/v1/sessions/{sid}/messages")["version"] == 1
+    replica = ray.get_actor(f"agent-{created['id']}-0", namespace="hyperfleet")
+    ray.get(replica.send.remote(sid, "a batch turn"), timeout=TIMEOUT_S)
+    _usage_row(alice, created["id"], turns=2)  # batch jobs' turns are metered too
+    alice.ok("DELETE", f"/v1/agents/{created['id']}")
 
 
 def test_idempotent_resend(alice: Client, agent: dict[str, Any]) -> None:
