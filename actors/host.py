@@ -35,6 +35,7 @@ from .session import Session, digest
 from .spec import AgentSpec
 from .store import SessionRecord, SessionStore, TurnRecord
 from .tools import Workspace
+from .tools.workspace import sandbox_uid
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,9 @@ class SessionHost:
         return {"id": record.session_id, "agent_id": self.agent_id, "created_at": record.created_at}
 
     def _new_session(self, record: SessionRecord) -> Session:
-        workspace = Workspace(self.workspaces / self.agent_id / record.session_id)
+        workspace = Workspace(
+            self.workspaces / self.agent_id / record.session_id, sandbox_uid(self.spec.egress)
+        )
         workspace.create()
         return Session(record=record, workspace=workspace, last_used=self._clock())
 

@@ -8,8 +8,9 @@ and only the session workspace writable at ``/workspace``. Nothing of the host's
 ``/home``, ``/tmp`` (Ray's session directory lives there) or ``/etc`` secrets is mounted.
 
 Without egress the network namespace has only its own loopback: no route to anything. With
-``egress: true`` the host network is shared, so the process can open connections; it still cannot
-read Ray's token, which Ray requires on its ports when token auth is on.
+``egress: true`` the node's network is shared, and the process runs as its own uid, whose packets
+the egress firewall (``egress.py``) rejects on the way to loopback, the node's addresses and
+private ranges: the internet is reachable, the platform is not.
 
 If bubblewrap is missing the tool fails with that message: it never falls back to running the
 command unsandboxed.
@@ -25,7 +26,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from .workspace import SANDBOX_GID, SANDBOX_MOUNT, SANDBOX_UID, Workspace
+from .egress import EgressFirewall, EgressUnavailable
+from .workspace import SANDBOX_MOUNT, Workspace, sandbox_uid
 
 MAX_OUTPUT_BYTES = 64 * 1024
 READ_CHUNK_BYTES = 16 * 1024
@@ -89,12 +91,18 @@ class Sandbox:
             # Popen(user=...): Ray runs async actors on uvloop, whose subprocesses take no user.
             if self.setpriv is None:
                 raise SandboxUnavailable("running tools as root needs setpriv (util-linux)")
-            drop = [f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_GID}", "--clear-groups"]
+            uid = sandbox_uid(self.egress)
+            drop = [f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
             args = [self.setpriv, *drop, "--no-new-privs", *args]
         return args
 
     async def run(self, workspace: Workspace, command: list[str], timeout_s: float) -> Completed:
         """Runs ``command`` with no stdin; output (stdout and stderr together) is capped."""
+        if self.egress:
+            try:
+                await asyncio.to_thread(EgressFirewall.ensure)
+            except EgressUnavailable as e:
+                raise SandboxUnavailable(str(e)) from e
         argv = self.argv(workspace, command)
         process = await asyncio.create_subprocess_exec(
             *argv,

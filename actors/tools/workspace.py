@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-SANDBOX_UID = 65534  # nobody
-SANDBOX_GID = 65534  # nogroup
+SANDBOX_UID = 65534  # nobody: tools without network
+EGRESS_UID = 65533  # tools with egress: their own uid, so the egress firewall can match them
 SANDBOX_MOUNT = "/workspace"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -27,9 +27,14 @@ class PathEscapeError(ValueError):
     """A path that is, or goes through something, outside the workspace or a symlink."""
 
 
+def sandbox_uid(egress: bool) -> int:
+    return EGRESS_UID if egress else SANDBOX_UID
+
+
 class Workspace:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, uid: int = SANDBOX_UID) -> None:
         self.root = root
+        self.uid = uid  # the sandbox user that owns what is created here (when root)
 
     @property
     def owned_by_sandbox(self) -> bool:
@@ -39,7 +44,7 @@ class Workspace:
         self.root.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.owned_by_sandbox:
-            os.chown(self.root, SANDBOX_UID, SANDBOX_GID)
+            os.chown(self.root, self.uid, self.uid)
 
     def parts(self, path: str) -> list[str]:
         """The components of ``path`` (relative, or absolute under /workspace) inside the root."""
@@ -69,7 +74,7 @@ class Workspace:
                         raise
                     os.mkdir(part, 0o755, dir_fd=fd)
                     if self.owned_by_sandbox:
-                        os.chown(part, SANDBOX_UID, SANDBOX_GID, dir_fd=fd, follow_symlinks=False)
+                        os.chown(part, self.uid, self.uid, dir_fd=fd, follow_symlinks=False)
                     next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except OSError as e:
                     raise _refused(part, e) from e
@@ -112,7 +117,7 @@ class Workspace:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     raise PathEscapeError(f"{path!r} is not a regular file")
                 if self.owned_by_sandbox:
-                    os.fchown(fd, SANDBOX_UID, SANDBOX_GID)
+                    os.fchown(fd, self.uid, self.uid)
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]

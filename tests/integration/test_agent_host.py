@@ -325,15 +325,33 @@ async def test_circuit_breaker_opens_after_consecutive_failures(
 
 
 @pytest.mark.parametrize("egress", [False, True])
-async def test_tool_network_only_with_egress(
+async def test_tool_network_only_with_egress_and_never_to_the_platform(
     make_host: HostFactory, emulator: EmulatorServer, egress: bool
 ) -> None:
+    import socket
+
     host = make_host(egress=egress)
     sid = (await host.open_session("alice"))["id"]
     port = emulator.base_url.rsplit(":", 1)[1]
-    probe = f"(exec 3<>/dev/tcp/127.0.0.1/{port}) && echo REACHED"
-    turn = await host.send(sid, "[[tool bash " + json.dumps({"command": probe}) + "]]")
-    assert ("REACHED" in _text(turn)) is egress
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe_socket:
+        probe_socket.connect(("192.0.2.254", 9))  # no packet: picks the node's own address
+        node_ip = probe_socket.getsockname()[0]
+    # A platform-like service on the node's own address (as Ray's GCS is).
+    server = await asyncio.start_server(lambda r, w: w.close(), node_ip, 0)
+    node_port = server.sockets[0].getsockname()[1]
+    probe = (
+        "grep -c : /proc/net/dev; "  # interfaces this namespace has (lo alone: 1)
+        f"(exec 3<>/dev/tcp/127.0.0.1/{port}) && echo REACHED-LOOPBACK; "
+        f"(exec 3<>/dev/tcp/{node_ip}/{node_port}) && echo REACHED-NODE; true"
+    )
+    try:
+        turn = await host.send(sid, "[[tool bash " + json.dumps({"command": probe}) + "]]")
+    finally:
+        server.close()
+    text = _text(turn)
+    interfaces = int(text.split('"')[1].split()[0])
+    assert (interfaces > 1) is egress  # egress: the node's network; else only loopback
+    assert "REACHED" not in text  # the emulator's port is the platform's: closed either way
 
 
 async def test_turn_time_limit_kills_the_tool_process(make_host: HostFactory) -> None:
