@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -165,6 +166,8 @@ class SessionHost:
             raise SessionBusyError("a turn is running in this session", session_id=session_id)
         await self.store.close_session(session_id)
         self._sessions.pop(session_id, None)
+        # The transcript stays in the store; the workspace's files go with the session.
+        await asyncio.to_thread(shutil.rmtree, session.workspace.root, True)
 
     async def transcript(
         self, session_id: str, owner: str | None = None, after: int = 0, limit: int = 50

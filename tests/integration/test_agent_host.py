@@ -296,6 +296,20 @@ async def test_stale_owner_cannot_commit(make_host: HostFactory) -> None:
     assert (await old.send(sid, "three"))["index"] == 3
 
 
+async def test_closing_a_session_keeps_its_transcript_and_removes_its_files(
+    make_host: HostFactory,
+) -> None:
+    host = make_host()
+    sid = (await host.open_session("alice"))["id"]
+    await host.send(sid, '[[tool write_file {"path": "notes.txt", "content": "x"}]]')
+    root = host._sessions[sid].workspace.root
+    assert (root / "notes.txt").exists()
+    await host.close_session(sid)
+    assert not root.exists()
+    stored = await host.store.list_turns(sid)
+    assert [t.index for t in stored] == [1]
+
+
 async def test_drain_finishes_turns_and_hands_sessions_back(make_host: HostFactory) -> None:
     host = make_host(headers={"x-emulator-ttft-ms": "200"})
     sids = [(await host.open_session("alice"))["id"] for _ in range(3)]
