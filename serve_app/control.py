@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import keys
-from .errors import ApiError, QuotaExceededError
+from .errors import QuotaExceededError
 from .ratelimit import Decision, RateLimiter
 
 _SCHEMA = """
@@ -334,8 +334,3 @@ class ControlStore:
         ).fetchall()
         keys = ("agent_id", "day", *TOKEN_FIELDS, "cost_usd", "turns")
         return [dict(zip(keys, row, strict=True)) for row in rows]
-
-
-def check_exists(found: object, what: str) -> None:
-    if found is None:
-        raise ApiError(404, "not_found", f"{what} not found")
