@@ -119,7 +119,7 @@ class AgentActor:
         self._sweep_interval_s = runtime.sweep_interval_s
         self._sweeper: asyncio.Task[None] | None = None
 
-    def _record_usage(self, owner: str, turn: TurnRecord) -> None:
+    def _record_usage(self, owner: str, turn: TurnRecord, reservation: Any) -> None:
         """Meters a committed turn in the control store (when the HTTP API runs with it)."""
         if self._meter is None:
             try:
@@ -129,7 +129,9 @@ class AgentActor:
                     "%s: no control store; turn %s is not metered", self.name, turn.turn_id
                 )
                 return
-        self._meter.call.remote("record_usage", owner, self.agent_id, turn.usage, turn.cost_usd)
+        self._meter.call.remote(
+            "record_usage", owner, self.agent_id, turn.usage, turn.cost_usd, reservation
+        )
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None:
@@ -152,9 +154,12 @@ class AgentActor:
         content: str | list[dict[str, Any]],
         idempotency_key: str | None = None,
         owner: str | None = None,
+        reservation: Any = None,
     ) -> dict[str, Any]:
+        """Runs a turn; ``reservation`` (the API's token reservation) is released by the control
+        store together with the turn's usage when it commits."""
         self._ensure_sweeper()
-        return await self.host.send(session_id, content, idempotency_key, owner)
+        return await self.host.send(session_id, content, idempotency_key, owner, reservation)
 
     async def stream(
         self,
@@ -162,9 +167,11 @@ class AgentActor:
         content: str | list[dict[str, Any]],
         idempotency_key: str | None = None,
         owner: str | None = None,
+        reservation: Any = None,
     ) -> AsyncIterator[dict[str, Any]]:
         self._ensure_sweeper()
-        async for item in self.host.stream(session_id, content, idempotency_key, owner):
+        stream = self.host.stream(session_id, content, idempotency_key, owner, reservation)
+        async for item in stream:
             yield item
 
     async def transcript(

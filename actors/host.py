@@ -57,7 +57,7 @@ class SessionHost:
         workspaces: Path,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
-        on_commit: Callable[[str, TurnRecord], None] | None = None,
+        on_commit: Callable[[str, TurnRecord, Any], None] | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.spec = spec
@@ -66,7 +66,9 @@ class SessionHost:
         self.workspaces = workspaces
         self._clock = clock
         self._wall = wall_clock
-        self._on_commit = on_commit  # meters each committed turn: (owner, turn)
+        # Meters each committed turn: (owner, turn, the caller's meter tag: the API's token
+        # reservation, settled together with the usage so a budget never counts neither).
+        self._on_commit = on_commit
         self._sessions: dict[str, Session] = {}
         self._loading: dict[str, asyncio.Future[Session]] = {}
         self._inflight: dict[tuple[str, str], tuple[str, asyncio.Future[TurnRecord]]] = {}
@@ -189,11 +191,14 @@ class SessionHost:
         content: str | list[dict[str, Any]],
         idempotency_key: str | None = None,
         owner: str | None = None,
+        meter_tag: Any = None,
     ) -> dict[str, Any]:
         async def ignore(kind: EventType, data: dict[str, Any]) -> None:
             return None
 
-        turn, replayed = await self._turn(session_id, content, idempotency_key, owner, ignore)
+        turn, replayed = await self._turn(
+            session_id, content, idempotency_key, owner, ignore, meter_tag
+        )
         return {**turn.public(), "replayed": replayed}
 
     async def stream(
@@ -202,6 +207,7 @@ class SessionHost:
         content: str | list[dict[str, Any]],
         idempotency_key: str | None = None,
         owner: str | None = None,
+        meter_tag: Any = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Yields the turn's events. If the consumer goes away the turn still completes and is
         committed, so a resend with the same idempotency key gets it."""
@@ -214,7 +220,7 @@ class SessionHost:
 
         async def run() -> None:
             try:
-                await self._turn(session_id, content, idempotency_key, owner, emit)
+                await self._turn(session_id, content, idempotency_key, owner, emit, meter_tag)
             except HyperfleetError as e:
                 await emit("error", {"status_code": e.status_code, **e.to_json()})
             except Exception:
@@ -245,6 +251,7 @@ class SessionHost:
         key: str | None,
         owner: str | None,
         emit: Any,
+        meter_tag: Any = None,
     ) -> tuple[TurnRecord, bool]:
         """Runs (or replays) one turn; the flag says it was replayed, not run."""
         _check_content(content)
@@ -265,7 +272,7 @@ class SessionHost:
             self._inflight[(session_id, key)] = (request_digest, future)
         try:
             turn, replayed = await self._run_once(
-                session_id, content, key, request_digest, owner, emit
+                session_id, content, key, request_digest, owner, emit, meter_tag
             )
             if future is not None:
                 future.set_result(turn)
@@ -287,6 +294,7 @@ class SessionHost:
         request_digest: str,
         owner: str | None,
         emit: Any,
+        meter_tag: Any,
     ) -> tuple[TurnRecord, bool]:
         if self.draining:
             raise CapacityError("this replica is draining", retry_after_s=CAPACITY_RETRY_AFTER_S)
@@ -345,7 +353,7 @@ class SessionHost:
             session.apply(turn, restore_seq=False)
             self.turns_completed += 1
             if self._on_commit is not None:
-                self._on_commit(session.record.owner, turn)
+                self._on_commit(session.record.owner, turn, meter_tag)
             await emit("turn_end", _turn_end(turn, replayed=False))
             return turn, False
 

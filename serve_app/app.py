@@ -24,6 +24,7 @@ from starlette.routing import Route
 from actors import AgentSpec, HyperfleetError
 from actors.tools import CustomToolError, check_custom_tools
 
+from .admission import Gate
 from .backend import Control, Replicas
 from .errors import ApiError, error_response, not_found
 from .models import MessageIn, Quotas, SpawnRequest, UserCreate, UserPatch
@@ -93,9 +94,12 @@ def _sse(event: dict[str, Any]) -> bytes:
 
 
 class Api:
-    def __init__(self, control: Control, replicas: Replicas, ip_per_minute: int = 100) -> None:
+    def __init__(
+        self, control: Control, replicas: Replicas, gate: Gate, ip_per_minute: int = 100
+    ) -> None:
         self.control = control
         self.replicas = replicas
+        self.gate = gate
         self.ip_per_minute = ip_per_minute
         self._specs: dict[str, AgentSpec] = {}
 
@@ -105,7 +109,7 @@ class Api:
         """Rate limits and the key: the caller, and rate-limit headers for the answer."""
         client = request.client.host if request.client else "unknown"
         key = _key_of(request)
-        user, decision = await self.control.call("admit", key, client, self.ip_per_minute)
+        user, decision = await self.gate.admit(key, client, self.ip_per_minute)
         return self._check_admission(user, decision, request)
 
     @staticmethod
@@ -219,6 +223,7 @@ class Api:
         requester = None if caller["is_admin"] else caller["id"]
         if not await self.control.call("revoke_key", prefix, requester):
             raise not_found(f"key {prefix}")
+        self.gate.forget_key(prefix)
         return JSONResponse({"prefix": prefix, "revoked": True}, headers=headers)
 
     # Agents ---------------------------------------------------------------------------------
@@ -375,8 +380,9 @@ class Api:
         return JSONResponse(body, headers=headers)
 
     async def send_message(self, request: Request) -> Response:
-        # The hot path: one control-store call admits, routes and reserves; the replica meters
-        # the turn when it commits, and the reservation is released without being waited for.
+        # The hot path: admission, route and reservation in one gate call (no Ray hop with
+        # Redis). The replica meters a committed turn and the control store ends its reservation
+        # in the same call; the ingress releases only turns that did not commit a new turn.
         session_id = request.path_params["session_id"]
         try:
             message = _validate(MessageIn, await _json_body(request))
@@ -390,35 +396,47 @@ class Api:
             await self._admit(request)  # a bad body still counts against the limits, after auth
             raise
         client = request.client.host if request.client else "unknown"
-        begun = await self.control.call(
-            "begin_message", _key_of(request), client, self.ip_per_minute, session_id
+        begun = await self.gate.begin_message(
+            _key_of(request), client, self.ip_per_minute, session_id
         )
         user, headers = self._check_admission(begun["user"], begun["decision"], request)
         route = begun["route"]
         if route is None:
             raise not_found(f"session {session_id}")
         reservation = begun["reservation"]
-        args = (route["id"], content, key, user["id"])
+        args = (route["id"], content, key, user["id"], reservation)
         if message.stream:
             stream = self._stream(route, reservation, args)
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         try:
             turn = await self.replicas.call(route["agent_id"], route["replica"], "send", *args)
-        finally:
-            self.control.fire("release", reservation)
+        except BaseException:
+            self.gate.release(reservation)
+            raise
+        if turn.get("replayed"):
+            self.gate.release(reservation)
         return JSONResponse(_public_turn(turn), headers=headers)
 
     async def _stream(
-        self, route: dict[str, Any], reservation: int, args: tuple[Any, ...]
+        self, route: dict[str, Any], reservation: Any, args: tuple[Any, ...]
     ) -> AsyncIterator[bytes]:
+        committed = False
         try:
             async for event in self.replicas.stream(route["agent_id"], route["replica"], *args):
+                if event["type"] == "turn_end" and not event["data"].get("replayed"):
+                    committed = True
                 yield _sse(event)
         except HyperfleetError as e:
             error = {"status_code": e.status_code, **e.to_json()}
             yield _sse({"type": "error", "seq": 0, "data": error})
+        except GeneratorExit:
+            # The client went away; the turn runs on to its commit, which ends the reservation
+            # (a turn that then fails holds it until it expires, RESERVATION_TTL_S).
+            committed = True
+            raise
         finally:
-            self.control.fire("release", reservation)
+            if not committed:
+                self.gate.release(reservation)
 
     # Usage ----------------------------------------------------------------------------------
 

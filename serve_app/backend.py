@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from actors.actor import CONTROL_ACTOR_NAME as ACTORS_CONTROL_ACTOR_NAME
 
 from .control import ControlStore
 from .errors import ApiError
+
+logger = logging.getLogger(__name__)
 
 CONTROL_ACTOR_NAME = ACTORS_CONTROL_ACTOR_NAME
 CONTROL_TIMEOUT_S = 10.0
@@ -55,6 +58,7 @@ _METHODS = frozenset(
         "get_route",
         "close_route",
         "sessions_per_replica",
+        "session_route",
         "reserve",
         "release",
         "record_usage",
@@ -65,8 +69,28 @@ _METHODS = frozenset(
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class ControlStoreActor:
-    def __init__(self, path: str) -> None:
-        self._store = ControlStore(Path(path))
+    def __init__(self, path: str, redis_url: str | None = None) -> None:
+        mirror = None
+        if redis_url is not None:
+            # The day's used tokens, for RedisGate's reservations; SQLite stays the record.
+            from redis import Redis
+            from redis.exceptions import RedisError
+
+            from .admission import DAY_KEY_TTL_S, RedisReservation, used_key
+
+            client = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+
+            def mirror(user_id: str, day: str, used: int, reservation: Any) -> None:
+                try:
+                    with client.pipeline(transaction=True) as pipe:
+                        pipe.set(used_key(user_id, day), used, ex=DAY_KEY_TTL_S)
+                        if isinstance(reservation, RedisReservation):
+                            pipe.zrem(reservation.key, reservation.member)
+                        pipe.execute()
+                except RedisError:
+                    logger.warning("could not mirror %s's usage to Redis", user_id, exc_info=True)
+
+        self._store = ControlStore(Path(path), mirror)
 
     def call(self, method: str, *args: Any) -> Any:
         if method not in _METHODS:
@@ -77,9 +101,10 @@ class ControlStoreActor:
         return "ok"
 
 
-def start_control_actor(path: Path) -> Any:
-    """Starts (or finds) the control-store actor on the head node; returns its handle."""
-    return start_on_head(ControlStoreActor, CONTROL_ACTOR_NAME, path)
+def start_control_actor(path: Path, redis_url: str | None = None) -> Any:
+    """Starts (or finds) the control-store actor on the head node; returns its handle. With
+    ``redis_url`` it mirrors each user's daily usage there (what ``RedisGate`` reads)."""
+    return start_on_head(ControlStoreActor, CONTROL_ACTOR_NAME, path, redis_url)
 
 
 def _cause(error: RayTaskError) -> BaseException:

@@ -12,6 +12,7 @@ import json
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ TOKEN_FIELDS = (
     "cache_creation_input_tokens",
 )
 MAX_AGENTS_LISTED = 1_000
+RESERVATION_TTL_S = 3_900.0  # longer than any turn: a reservation never released stops counting
 
 
 def today() -> str:
@@ -62,7 +64,9 @@ class ControlStore:
     """The control plane's state. The server secret that keys are hashed with is created next to
     the database on first start (mode 0600) and never leaves this process."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, used_mirror: Callable[[str, str, int, Any], None] | None = None
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         secret_path = path.with_suffix(".secret")
         if not secret_path.exists():
@@ -71,6 +75,8 @@ class ControlStore:
         self._secret = secret_path.read_bytes()
         self._limiter = RateLimiter()
         self._max_tokens: dict[str, int] = {}  # per agent; a spec never changes
+        # (user, day, tokens used, the turn's reservation): where RedisGate reads budgets.
+        self._used_mirror = used_mirror
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
@@ -172,10 +178,7 @@ class ControlStore:
         agent = self.get_agent(route["agent_id"]) if route else None
         if route is None or agent is None or route["owner"] != user["id"]:
             return out
-        max_tokens = self._max_tokens.get(agent["id"])
-        if max_tokens is None:
-            max_tokens = int(json.loads(agent["spec"]).get("max_tokens", 4096))
-            self._max_tokens[agent["id"]] = max_tokens
+        max_tokens = self._agent_max_tokens(agent["id"])
         budget = user["quotas"].get("tokens_per_day")
         out.update(
             route=route, agent=agent, reservation=self.reserve(user["id"], max_tokens, budget)
@@ -252,6 +255,21 @@ class ControlStore:
         keys = ("id", "agent_id", "owner", "replica", "created_at")
         return dict(zip(keys, row[:5], strict=True))
 
+    def session_route(self, session_id: str) -> dict[str, Any] | None:
+        """A session's route with its agent's ``max_tokens`` (what a turn reserves)."""
+        route = self.get_route(session_id)
+        if route is None:
+            return None
+        return route | {"max_tokens": self._agent_max_tokens(route["agent_id"])}
+
+    def _agent_max_tokens(self, agent_id: str) -> int:
+        max_tokens = self._max_tokens.get(agent_id)
+        if max_tokens is None:
+            agent = self.get_agent(agent_id)
+            spec = json.loads(agent["spec"]) if agent else {}
+            max_tokens = self._max_tokens[agent_id] = int(spec.get("max_tokens", 4096))
+        return max_tokens
+
     def close_route(self, session_id: str) -> None:
         self._db.execute("UPDATE routes SET closed = 1 WHERE session_id = ?", (session_id,))
 
@@ -275,14 +293,17 @@ class ControlStore:
                 used = self._used(user_id, day)
                 (reserved,) = db.execute(
                     "SELECT COALESCE(SUM(tokens), 0) FROM reservations "
-                    "WHERE user_id = ? AND day = ?",
-                    (user_id, day),
+                    "WHERE user_id = ? AND day = ? AND created_at > ?",
+                    (user_id, day, time.time() - RESERVATION_TTL_S),
                 ).fetchone()
                 if used + reserved + tokens > tokens_per_day:
                     raise QuotaExceededError(
                         f"this turn may use {tokens} tokens; {used} used and {reserved} reserved "
                         f"today of your {tokens_per_day} tokens per day"
                     )
+            db.execute(
+                "DELETE FROM reservations WHERE created_at < ?", (time.time() - RESERVATION_TTL_S,)
+            )
             cursor = db.execute(
                 "INSERT INTO reservations (user_id, day, tokens, created_at) VALUES (?, ?, ?, ?)",
                 (user_id, day, tokens, time.time()),
@@ -306,11 +327,17 @@ class ControlStore:
         self._db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
 
     def record_usage(
-        self, user_id: str, agent_id: str, usage: dict[str, int], cost_usd: float
+        self,
+        user_id: str,
+        agent_id: str,
+        usage: dict[str, int],
+        cost_usd: float,
+        reservation: Any = None,
     ) -> None:
         """Adds a committed turn's usage to its user's and agent's day. Called by the replica at
         the commit, so a turn is metered whether its caller stayed (HTTP, stream or not) or
-        went away, and batch jobs' turns are metered too."""
+        went away, and batch jobs' turns are metered too. The turn's ``reservation`` (when the API
+        admitted it) ends in the same call, so the day's budget never counts neither."""
         values = [int(usage.get(f, 0)) for f in TOKEN_FIELDS]
         self._db.execute(
             "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) "
@@ -324,6 +351,11 @@ class ControlStore:
             "cost_usd = cost_usd + excluded.cost_usd, turns = turns + 1",
             (user_id, agent_id, today(), *values, cost_usd),
         )
+        if isinstance(reservation, int):
+            self.release(reservation)
+        if self._used_mirror is not None:
+            day = today()
+            self._used_mirror(user_id, day, self._used(user_id, day), reservation)
 
     def usage(self, user_id: str) -> list[dict[str, Any]]:
         rows = self._db.execute(

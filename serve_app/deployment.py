@@ -10,6 +10,7 @@ from starlette.applications import Starlette
 
 from actors import RuntimeConfig
 
+from .admission import ControlGate, Gate, RedisGate
 from .app import Api, build_app
 from .backend import Control, Replicas
 
@@ -21,6 +22,8 @@ class IngressConfig(BaseModel):
 
     runtime: RuntimeConfig
     ip_requests_per_minute: int = Field(default=100, ge=1)
+    # With Redis, admission runs in the ingress (limits and budgets in Redis): no Ray hop.
+    redis_url: str | None = Field(default=None, pattern=r"^rediss?://")
 
 
 @serve.deployment(
@@ -32,7 +35,13 @@ class IngressConfig(BaseModel):
 class Ingress:
     def __init__(self, config: dict[str, Any]) -> None:
         parsed = IngressConfig.model_validate(config)
-        self.api = Api(Control(), Replicas(parsed.runtime), parsed.ip_requests_per_minute)
+        control = Control()
+        gate: Gate = (
+            ControlGate(control)
+            if parsed.redis_url is None
+            else RedisGate(control, parsed.redis_url)
+        )
+        self.api = Api(control, Replicas(parsed.runtime), gate, parsed.ip_requests_per_minute)
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return build_app(self.api)

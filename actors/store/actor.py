@@ -54,15 +54,16 @@ class SessionStoreActor:
         return str(self._store.path)
 
 
-def start_on_head(actor_class: Any, name: str, path: Path) -> Any:
-    """Starts (or finds) a detached, named actor on the head node, where its file lives."""
+def start_on_head(actor_class: Any, name: str, path: Path, *args: Any) -> Any:
+    """Starts (or finds) a detached, named actor on the head node, where its file lives;
+    ``args`` follow the path in its constructor."""
     return actor_class.options(
         name=name,
         namespace=NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
         resources={HEAD_RESOURCE: 0.001},
-    ).remote(str(path))
+    ).remote(str(path), *args)
 
 
 def start_store_actor(path: Path) -> Any:

@@ -141,6 +141,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
 class ApiServer:
     base_url: str
     admin_key: str
+    data_dir: Path
+    config: dict[str, Any]
 
 
 @pytest.fixture(scope="session")
@@ -176,7 +178,7 @@ def api_server(
     }
     serve.run(build(config, num_replicas=2), name=APP_NAME, route_prefix="/")
     try:
-        yield ApiServer(f"http://127.0.0.1:{port}", admin_key)
+        yield ApiServer(f"http://127.0.0.1:{port}", admin_key, data, config)
     finally:
         serve.shutdown()
         ray.kill(control, no_restart=True)

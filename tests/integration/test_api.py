@@ -314,6 +314,12 @@ def test_close_session(alice: Client, agent: dict[str, Any]) -> None:
 
 
 def test_rate_limit_holds_across_two_ingress_replicas(admin: Client, api_server: ApiServer) -> None:
+    check_rate_limit(admin, api_server)
+
+
+def check_rate_limit(admin: Client, api_server: ApiServer) -> None:
+    """A user limited to 30 requests a minute gets exactly 30 of 45, whichever of the two
+    ingress replicas answers each."""
     limited = _user(admin, api_server, requests_per_minute=30)
     statuses = [limited.request("GET", "/v1/agents") for _ in range(45)]
     admitted = [r for r in statuses if r.status_code == 200]

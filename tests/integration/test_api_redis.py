@@ -1,0 +1,171 @@
+"""The HTTP API with Redis: admission runs in the ingress (``RedisGate``), the limits and the
+day's budgets in a real redis-server, and the replicas commit turns to the Redis session store.
+
+The module swaps the session's app for a Redis-configured one (same control database, so the
+users and keys carry over) and puts the default one back afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import ray
+from redis import Redis
+
+from serve_app import APP_NAME, build, start_control_actor
+from serve_app.admission import RedisGate, used_key
+from serve_app.backend import Control
+from serve_app.control import today
+from serve_app.errors import ApiError
+
+from .conftest import ApiServer, RedisServer
+from .test_api import Client, _session, _user, check_rate_limit
+
+SWAP_TIMEOUT_S = 120.0
+
+
+def _swap(api_server: ApiServer, redis_url: str | None) -> None:
+    """Replaces the control actor and the app, with or without Redis."""
+    from ray import serve
+
+    ray.kill(ray.get_actor("control-store", namespace="hyperfleet"), no_restart=True)
+    deadline = time.monotonic() + SWAP_TIMEOUT_S
+    while True:  # the name is freed once the actor is gone
+        try:
+            ray.get_actor("control-store", namespace="hyperfleet")
+        except ValueError:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    control = start_control_actor(api_server.data_dir / "control.db", redis_url)
+    ray.get(control.ping.remote(), timeout=SWAP_TIMEOUT_S)
+    config = dict(api_server.config)
+    if redis_url is not None:
+        runtime = {**config["runtime"], "store_url": redis_url}
+        config = {**config, "runtime": runtime, "redis_url": redis_url}
+    serve.run(build(config, num_replicas=2), name=APP_NAME, route_prefix="/")
+
+
+@pytest.fixture(scope="module")
+def redis_api(api_server: ApiServer, redis_server: RedisServer) -> Iterator[ApiServer]:
+    _swap(api_server, redis_server.url)
+    try:
+        yield api_server
+    finally:
+        _swap(api_server, None)
+
+
+@pytest.fixture(scope="module")
+def admin(redis_api: ApiServer) -> Iterator[Client]:
+    client = Client(redis_api.base_url, redis_api.admin_key)
+    yield client
+    client.http.close()
+
+
+def test_conversation_and_usage_mirror(
+    admin: Client, redis_api: ApiServer, redis_server: RedisServer
+) -> None:
+    alice = _user(admin, redis_api)
+    agent = alice.ok("POST", "/v1/agents", 201, json={"tools": ["bash"]})
+    try:
+        sid = _session(alice, agent["id"])
+        turn = alice.ok("POST", f"/v1/sessions/{sid}/messages", json={"content": "hello"})
+        streamed = alice.request(
+            "POST", f"/v1/sessions/{sid}/messages", json={"content": "again", "stream": True}
+        )
+        assert streamed.status_code == 200 and "event: turn_end" in streamed.text
+        assert alice.ok("GET", f"/v1/sessions/{sid}/messages")["version"] == 2
+        used = sum(turn["usage"].values())
+        assert used > 0
+        # The control store mirrors the day's usage (both turns) into Redis for the budgets,
+        # and ends each turn's reservation in the same step.
+        redis = Redis.from_url(redis_server.url)
+        key = used_key(alice.user_id, today())  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while int(redis.get(key) or 0) <= used and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rows = alice.ok("GET", "/v1/usage")["data"]
+        total = sum(
+            r[f]
+            for r in rows
+            for f in (
+                "input_tokens",
+                "output_tokens",
+                "cache_read_input_tokens",
+                "cache_creation_input_tokens",
+            )
+        )
+        assert int(redis.get(key) or 0) == total
+        reserved = f"hf:reserved:{alice.user_id}:{today()}"  # type: ignore[attr-defined]
+        assert redis.zcard(reserved) == 0
+        # The session's turns are in the Redis session store.
+        assert redis.exists(f"hf:s:{sid}") == 1
+    finally:
+        alice.ok("DELETE", f"/v1/agents/{agent['id']}")
+
+
+def test_rate_limit_holds_across_two_ingress_replicas(admin: Client, redis_api: ApiServer) -> None:
+    check_rate_limit(admin, redis_api)
+
+
+def test_token_budget_and_concurrent_turns(admin: Client, redis_api: ApiServer) -> None:
+    capped = _user(admin, redis_api, tokens_per_day=9_000)
+    spec = {"max_tokens": 4000, "tools": ["bash"]}
+    agent = capped.ok("POST", "/v1/agents", 201, json=spec)
+    slow = '[[tool bash {"command": "sleep 1"}]]'  # every turn is still running when all begin
+    try:
+        sessions = [_session(capped, agent["id"]) for _ in range(4)]
+
+        async def send_all() -> list[httpx.Response]:
+            headers = {"Authorization": f"Bearer {capped.key}"}
+            async with httpx.AsyncClient(
+                base_url=redis_api.base_url, headers=headers, timeout=60
+            ) as http:
+                return list(
+                    await asyncio.gather(
+                        *(
+                            http.post(f"/v1/sessions/{s}/messages", json={"content": slow})
+                            for s in sessions
+                        )
+                    )
+                )
+
+        # Four concurrent turns reserving 4,000 each against 9,000 a day: at most two run.
+        responses = asyncio.run(send_all())
+        ok = [r for r in responses if r.status_code == 200]
+        over = [r for r in responses if r.status_code == 403]
+        assert 1 <= len(ok) <= 2 and len(ok) + len(over) == 4
+        assert all(r.json()["error"]["type"] == "quota_exceeded" for r in over)
+    finally:
+        capped.ok("DELETE", f"/v1/agents/{agent['id']}")
+
+
+def test_revoked_key_stops_working(admin: Client, redis_api: ApiServer) -> None:
+    bob = _user(admin, redis_api)
+    bob.ok("GET", "/v1/agents")
+    prefix = bob.key.split("_")[1]  # type: ignore[union-attr]
+    admin.ok("DELETE", f"/v1/keys/{prefix}")
+    # At once on the replica that revoked it, within the auth cache's TTL on the other one.
+    deadline = time.monotonic() + 10
+    while bob.request("GET", "/v1/agents").status_code != 401:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(2.5)
+    assert all(bob.request("GET", "/v1/agents").status_code == 401 for _ in range(6))
+
+
+def test_unreachable_redis_is_503_not_500() -> None:
+    from cluster.processes import free_port
+
+    gate = RedisGate(Control(), f"redis://127.0.0.1:{free_port()}/0")
+
+    async def admit() -> None:
+        await gate.admit("hf_x_y", "127.0.0.1", 100)
+
+    with pytest.raises(ApiError) as raised:
+        asyncio.run(admit())
+    assert raised.value.status_code == 503 and raised.value.retry_after_s
