@@ -199,6 +199,13 @@ class AgentActor:
     async def drain(self, deadline_s: float = 30.0) -> list[str]:
         return await self.host.drain(deadline_s)
 
+    async def retire(self, deadline_s: float = 30.0) -> list[str]:
+        """Drains, then removes the agent's workspace files on this node: the agent is being
+        deleted. Returns the sessions handed back to the store."""
+        handed = await self.host.drain(deadline_s)
+        await self.host.purge()
+        return handed
+
     async def __ray_shutdown__(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()

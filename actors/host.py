@@ -384,6 +384,11 @@ class SessionHost:
             del self._sessions[session_id]
         return handed
 
+    async def purge(self) -> None:
+        """Removes this agent's workspace files on this node (the agent is being deleted; its
+        transcripts stay in the store). Call after ``drain``."""
+        await asyncio.to_thread(shutil.rmtree, self.workspaces / self.agent_id, True)
+
 
 def _turn_end(turn: TurnRecord, replayed: bool) -> dict[str, Any]:
     return {**turn.public(), "replayed": replayed}

@@ -220,13 +220,14 @@ class Replicas:
         return list(await asyncio.gather(*(one(i) for i in range(count))))
 
     async def remove(self, agent_id: str, count: int, drain_s: float) -> None:
-        """Drains every replica at once (finishing turns, up to ``drain_s``), then kills them."""
+        """Drains every replica at once (finishing turns, up to ``drain_s``), removes the
+        agent's workspace files on their nodes, then kills them."""
 
         async def one(index: int) -> None:
             name = replica_name(agent_id, index)
             try:
                 handle = self.handle(agent_id, index)
-                await asyncio.wait_for(handle.drain.remote(drain_s), drain_s + 5)
+                await asyncio.wait_for(handle.retire.remote(drain_s), drain_s + 5)
             except (ApiError, RayActorError, TimeoutError, GetTimeoutError):
                 pass  # already gone or unplaced: nothing to drain
             with contextlib.suppress(ValueError):  # already gone

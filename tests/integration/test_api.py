@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -375,3 +376,16 @@ def test_full_replica_is_503_with_retry_after(alice: Client) -> None:
     assert third.json()["error"]["type"] == "capacity_exhausted"
     alice.ok("DELETE", f"/v1/agents/{small['id']}")
     time.sleep(0)
+
+
+def test_deleting_an_agent_removes_its_workspace_files(
+    alice: Client, workspaces_root: Path
+) -> None:
+    created = alice.ok("POST", "/v1/agents", 201, json={"tools": ["bash"]})
+    sid = _session(alice, created["id"])
+    write = '[[tool bash {"command": "echo kept > note.txt"}]]'
+    alice.ok("POST", f"/v1/sessions/{sid}/messages", json={"content": write})
+    note = workspaces_root / created["id"] / sid / "note.txt"
+    assert note.read_text() == "kept\n"
+    alice.ok("DELETE", f"/v1/agents/{created['id']}")
+    assert not (workspaces_root / created["id"]).exists()
