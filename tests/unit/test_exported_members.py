@@ -9,6 +9,8 @@ import pytest
 PACKAGES = [
     "cluster",
     "cluster.emulator",
+    "cluster.hypercore",
+    "cluster.hypercore.standin",
     "serve_app",
     "actors",
     "actors.store",
