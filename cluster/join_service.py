@@ -1,0 +1,224 @@
+"""The head's join service: ``POST /v1/join {"ticket": ...}`` answers with the Ray auth token.
+
+It runs on the head beside ``ray start --head``, in its own process (the node agent passes it the
+listening socket, so the port is bound before any worker asks and survives a restart of this
+process). It is the one place a ticket turns into the token, so it is small and strict: a body
+limit, a per-address rate limit, JSON errors in the repository's shape, and the liveness check of
+``TicketBook.redeem`` answered by the GCS node table (``GcsLiveness``), the only Ray call here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .join import JoinError, LivenessUnknown, TicketBook
+
+logger = logging.getLogger("hyperfleet.join")
+
+MAX_BODY_BYTES = 4096
+MAX_TICKET_CHARS = 256
+RATE_PER_MIN = 60.0  # a worker retries every few seconds at most; 1 a second is generous
+RATE_BURST = 20.0
+MAX_TRACKED_ADDRESSES = 4096
+GCS_TIMEOUT_S = 5.0
+KEEP_ALIVE_S = 5
+MAX_CONNECTIONS = 64
+
+
+class JoinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ticket: str = Field(min_length=1, max_length=MAX_TICKET_CHARS)
+
+
+class RateLimiter:
+    """A token bucket per client address, holding at most ``max_addresses`` buckets (LRU)."""
+
+    def __init__(
+        self,
+        per_min: float = RATE_PER_MIN,
+        burst: float = RATE_BURST,
+        max_addresses: int = MAX_TRACKED_ADDRESSES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._rate_per_s = per_min / 60.0
+        self._burst = burst
+        self._max = max_addresses
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def admit(self, address: str) -> float | None:
+        """None if admitted, else the seconds until the next request would be."""
+        now = self._clock()
+        tokens, last = self._buckets.pop(address, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate_per_s)
+        admitted = tokens >= 1.0
+        self._buckets[address] = (tokens - 1.0 if admitted else tokens, now)
+        while len(self._buckets) > self._max:
+            self._buckets.popitem(last=False)
+        return None if admitted else (1.0 - tokens) / self._rate_per_s
+
+
+def _error(status: int, kind: str, message: str, retry_after_s: float | None = None) -> Response:
+    headers = {} if retry_after_s is None else {"Retry-After": str(max(1, round(retry_after_s)))}
+    body = {"error": {"type": kind, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _read_body(request: Request) -> bytes | None:
+    """The body, or None once it passes ``MAX_BODY_BYTES`` (whatever Content-Length claims)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def build_app(
+    book: TicketBook,
+    token_file: Path,
+    alive: Callable[[str], bool],
+    limiter: RateLimiter | None = None,
+) -> Starlette:
+    """The join service's ASGI app.
+
+    Args:
+        book: where tickets are redeemed.
+        token_file: the Ray auth token, read at each redemption (so a rotated token is served).
+        alive: whether an ALIVE Ray node carries an instance id (``GcsLiveness`` in production).
+        limiter: per-address rate limit; default ``RateLimiter()``.
+    """
+    limiter = limiter or RateLimiter()
+
+    async def join(request: Request) -> Response:
+        address = request.client.host if request.client else "unknown"
+        if (wait_s := limiter.admit(address)) is not None:
+            return _error(429, "rate_limited", "too many join attempts", wait_s)
+        body = await _read_body(request)
+        if body is None:
+            return _error(413, "request_too_large", f"the body exceeds {MAX_BODY_BYTES} bytes")
+        try:
+            ticket = JoinRequest.model_validate_json(body).ticket
+        except ValidationError as e:
+            first = e.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            return _error(400, "invalid_request", f"{where}: {first['msg']}")
+        try:
+            # SQLite and the GCS query block: keep them off the event loop.
+            instance_id = await run_in_threadpool(book.redeem, ticket, alive)
+        except JoinError as e:
+            logger.warning("join refused for %s: %s", address, e.message)
+            return _error(e.status_code, e.error_type, e.message, e.retry_after_s)
+        token = (await run_in_threadpool(token_file.read_text)).strip()
+        logger.info("instance %s joined from %s", instance_id, address)
+        return JSONResponse({"token": token, "instance_id": instance_id})
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _error(
+            exc.status_code,
+            "not_found" if exc.status_code == 404 else "http_error",
+            str(exc.detail),
+        )
+
+    return Starlette(
+        routes=[Route("/v1/join", join, methods=["POST"])],
+        exception_handlers={HTTPException: http_error},
+    )
+
+
+class GcsLiveness:
+    """``alive(instance_id)``: whether the GCS lists an ALIVE node with that cloud instance id.
+
+    Ray's raylet reads ``RAY_CLOUD_INSTANCE_ID`` from its env into ``GcsNodeInfo.instance_id``,
+    the field autoscaler v2 matches provider instances on; this asks the same table. The
+    process needs ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` in its env.
+    """
+
+    def __init__(self, gcs_address: str, timeout_s: float = GCS_TIMEOUT_S) -> None:
+        self._gcs_address = gcs_address
+        self._timeout_s = timeout_s
+        self._client: Any = None
+
+    def __call__(self, instance_id: str) -> bool:
+        # Ray is imported on first use only: a fresh ticket never needs it.
+        import ray.exceptions
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]  # Cython, no stubs
+        from ray.core.generated import gcs_pb2
+
+        alive_state = gcs_pb2.GcsNodeInfo.GcsNodeState.ALIVE  # type: ignore[attr-defined]
+        try:
+            if self._client is None:
+                self._client = GcsClient(address=self._gcs_address)
+            nodes = self._client.get_all_node_info(
+                timeout=self._timeout_s, state_filter=alive_state
+            )
+        except (ray.exceptions.RayError, OSError) as e:
+            raise LivenessUnknown(
+                f"the GCS at {self._gcs_address} did not answer", retry_after_s=self._timeout_s
+            ) from e
+        return any(
+            info.instance_id == instance_id and info.state == alive_state for info in nodes.values()
+        )
+
+
+def serve(listener: socket.socket, db_path: Path, token_file: Path, gcs_address: str) -> None:
+    """Serves the join service on an already listening socket until SIGTERM/SIGINT."""
+    book = TicketBook(db_path)
+    app = build_app(book, token_file, GcsLiveness(gcs_address))
+    config = uvicorn.Config(
+        app,
+        fd=listener.fileno(),
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        limit_concurrency=MAX_CONNECTIONS,
+        server_header=False,
+    )
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        book.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster.join_service",
+        description="The head's join service (started by `hyperfleet node` on the head).",
+    )
+    parser.add_argument("--fd", type=int, required=True, help="an inherited listening socket")
+    parser.add_argument("--db", type=Path, required=True, help="the ticket book (SQLite)")
+    parser.add_argument("--token-file", type=Path, required=True)
+    parser.add_argument("--gcs-address", required=True, help="HOST:PORT of the head's GCS")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s join-service %(levelname)s %(message)s"
+    )
+    listener = socket.socket(fileno=args.fd)
+    logger.info("serving on %s", listener.getsockname())
+    serve(listener, args.db, args.token_file, args.gcs_address)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""``hyperfleet node``: the entrypoint of Hyperfleet's VM image, which runs one Ray node.
+
+Hypercore starts the image with env only (no command override), so everything comes from
+``NodeSettings``. The agent then:
+1. reads the GPUs with NVML (``gpus.discover``); none is a CPU node, not an error;
+2. gets the Ray auth token: the head generates it (mode 0600 under ``HYPERFLEET_HOME``) and starts
+   the join service; a worker redeems its one-time ticket at the head's join service, retrying
+   until a deadline because the head may still be starting;
+3. runs ``ray start --block`` with the argv and env of ``ray_start_command`` (a pure function):
+   token auth, ``RAY_CLOUD_INSTANCE_ID`` and ``RAY_NODE_TYPE_NAME`` (autoscaler v2 matches nodes on
+   them), GPUs, resources, labels; the ticket is not passed on;
+4. supervises: SIGTERM or SIGINT is forwarded as SIGTERM to the ``ray start`` process only (its
+   group would lose the GCS before the node drains: Ray then waits out the whole drain timeout),
+   Ray drains the node for up to ``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S``, and the agent exits 0.
+   If ``ray start`` dies on its own, the agent exits non-zero so Hypercore respawns the workload.
+
+Several nodes may share one machine (the local Hypercore stand-in gives each its own 127.x
+address), so every Ray port but the head's GCS port is left to Ray to pick or bound to the node's
+own address (the Ray Client server's 10001), and the object store is sized from
+``HYPERFLEET_MEMORY_MB`` rather than from the whole machine's memory.
+
+Exit codes: 0 stopped on request, 1 Ray failed or died, 2 invalid settings, 3 could not join.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from . import gpus
+from .node_join import (
+    SCRUBBED_ENV,
+    HeadServices,
+    JoinFailed,
+    JoinService,
+    NodeAgentError,
+    host_port,
+    redeem_ticket,
+    spawn,
+)
+from .node_settings import NodeRole, NodeSettings, NodeSettingsError, is_label_value
+from .processes import descendants, reap_leftovers
+
+logger = logging.getLogger("hyperfleet.node")
+
+EXIT_STOPPED = 0
+EXIT_RAY_FAILED = NodeAgentError.exit_code  # 1
+EXIT_BAD_SETTINGS = 2
+EXIT_JOIN_FAILED = JoinFailed.exit_code  # 3
+
+TOKEN_FILE = "ray_auth_token"  # noqa: S105 (a file name)
+AUTOSCALING_CONFIG_FILE = "autoscaling_config.json"
+# After Ray's drain budget: time for `ray start` to stop its processes before SIGKILL.
+STOP_GRACE_S = 20.0
+POLL_S = 0.2
+OBJECT_STORE_FRACTION = 0.3  # Ray's own default share of memory
+OBJECT_STORE_MIN_MB = 128  # Ray refuses less than 75 MiB
+MIB = 1024 * 1024
+# Where a head without HYPERFLEET_NODE_IP looks for its outward address (no packet is sent).
+ROUTE_PROBE = ("8.8.8.8", 53)
+NODE_TYPE_LABEL = "hyperfleet/node-type"
+INSTANCE_ID_LABEL = "hyperfleet/instance-id"
+CLUSTER_LABEL = "hyperfleet/cluster"
+
+
+@dataclass(frozen=True)
+class RayStart:
+    """How to run ``ray start``: its argv and its whole environment."""
+
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(repr=False)
+
+
+def ray_start_command(
+    settings: NodeSettings,
+    gpu: gpus.RayGpuOptions,
+    node_ip: str,
+    token_path: Path,
+    base_env: Mapping[str, str],
+    ray_executable: str,
+    head: HeadServices | None = None,
+) -> RayStart:
+    """The ``ray start --block`` command for this node; pure, so it is tested on its own.
+
+    Args:
+        settings: the node's settings.
+        gpu: what ``gpus.ray_gpu_options`` made of the node's GPUs.
+        node_ip: the address Ray advertises for this node.
+        token_path: the Ray auth token file (0600).
+        base_env: the environment to extend (the agent's own, normally).
+        ray_executable: the ``ray`` CLI.
+        head: the head's join service, exported for the autoscaler's provider (head only).
+    """
+    env = {k: v for k, v in base_env.items() if k not in SCRUBBED_ENV}
+    env.update(gpu.env)
+    env.update(
+        {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token_path),
+            "RAY_CLOUD_INSTANCE_ID": settings.instance_id,
+            "RAY_NODE_TYPE_NAME": settings.node_type,
+        }
+    )
+    argv = [ray_executable, "start", "--block", "--disable-usage-stats"]
+    argv.append(f"--node-ip-address={node_ip}")
+    if settings.role is NodeRole.HEAD:
+        assert head is not None, "the head needs its join service"
+        gcs_address = host_port(node_ip, settings.ray_port)
+        argv += ["--head", f"--port={settings.ray_port}"]
+        env.update(
+            {
+                "HYPERFLEET_JOIN_DB": str(head.join_db),
+                "HYPERFLEET_JOIN_URL": head.join_url,
+                "HYPERFLEET_HEAD_ADDRESS": gcs_address,
+            }
+        )
+        if settings.autoscaling_config is not None:
+            argv.append(f"--autoscaling-config={settings.autoscaling_config}")
+            env["RAY_enable_autoscaler_v2"] = "1"
+    else:
+        assert settings.head_address is not None
+        argv.append(f"--address={settings.head_address}")
+    # 0: Ray picks a free port. Its default, 52365, is bound on 127.0.0.1 too by every node whose
+    # address is not 127.0.0.1 (ray/dashboard/http_server_agent.py): nodes sharing a host collide.
+    argv.append("--dashboard-agent-listen-port=0")
+    if settings.num_cpus is not None:
+        argv.append(f"--num-cpus={settings.num_cpus}")
+    argv.append(f"--num-gpus={gpu.num_gpus}")
+    if settings.memory_mb is not None:
+        object_store_mb = max(OBJECT_STORE_MIN_MB, int(settings.memory_mb * OBJECT_STORE_FRACTION))
+        argv.append(f"--memory={(settings.memory_mb - object_store_mb) * MIB}")
+        argv.append(f"--object-store-memory={object_store_mb * MIB}")
+    # Discovered hardware wins over the env for MIG resources; identity labels win over both.
+    resources = {**settings.resources, **gpu.resources}
+    argv.append(f"--resources={json.dumps(resources, sort_keys=True)}")
+    labels = {**gpu.labels, **settings.labels, NODE_TYPE_LABEL: settings.node_type}
+    # Ray's node table carries the instance id either way; labels only when their syntax allows.
+    for key, value in (
+        (INSTANCE_ID_LABEL, settings.instance_id),
+        (CLUSTER_LABEL, settings.cluster),
+    ):
+        if value and is_label_value(value):
+            labels[key] = value
+    argv.append("--labels=" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())))
+    return RayStart(tuple(argv), env)
+
+
+def detect_node_ip(toward: tuple[str, int]) -> str:
+    """The local address of a UDP socket "connected" toward ``toward``: no packet is sent."""
+    family = socket.AF_INET6 if ":" in toward[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(toward)
+        return str(probe.getsockname()[0])
+
+
+def node_ip_of(settings: NodeSettings) -> str:
+    if settings.node_ip is not None:
+        return settings.node_ip
+    target = ROUTE_PROBE
+    if settings.head_address is not None:
+        host, _, port = settings.head_address.rpartition(":")
+        target = (host.strip("[]"), int(port))
+    try:
+        return detect_node_ip(target)
+    except OSError as e:
+        raise NodeSettingsError(
+            f"HYPERFLEET_NODE_IP: unset, and no route toward {target[0]} to find it ({e})"
+        ) from e
+
+
+def write_secret(path: Path, value: str) -> None:
+    """Writes ``value`` to ``path`` with mode 0600 from the start (never readable by others)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    os.replace(tmp, path)
+
+
+def with_autoscaling_config_file(settings: NodeSettings) -> NodeSettings:
+    """The settings with an inline ``HYPERFLEET_AUTOSCALING_CONFIG_JSON`` written to a file
+    under ``HYPERFLEET_HOME``: ``ray start`` reads the config from a file (YAML, a superset of
+    JSON)."""
+    if settings.autoscaling_config_json is None:
+        return settings
+    path = settings.home / AUTOSCALING_CONFIG_FILE
+    path.write_text(json.dumps(settings.autoscaling_config_json, indent=2))
+    return settings.model_copy(update={"autoscaling_config": path})
+
+
+def ensure_head_token(home: Path) -> Path:
+    """The head's Ray auth token file, generated on first start and kept across restarts."""
+    path = home / TOKEN_FILE
+    if not path.exists() or not path.read_text().strip():
+        write_secret(path, secrets.token_hex(32))
+        logger.info("generated the cluster's Ray auth token in %s", path)
+    path.chmod(0o600)
+    return path
+
+
+def _stop_process(process: subprocess.Popen[bytes], timeout_s: float) -> int | None:
+    """SIGTERM to ``process`` alone; SIGKILL to its group after ``timeout_s``. Returns its exit
+    status, or None if it had to be killed. Descendants that outlive it are reaped."""
+    if process.poll() is not None:
+        return process.returncode
+    tree = descendants(process.pid)
+    os.kill(process.pid, signal.SIGTERM)
+    try:
+        code: int | None = process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        logger.error("pid %d did not stop within %.0f s; killing it", process.pid, timeout_s)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(STOP_GRACE_S)
+        code = None
+    reap_leftovers(tree)
+    return code
+
+
+def reap_orphans(own_pids: Collection[int]) -> list[int]:
+    """Waits for exited children that the agent did not start itself; returns their pids.
+
+    A container's entrypoint is PID 1, and orphans (a Ray worker that outlived its raylet) are
+    reparented to it: without a wait they stay zombies. The agent's own children are left to
+    ``Popen``, which needs their exit status.
+    """
+    reaped = []
+    me = str(os.getpid())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in own_pids:
+            continue
+        try:
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except OSError:  # gone meanwhile
+            continue
+        if ppid == me and state == "Z":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry.name), os.WNOHANG)
+                reaped.append(int(entry.name))
+    return reaped
+
+
+class StopFlag:
+    """Set from a signal handler, polled by the main thread.
+
+    Not a ``threading.Event``: its ``set`` takes a lock that the interrupted main thread may hold.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleeps up to ``timeout_s``, returning early (True) once the flag is set."""
+        deadline = time.monotonic() + timeout_s
+        while not self._set and (left_s := deadline - time.monotonic()) > 0:
+            time.sleep(min(POLL_S, left_s))
+        return self._set
+
+
+class NodeAgent:
+    """Runs one Ray node until asked to stop or until Ray dies."""
+
+    def __init__(self, settings: NodeSettings, env: Mapping[str, str]) -> None:
+        self.settings = settings
+        self._env = env
+        self._stopping = StopFlag()
+
+    def request_stop(self, signum: int, frame: FrameType | None = None) -> None:
+        self._stopping.set()
+
+    def run(self) -> int:
+        settings = self.settings
+        inventory = gpus.discover()
+        if not inventory.gpus:
+            logger.info("no GPU (%s): a CPU node", inventory.error or "NVML lists none")
+        gpu = gpus.ray_gpu_options(inventory)
+        node_ip = node_ip_of(settings)
+        settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        join: JoinService | None = None
+        if settings.role is NodeRole.HEAD:
+            settings = with_autoscaling_config_file(settings)
+            token_path = ensure_head_token(settings.home)
+            join = JoinService(settings, node_ip, token_path)
+            logger.info("join service on %s", join.endpoints.join_url)
+        else:
+            assert settings.join_url is not None and settings.join_ticket is not None
+            try:
+                token, instance_id = redeem_ticket(
+                    settings.join_url,
+                    settings.join_ticket.get_secret_value(),
+                    node_ip,
+                    settings.join_timeout_s,
+                    self._stopping,
+                )
+            except JoinFailed:
+                if self._stopping.is_set():
+                    return EXIT_STOPPED
+                raise
+            if instance_id != settings.instance_id:
+                raise JoinFailed(f"the ticket is for instance {instance_id}, not this one")
+            token_path = settings.home / TOKEN_FILE
+            write_secret(token_path, token)
+            logger.info("joined: the head gave this node the cluster's token")
+        try:
+            if self._stopping.is_set():
+                return EXIT_STOPPED
+            command = ray_start_command(
+                settings,
+                gpu,
+                node_ip,
+                token_path,
+                self._env,
+                str(Path(sys.executable).parent / "ray"),
+                join.endpoints if join else None,
+            )
+            logger.info("starting: %s", " ".join(command.argv))
+            return self._supervise(spawn(command.argv, command.env), join)
+        finally:
+            if join is not None:
+                join.stop()
+
+    def _supervise(self, ray: subprocess.Popen[bytes], join: JoinService | None) -> int:
+        is_init = os.getpid() == 1
+        while not self._stopping.wait(POLL_S):
+            if is_init:
+                reap_orphans({ray.pid} | ({join.process.pid} if join else set()))
+            code = ray.poll()
+            if code is not None:
+                logger.error("ray start exited unexpectedly (status %s)", code)
+                # Whatever it left behind in its process group (if it was killed) goes too.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(ray.pid, signal.SIGKILL)
+                return code if code > 0 else EXIT_RAY_FAILED
+            if join is not None:
+                try:
+                    join.check()
+                except NodeAgentError:
+                    _stop_process(ray, self.settings.drain_timeout_s + STOP_GRACE_S)
+                    raise
+        logger.info(
+            "asked to stop: draining the node (up to %.0f s)", self.settings.drain_timeout_s
+        )
+        # Ray's SIGTERM handler drains the node, stops its processes and exits 1 by design
+        # (ray/_private/node.py); that is a clean stop here.
+        code = _stop_process(ray, self.settings.drain_timeout_s + STOP_GRACE_S)
+        logger.info("ray start stopped (exit %s)", code)
+        return EXIT_STOPPED if code is not None else EXIT_RAY_FAILED
+
+
+def main(env: Mapping[str, str] | None = None) -> int:
+    """``hyperfleet node``: runs this machine's Ray node from the env; returns the exit code."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s hyperfleet-node %(levelname)s %(message)s"
+    )
+    env = os.environ if env is None else env
+    try:
+        settings = NodeSettings.from_env(env)
+    except NodeSettingsError as e:
+        print(f"hyperfleet node: {e.message}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    agent = NodeAgent(settings, env)
+    signal.signal(signal.SIGTERM, agent.request_stop)
+    signal.signal(signal.SIGINT, agent.request_stop)
+    try:
+        return agent.run()
+    except NodeSettingsError as e:
+        print(f"hyperfleet node: {e.message}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    except NodeAgentError as e:
+        logger.error("%s", e.message)
+        return e.exit_code

@@ -1,0 +1,212 @@
+"""The node agent's side of joining a cluster: the head runs the join service, a worker redeems.
+
+A worker's env carries a one-time ticket (``join.py``), never the Ray auth token. The worker trades
+it at the head's join service (``join_service.py``) for the token, retrying until a deadline: the
+head may still be starting, and a respawned workload is refused (409) until the GCS has declared
+its previous node dead. The request leaves from the node's own address, so the head sees (and rate
+limits) each node by the address it will have in Ray, even when several nodes share one machine.
+
+The head's agent binds the join service's socket itself and hands it to a child process, so the
+port is known (and exported to ``ray start --head``) before the service runs, and a restarted
+service keeps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from actors.errors import HyperfleetError
+
+from .node_settings import NodeSettings, NodeSettingsError
+from .processes import stop
+
+logger = logging.getLogger("hyperfleet.node")
+
+JOIN_PATH = "/v1/join"
+JOIN_DB_FILE = "join.db"
+JOIN_REQUEST_TIMEOUT_S = 10.0
+JOIN_RETRY_MIN_S = 1.0
+JOIN_RETRY_MAX_S = 10.0
+MAX_RESPONSE_BYTES = 64 * 1024
+JOIN_SERVICE_MAX_RESTARTS = 5
+JOIN_SERVICE_STOP_S = 10.0
+LISTEN_BACKLOG = 64
+# Never handed to a child: the spent ticket, and a token that would override RAY_AUTH_TOKEN_PATH.
+SCRUBBED_ENV = ("HYPERFLEET_JOIN_TICKET", "RAY_AUTH_TOKEN")
+
+
+class NodeAgentError(HyperfleetError):
+    """The node could not be started or kept running; ``exit_code`` is the agent's."""
+
+    exit_code = 1
+
+
+class JoinFailed(NodeAgentError):
+    """The head refused the ticket, or did not answer before the join deadline."""
+
+    exit_code = 3
+
+
+class Stopping(Protocol):
+    """The agent's stop request, as a redemption waiting to retry sees it."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout_s: float) -> bool: ...
+
+
+@dataclass(frozen=True)
+class HeadServices:
+    """What the head's node agent exports to ``ray start --head`` for the autoscaler's provider."""
+
+    join_db: Path
+    join_url: str
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _post_join(join_url: str, ticket: str, source_ip: str) -> tuple[int, str | None, bytes]:
+    parts = urlsplit(join_url)
+    connection_class = (
+        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    )
+    connection = connection_class(
+        parts.hostname or "",
+        parts.port,
+        timeout=JOIN_REQUEST_TIMEOUT_S,
+        source_address=(source_ip, 0),
+    )
+    try:
+        body = json.dumps({"ticket": ticket})
+        headers = {"Content-Type": "application/json"}
+        connection.request("POST", parts.path + JOIN_PATH, body, headers)
+        response = connection.getresponse()
+        return response.status, response.getheader("Retry-After"), response.read(MAX_RESPONSE_BYTES)
+    finally:
+        connection.close()
+
+
+def _message(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body[:200].decode(errors="replace")
+
+
+def redeem_ticket(
+    join_url: str, ticket: str, source_ip: str, timeout_s: float, stopping: Stopping
+) -> tuple[str, str]:
+    """Trades ``ticket`` for (token, instance id) at the head, retrying until ``timeout_s``.
+
+    Connection failures, 409 (the instance's previous node is still alive), 429 and 5xx are
+    retried with backoff, or after the server's Retry-After; any other refusal is final.
+
+    Raises:
+        JoinFailed: refused, out of time, or asked to stop.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay_s = JOIN_RETRY_MIN_S
+    last = "no answer"
+    while not stopping.is_set():
+        retry_after_s: float | None = None
+        try:
+            status, retry_after, body = _post_join(join_url, ticket, source_ip)
+        except OSError as e:  # refused, unreachable, timed out: the head may be starting
+            last = str(e) or type(e).__name__
+        else:
+            if status == 200:
+                try:
+                    answer = json.loads(body)
+                    return str(answer["token"]), str(answer["instance_id"])
+                except (ValueError, KeyError, TypeError) as e:
+                    raise JoinFailed(f"the join service answered garbage: {body[:200]!r}") from e
+            last = f"HTTP {status}: {_message(body)}"
+            if status not in (409, 429) and status < 500:
+                raise JoinFailed(f"the head refused the join ticket ({last})")
+            with contextlib.suppress(TypeError, ValueError):
+                retry_after_s = float(retry_after or "")
+        wait_s = min(JOIN_RETRY_MAX_S, retry_after_s or delay_s)
+        if time.monotonic() + wait_s > deadline:
+            raise JoinFailed(f"could not join at {join_url} in {timeout_s:.0f} s (last: {last})")
+        logger.info("not joined yet (%s); retrying in %.0f s", last, wait_s)
+        stopping.wait(wait_s)
+        delay_s = min(JOIN_RETRY_MAX_S, delay_s * 2)
+    raise JoinFailed("asked to stop before joining")
+
+
+class JoinService:
+    """The head's join service process, restarted on the same listening socket if it dies."""
+
+    def __init__(self, settings: NodeSettings, node_ip: str, token_path: Path) -> None:
+        family = socket.AF_INET6 if ipaddress.ip_address(node_ip).version == 6 else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._listener.bind((node_ip, settings.join_port))
+        except OSError as e:
+            self._listener.close()
+            raise NodeSettingsError(
+                f"HYPERFLEET_JOIN_PORT: cannot listen on {node_ip}:{settings.join_port} ({e})"
+            ) from e
+        self._listener.listen(LISTEN_BACKLOG)
+        port = self._listener.getsockname()[1]
+        self.endpoints = HeadServices(
+            join_db=settings.home / JOIN_DB_FILE, join_url=f"http://{host_port(node_ip, port)}"
+        )
+        self._argv = [
+            sys.executable, "-m", "cluster.join_service",
+            f"--fd={self._listener.fileno()}",
+            f"--db={self.endpoints.join_db}",
+            f"--token-file={token_path}",
+            f"--gcs-address={host_port(node_ip, settings.ray_port)}",
+        ]  # fmt: skip
+        # The service asks the GCS whether an instance is alive: it needs the token too.
+        self._env = {
+            **{k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV},
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token_path),
+        }
+        self._restarts = 0
+        self.process = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        return spawn(self._argv, self._env, pass_fds=(self._listener.fileno(),))
+
+    def check(self) -> None:
+        """Restarts the service if it died; raises ``NodeAgentError`` once it died too often."""
+        code = self.process.poll()
+        if code is None:
+            return
+        if self._restarts >= JOIN_SERVICE_MAX_RESTARTS:
+            raise NodeAgentError(f"the join service keeps dying (last exit status {code})")
+        self._restarts += 1
+        logger.warning("the join service exited with %s; restarting it", code)
+        self.process = self._start()
+
+    def stop(self) -> None:
+        stop(self.process, timeout_s=JOIN_SERVICE_STOP_S)
+        self._listener.close()
+
+
+def spawn(
+    argv: tuple[str, ...] | list[str], env: Mapping[str, str], pass_fds: tuple[int, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """Starts a child of the agent in its own session, output to the agent's own."""
+    # Own session: a terminal's Ctrl-C reaches only the agent, which decides what children get.
+    return subprocess.Popen(argv, env=dict(env), start_new_session=True, pass_fds=pass_fds)

@@ -1,0 +1,309 @@
+"""`hyperfleet node` for real: a head and workers as separate processes, each on its own 127.x
+address, joined with one-time tickets, inspected through the head's GCS, drained by SIGTERM.
+
+This cluster is the test's own (own GCS port, own HYPERFLEET_HOME and token), not the session's
+`ray_cluster`: the pytest process is a driver of that one, so the head is queried from
+subprocesses holding this head's token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster.join import TicketBook
+from cluster.processes import descendants, free_port, stop, tail
+
+ROOT = Path(__file__).resolve().parents[2]
+READY_TIMEOUT_S = 90.0
+DRAIN_TIMEOUT_S = 10
+# Ray's drain budget plus the agent's own grace for stopping Ray's processes.
+STOP_DEADLINE_S = DRAIN_TIMEOUT_S + 30.0
+POLL_S = 0.5
+
+# Prints the GCS node table as JSON; run with this head's token in RAY_AUTH_TOKEN_PATH.
+NODE_TABLE = """
+import json, sys
+from ray._raylet import GcsClient
+from ray.core.generated import gcs_pb2
+state = gcs_pb2.GcsNodeInfo.GcsNodeState
+nodes = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10).values()
+print(json.dumps([
+    {"ip": n.node_manager_address, "state": state.Name(n.state), "instance_id": n.instance_id,
+     "node_type_name": n.node_type_name, "labels": dict(n.labels),
+     "resources": dict(n.resources_total)}
+    for n in nodes
+]))
+"""
+
+# The join service's liveness check, as the join service runs it (own process, head's token).
+LIVENESS = """
+import sys
+from cluster.join_service import GcsLiveness
+alive = GcsLiveness(sys.argv[1])
+print(" ".join(str(alive(i)) for i in sys.argv[2:]))
+"""
+
+
+@dataclass
+class Head:
+    agent: subprocess.Popen[bytes]
+    home: Path
+    ip: str
+    gcs_address: str
+    join_url: str
+    log: Path
+
+    def env(self) -> dict[str, str]:
+        token = str(self.home / "ray_auth_token")
+        return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token}
+
+    def nodes(self) -> list[dict[str, Any]]:
+        out = subprocess.run(
+            [sys.executable, "-c", NODE_TABLE, self.gcs_address],
+            env=self.env(),
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        table: list[dict[str, Any]] = json.loads(out.stdout)
+        return table
+
+    def node(self, instance_id: str, state: str = "ALIVE") -> dict[str, Any] | None:
+        try:
+            table = self.nodes()
+        except subprocess.CalledProcessError:  # the GCS is not up yet
+            return None
+        found = [n for n in table if n["instance_id"] == instance_id and n["state"] == state]
+        return found[0] if found else None
+
+    def alive(self, *instance_ids: str) -> list[bool]:
+        out = subprocess.run(
+            [sys.executable, "-c", LIVENESS, self.gcs_address, *instance_ids],
+            env=self.env(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return [word == "True" for word in out.stdout.split()]
+
+    def join(self, ticket: str) -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(  # noqa: S310
+            self.join_url + "/v1/join",
+            data=json.dumps({"ticket": ticket}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+
+def _agent(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    # The pytest process's own (session) Ray token must not leak into the node.
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "node"],
+            env={**base, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S), **env},
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _wait_for(what: str, check: Callable[[], Any], logs: list[Path]) -> Any:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if (result := check()) is not None:
+            return result
+        time.sleep(POLL_S)
+    raise AssertionError(f"{what} within {READY_TIMEOUT_S} s:\n" + "\n".join(tail(p) for p in logs))
+
+
+def _wait_started(log: Path) -> None:
+    """Until `ray start` says it runs: reading its log is cheaper than asking the GCS each time."""
+    _wait_for(
+        "ray start did not start",
+        lambda: True if log.exists() and "Ray runtime started" in log.read_text() else None,
+        [log],
+    )
+
+
+def _ray_start_env(agent: subprocess.Popen[bytes]) -> dict[str, str]:
+    """The environment of the agent's `ray start` child, as the kernel holds it."""
+    for pid, _ in descendants(agent.pid):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"start" in cmdline and b"--block" in cmdline:
+            raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+    raise AssertionError("no `ray start` below the node agent")
+
+
+def _alive(tree: list[tuple[int, str]]) -> list[int]:
+    alive = []
+    for pid, start in tree:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[19] == start and fields[0] != "Z":
+            alive.append(pid)
+    return alive
+
+
+@pytest.fixture(scope="module")
+def subnet() -> str:
+    # Own 127.77.x.0/24 per run, so concurrent runs on this machine do not share addresses.
+    return f"127.77.{random.randrange(1, 255)}"
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory: pytest.TempPathFactory, subnet: str) -> Iterator[Head]:
+    home = tmp_path_factory.mktemp("head")
+    ip, gcs_port, join_port = f"{subnet}.1", free_port(), free_port()
+    env = {
+        "HYPERFLEET_NODE_ROLE": "head",
+        "HYPERFLEET_INSTANCE_ID": "hf-head",
+        "HYPERFLEET_NODE_TYPE": "head",
+        "HYPERFLEET_CLUSTER": "it",
+        "HYPERFLEET_NODE_IP": ip,
+        "HYPERFLEET_RAY_PORT": str(gcs_port),
+        "HYPERFLEET_JOIN_PORT": str(join_port),
+        "HYPERFLEET_NUM_CPUS": "1",
+        "HYPERFLEET_MEMORY_MB": "1024",
+        "HYPERFLEET_HOME": str(home),
+    }
+    log = home / "agent.log"
+    agent = _agent(env, log)
+    head = Head(agent, home, ip, f"{ip}:{gcs_port}", f"http://{ip}:{join_port}", log)
+    try:
+        _wait_started(log)
+        _wait_for("the head is not ALIVE", lambda: head.node("hf-head"), [log])
+        yield head
+    finally:
+        stop(agent, timeout_s=STOP_DEADLINE_S)
+
+
+def _worker(
+    head: Head, ip: str, instance_id: str, ticket: str, home: Path
+) -> subprocess.Popen[bytes]:
+    env = {
+        "HYPERFLEET_NODE_ROLE": "worker",
+        "HYPERFLEET_INSTANCE_ID": instance_id,
+        "HYPERFLEET_NODE_TYPE": "cpu-agent",
+        "HYPERFLEET_CLUSTER": "it",
+        "HYPERFLEET_NODE_IP": ip,
+        "HYPERFLEET_HEAD_ADDRESS": head.gcs_address,
+        "HYPERFLEET_JOIN_URL": head.join_url,
+        "HYPERFLEET_JOIN_TICKET": ticket,
+        "HYPERFLEET_NUM_CPUS": "1",
+        "HYPERFLEET_MEMORY_MB": "1024",
+        "HYPERFLEET_RESOURCES": '{"hyperfleet_vm_slot": 1}',
+        "HYPERFLEET_LABELS": '{"hyperfleet/pool": "agents"}',
+        "HYPERFLEET_HOME": str(home),
+    }
+    return _agent(env, home / "agent.log")
+
+
+def test_head_keeps_its_token_and_exports_the_join_service(head: Head) -> None:
+    token = head.home / "ray_auth_token"
+    assert token.stat().st_mode & 0o777 == 0o600
+    node = head.node("hf-head")
+    assert node is not None and node["node_type_name"] == "head" and node["ip"] == head.ip
+    assert node["labels"]["hyperfleet/node-type"] == "head"
+    env = _ray_start_env(head.agent)
+    assert env["HYPERFLEET_JOIN_DB"] == str(head.home / "join.db")
+    assert env["HYPERFLEET_JOIN_URL"] == head.join_url
+    assert env["HYPERFLEET_HEAD_ADDRESS"] == head.gcs_address
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == str(token)
+    assert env["RAY_CLOUD_INSTANCE_ID"] == "hf-head"
+
+
+@pytest.mark.timeout(240)
+def test_worker_joins_with_a_ticket_drains_on_sigterm_and_rejoins(
+    head: Head, subnet: str, tmp_path: Path
+) -> None:
+    book = TicketBook(head.home / "join.db")
+    ticket = book.mint("hf-w1", ttl_s=600)
+    home = tmp_path / "w1"
+    worker = _worker(head, f"{subnet}.11", "hf-w1", ticket, home)
+    try:
+        _wait_started(home / "agent.log")
+        node = _wait_for(
+            "the worker did not join", lambda: head.node("hf-w1"), [home / "agent.log"]
+        )
+        assert node["ip"] == f"{subnet}.11"
+        assert node["node_type_name"] == "cpu-agent"
+        labels = node["labels"]
+        assert labels["hyperfleet/node-type"] == "cpu-agent"
+        assert labels["hyperfleet/instance-id"] == "hf-w1"
+        assert labels["hyperfleet/pool"] == "agents"
+        assert labels["ray.io/node-group"] == "cpu-agent"  # Ray's own, from RAY_NODE_TYPE_NAME
+        resources = node["resources"]
+        assert resources["CPU"] == 1 and resources["hyperfleet_vm_slot"] == 1
+        assert resources["object_store_memory"] == 307 * 1024 * 1024
+        assert "GPU" not in resources
+
+        # The worker got the head's token through the ticket, into a 0600 file...
+        token = home / "ray_auth_token"
+        assert token.read_text() == (head.home / "ray_auth_token").read_text()
+        assert token.stat().st_mode & 0o777 == 0o600
+        # ...and Ray never saw the ticket.
+        env = _ray_start_env(worker)
+        assert "HYPERFLEET_JOIN_TICKET" not in env
+        assert env["RAY_CLOUD_INSTANCE_ID"] == "hf-w1" and env["RAY_NODE_TYPE_NAME"] == "cpu-agent"
+        assert ticket not in json.dumps(env)
+
+        # The ticket is spent while its node lives; a made-up one is unknown.
+        status, body = head.join(ticket)
+        assert (status, body["error"]["type"]) == (409, "ticket_in_use")
+        status, body = head.join("made-up-ticket")
+        assert (status, body["error"]["type"]) == (401, "unknown_ticket")
+        assert head.alive("hf-w1", "hf-nobody") == [True, False]
+
+        # SIGTERM to the agent: Ray drains the node, the agent exits 0, nothing is left behind.
+        tree = descendants(worker.pid)
+        os.kill(worker.pid, signal.SIGTERM)
+        assert worker.wait(STOP_DEADLINE_S) == 0
+        assert _alive(tree) == []
+        assert "draining" in (home / "agent.log").read_text()
+        _wait_for("the worker is not DEAD", lambda: head.node("hf-w1", "DEAD"), [head.log])
+        assert head.alive("hf-w1") == [False]
+
+        # Hypercore respawns a stopped workload from the same env: the same ticket rejoins
+        # (after the holdoff that follows a redemption; the agent retries on 409).
+        worker = _worker(head, f"{subnet}.12", "hf-w1", ticket, tmp_path / "w1-respawned")
+        _wait_started(tmp_path / "w1-respawned" / "agent.log")
+        again = _wait_for(
+            "the respawned worker did not rejoin",
+            lambda: head.node("hf-w1"),
+            [tmp_path / "w1-respawned" / "agent.log"],
+        )
+        assert again["ip"] == f"{subnet}.12"
+
+        # Terminated for good: the provider revokes, and the ticket is dead.
+        book.revoke("hf-w1")
+        status, body = head.join(ticket)
+        assert (status, body["error"]["type"]) == (403, "ticket_revoked")
+    finally:
+        stop(worker, timeout_s=STOP_DEADLINE_S)
+        book.close()

@@ -1,0 +1,268 @@
+"""Join tickets: the book's rules, two connections racing, and the join service over HTTP."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from cluster.join import (
+    LivenessUnknown,
+    TicketBook,
+    TicketExpired,
+    TicketInUse,
+    TicketRevoked,
+    UnknownTicket,
+    ticket_hash,
+)
+from cluster.join_service import MAX_BODY_BYTES, RateLimiter, build_app
+
+HOLDOFF_S = 20.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def never_alive(instance_id: str) -> bool:
+    return False
+
+
+def always_alive(instance_id: str) -> bool:
+    return True
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def book(tmp_path: Path, clock: Clock) -> TicketBook:
+    return TicketBook(tmp_path / "join.db", rejoin_holdoff_s=HOLDOFF_S, clock=clock)
+
+
+def test_only_a_hash_is_stored(book: TicketBook, tmp_path: Path) -> None:
+    ticket = book.mint("vm-1", ttl_s=60)
+    book.close()
+    assert ticket.encode() not in (tmp_path / "join.db").read_bytes()
+    with sqlite3.connect(tmp_path / "join.db") as db:
+        assert db.execute("SELECT ticket_sha256 FROM tickets").fetchall() == [
+            (ticket_hash(ticket),)
+        ]
+    assert (tmp_path / "join.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_fresh_ticket_is_redeemed_without_asking_the_gcs(book: TicketBook) -> None:
+    ticket = book.mint("vm-1", ttl_s=60)
+    asked: list[str] = []
+
+    def alive(instance_id: str) -> bool:
+        asked.append(instance_id)
+        return True
+
+    assert book.redeem(ticket, alive) == "vm-1"
+    assert asked == []
+
+
+def test_unknown_ticket(book: TicketBook) -> None:
+    book.mint("vm-1", ttl_s=60)
+    with pytest.raises(UnknownTicket) as refused:
+        book.redeem("not-a-ticket", never_alive)
+    assert refused.value.status_code == 401 and not refused.value.retryable
+
+
+def test_expired_ticket_is_refused_for_good(book: TicketBook, clock: Clock) -> None:
+    unused = book.mint("vm-1", ttl_s=60)
+    used = book.mint("vm-2", ttl_s=60)
+    book.redeem(used, never_alive)
+    clock.now += 60
+    for ticket in (unused, used):
+        with pytest.raises(TicketExpired) as refused:
+            book.redeem(ticket, never_alive)
+        assert refused.value.status_code == 410
+
+
+def test_revoked_ticket_is_refused_and_revoke_is_idempotent(book: TicketBook) -> None:
+    first = book.mint("vm-1", ttl_s=60)
+    second = book.mint("vm-1", ttl_s=60)
+    other = book.mint("vm-2", ttl_s=60)
+    assert book.revoke("vm-1") == 2
+    assert book.revoke("vm-1") == 0
+    for ticket in (first, second):
+        with pytest.raises(TicketRevoked) as refused:
+            book.redeem(ticket, never_alive)
+        assert refused.value.status_code == 403
+    assert book.redeem(other, never_alive) == "vm-2"
+
+
+def test_reuse_is_refused_while_the_instance_is_alive(book: TicketBook, clock: Clock) -> None:
+    ticket = book.mint("vm-1", ttl_s=3600)
+    book.redeem(ticket, never_alive)
+    clock.now += HOLDOFF_S + 1
+    with pytest.raises(TicketInUse) as refused:
+        book.redeem(ticket, always_alive)
+    assert refused.value.status_code == 409 and refused.value.retryable
+    assert refused.value.retry_after_s == HOLDOFF_S
+
+
+def test_reuse_is_refused_during_the_holdoff_even_if_not_alive(
+    book: TicketBook, clock: Clock
+) -> None:
+    """Between a redemption and the node registering, the GCS cannot vouch for the instance."""
+    ticket = book.mint("vm-1", ttl_s=3600)
+    book.redeem(ticket, never_alive)
+    clock.now += 5
+    with pytest.raises(TicketInUse) as refused:
+        book.redeem(ticket, never_alive)
+    assert refused.value.retry_after_s == pytest.approx(HOLDOFF_S - 5)
+
+
+def test_a_respawned_instance_rejoins_once_its_old_node_is_dead(
+    book: TicketBook, clock: Clock
+) -> None:
+    ticket = book.mint("vm-1", ttl_s=3600)
+    book.redeem(ticket, never_alive)
+    clock.now += HOLDOFF_S + 1
+    assert book.redeem(ticket, never_alive) == "vm-1"
+    record = book.lookup(ticket)
+    assert record is not None and record.redemptions == 2
+
+
+def test_liveness_unknown_refuses_and_spends_nothing(book: TicketBook, clock: Clock) -> None:
+    ticket = book.mint("vm-1", ttl_s=3600)
+    book.redeem(ticket, never_alive)
+    clock.now += HOLDOFF_S + 1
+
+    def gcs_down(instance_id: str) -> bool:
+        raise LivenessUnknown("the GCS did not answer", retry_after_s=5)
+
+    with pytest.raises(LivenessUnknown):
+        book.redeem(ticket, gcs_down)
+    record = book.lookup(ticket)
+    assert record is not None and record.redemptions == 1
+
+
+def test_bad_mint_arguments(book: TicketBook) -> None:
+    with pytest.raises(ValueError, match="ttl_s"):
+        book.mint("vm-1", ttl_s=0)
+    with pytest.raises(ValueError, match="instance_id"):
+        book.mint("", ttl_s=60)
+
+
+def _race(books: list[TicketBook], ticket: str, alive: Callable[[str], bool]) -> list[str]:
+    outcomes: list[str] = []
+    start = threading.Barrier(len(books))
+
+    def redeem(book: TicketBook) -> None:
+        start.wait(timeout=10)
+        try:
+            outcomes.append(book.redeem(ticket, alive))
+        except TicketInUse:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=redeem, args=(b,)) for b in books]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return sorted(outcomes)
+
+
+def test_two_connections_racing_a_fresh_ticket_one_wins(tmp_path: Path, clock: Clock) -> None:
+    books = [TicketBook(tmp_path / "join.db", clock=clock) for _ in range(4)]
+    ticket = books[0].mint("vm-1", ttl_s=60)
+    assert _race(books, ticket, never_alive) == ["refused"] * 3 + ["vm-1"]
+
+
+def test_two_connections_racing_a_rejoin_one_wins(tmp_path: Path, clock: Clock) -> None:
+    """Both read the ticket as redeemed once and its node as dead; the compare-and-set decides."""
+    minter = TicketBook(tmp_path / "join.db", rejoin_holdoff_s=HOLDOFF_S, clock=clock)
+    ticket = minter.mint("vm-1", ttl_s=3600)
+    minter.redeem(ticket, never_alive)
+    clock.now += HOLDOFF_S + 1
+    books = [
+        TicketBook(tmp_path / "join.db", rejoin_holdoff_s=HOLDOFF_S, clock=clock) for _ in range(2)
+    ]
+    both_checked = threading.Barrier(2)
+
+    def dead_after_both_looked(instance_id: str) -> bool:
+        both_checked.wait(timeout=10)
+        return False
+
+    assert _race(books, ticket, dead_after_both_looked) == ["refused", "vm-1"]
+
+
+# The join service over HTTP (Starlette's test client, no network, no Ray).
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "ray_auth_token"
+    path.write_text("the-token\n")
+    return path
+
+
+def test_join_service_answers_the_token(book: TicketBook, token_file: Path) -> None:
+    ticket = book.mint("vm-1", ttl_s=60)
+    client = TestClient(build_app(book, token_file, always_alive))
+    response = client.post("/v1/join", json={"ticket": ticket})
+    assert response.status_code == 200
+    assert response.json() == {"token": "the-token", "instance_id": "vm-1"}
+    again = client.post("/v1/join", json={"ticket": ticket})
+    assert again.status_code == 409
+    assert again.json()["error"]["type"] == "ticket_in_use"
+    assert int(again.headers["Retry-After"]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "kind"),
+    [
+        (b'{"ticket": "nope"}', 401, "unknown_ticket"),
+        (b'{"ticket": ""}', 400, "invalid_request"),
+        (b'{"ticket": "x", "more": 1}', 400, "invalid_request"),
+        (b"not json", 400, "invalid_request"),
+        (b'{"ticket": "' + b"x" * MAX_BODY_BYTES + b'"}', 413, "request_too_large"),
+    ],
+)
+def test_join_service_errors(
+    book: TicketBook, token_file: Path, body: bytes, status: int, kind: str
+) -> None:
+    client = TestClient(build_app(book, token_file, always_alive))
+    response = client.post("/v1/join", content=body)
+    assert response.status_code == status
+    assert response.json()["error"]["type"] == kind
+    assert response.json()["error"]["message"]
+
+
+def test_join_service_other_routes_use_the_error_shape(book: TicketBook, token_file: Path) -> None:
+    client = TestClient(build_app(book, token_file, always_alive))
+    assert client.get("/v1/join").json()["error"]["type"] == "http_error"
+    assert client.get("/").status_code == 404
+
+
+def test_join_service_rate_limits_per_address(book: TicketBook, token_file: Path) -> None:
+    now = [0.0]
+    limiter = RateLimiter(per_min=60, burst=3, clock=lambda: now[0])
+    client = TestClient(build_app(book, token_file, always_alive, limiter))
+    codes = [client.post("/v1/join", json={"ticket": "x"}).status_code for _ in range(4)]
+    assert codes == [401, 401, 401, 429]
+    now[0] += 1.0  # one more token at 1 a second
+    assert client.post("/v1/join", json={"ticket": "x"}).status_code == 401
+
+
+def test_rate_limiter_is_bounded() -> None:
+    limiter = RateLimiter(per_min=60, burst=1, max_addresses=2, clock=lambda: 0.0)
+    assert limiter.admit("a") is None
+    assert limiter.admit("a") == pytest.approx(1.0)
+    limiter.admit("b")
+    limiter.admit("c")  # evicts "a", the least recently seen
+    assert limiter.admit("a") is None
