@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -99,7 +101,9 @@ def _run_emulator(args: argparse.Namespace) -> int:
 def _run_up(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     try:
-        info = stack.up(settings, args.port, args.emulator_port, args.ray_port)
+        info = stack.up(
+            settings, args.port, args.emulator_port, args.ray_port, redis_port=args.redis_port
+        )
     except stack.StackError as e:
         print(f"hyperfleet up: {e}", file=sys.stderr)
         return 1
@@ -154,6 +158,83 @@ def _run_agents(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_node(args: argparse.Namespace) -> int:
+    # Imported here: the other commands need none of the node agent.
+    from . import node
+
+    return node.main()
+
+
+# Hypercore listens on 8000 (gRPC) and 8001 (HTTP); 8000 is the Hyperfleet API's port here.
+HYPERCORE_STANDIN_GRPC_BIND_ADDR = "127.0.0.1:8100"
+HYPERCORE_STANDIN_HTTP_BIND_ADDR = "127.0.0.1:8101"
+
+
+def _hypercore_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "hypercore",
+        help="run the local Hypercore stand-in",
+        description="Hypercore tools. `serve` runs the local stand-in for a Hypercore host.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    serve_p = actions.add_parser(
+        "serve",
+        help="serve Hypercore's cluster API with local processes as workloads",
+        description=(
+            "Serve Hypercore's ClusterService (gRPC) and its HTTP mirror with Hypercore's "
+            "semantics and error texts. Each workload is a local process tree running what its "
+            "image maps to in the image catalog, on its own 127.88.x.y address. SIGTERM stops "
+            "every workload. Defaults avoid Hypercore's 8000/8001: 8000 is Hyperfleet's API port."
+        ),
+    )
+    serve_p.add_argument("--grpc-bind-addr", default=HYPERCORE_STANDIN_GRPC_BIND_ADDR)
+    serve_p.add_argument("--http-bind-addr", default=HYPERCORE_STANDIN_HTTP_BIND_ADDR)
+    serve_p.add_argument(
+        "--image-catalog", type=Path, help="JSON or YAML image_ref -> argv/env (default: built in)"
+    )
+    serve_p.add_argument(
+        "--refresh-interval-s", type=float, default=5.0, help="how often List's cache is rebuilt"
+    )
+    serve_p.add_argument("--cluster-base-url", default="example.com", help="workload url suffix")
+    serve_p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="workload logs and homes (default: $HYPERFLEET_HOME/hypercore)",
+    )
+
+
+def _run_hypercore(args: argparse.Namespace) -> int:
+    # Imported here: grpc and the stand-in are needed by this command only.
+    from .hypercore import CatalogError, ImageCatalog
+    from .hypercore.standin import StandinConfig
+    from .hypercore.standin import serve as serve_standin
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        catalog = (
+            ImageCatalog.load(args.image_catalog) if args.image_catalog else ImageCatalog.default()
+        )
+        config = StandinConfig(
+            grpc_bind_addr=args.grpc_bind_addr,
+            http_bind_addr=args.http_bind_addr,
+            catalog=catalog,
+            state_dir=args.state_dir or Settings.from_env().home / "hypercore",
+            refresh_interval_s=args.refresh_interval_s,
+            base_url=args.cluster_base_url,
+        )
+    except CatalogError as e:
+        print(f"hyperfleet hypercore serve: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:
+        for error in e.errors(include_url=False):
+            where = "--" + "-".join(str(p) for p in error["loc"]).replace("_", "-")
+            print(f"hyperfleet hypercore serve: {where}: {error['msg']}", file=sys.stderr)
+        return 2
+    return serve_standin(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hyperfleet",
@@ -165,13 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
         "up",
         help="start the local stack on this machine",
         description=(
-            "Start, in the background: a Ray head, the stores, the Serve HTTP API, and the "
+            "Start, in the background: a Ray head, the stores (Redis when redis-server is "
+            "installed or HYPERFLEET_REDIS_URL is set), the Serve HTTP API, and the "
             "Anthropic emulator when ANTHROPIC_API_KEY is not set. State in $HYPERFLEET_HOME."
         ),
     )
     p.add_argument("--port", type=int, default=stack.DEFAULT_API_PORT, help="HTTP API port")
     p.add_argument("--emulator-port", type=int, default=stack.DEFAULT_EMULATOR_PORT)
     p.add_argument("--ray-port", type=int, default=stack.DEFAULT_RAY_PORT, help="Ray GCS port")
+    p.add_argument(
+        "--redis-port",
+        type=int,
+        default=stack.DEFAULT_REDIS_PORT,
+        help="the local redis-server's port (started when installed; HYPERFLEET_REDIS=off: not)",
+    )
     sub.add_parser("down", help="stop the local stack", description="Stop what `up` started.")
     sub.add_parser(
         "status", help="show the local stack", description="Show what runs and where it logs."
@@ -191,6 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_parser("list", help="list your agents", description="List your agents.")
     delete = actions.add_parser("delete", help="drain and delete", description="Delete an agent.")
     delete.add_argument("agent_id")
+    sub.add_parser(
+        "node",
+        help="run this machine's Ray node (the VM image's entrypoint)",
+        description=(
+            "Run a Ray head or worker node configured by HYPERFLEET_* env (see the README): "
+            "GPUs from NVML, the Ray token (the head makes it; a worker redeems its join ticket), "
+            "then `ray start --block`. SIGTERM drains the node before exiting."
+        ),
+    )
+    _hypercore_parser(sub)
     return parser
 
 
@@ -201,6 +299,8 @@ _HANDLERS = {
     "status": _run_status,
     "chat": _run_chat,
     "agents": _run_agents,
+    "node": _run_node,
+    "hypercore": _run_hypercore,
 }
 
 

@@ -15,6 +15,8 @@ class Settings(BaseModel):
     ``HYPERFLEET_HOME`` (default ``~/.hyperfleet``) holds logs, pid files and generated keys.
     With ``ANTHROPIC_API_KEY`` set, agents talk to the real API (or ``ANTHROPIC_BASE_URL``);
     without it, the local stack starts the emulator and agents talk to that.
+    ``HYPERFLEET_REDIS_URL`` names an external Redis; ``HYPERFLEET_REDIS=off`` keeps the stack on
+    its SQLite stores even where ``redis-server`` is installed.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -22,6 +24,10 @@ class Settings(BaseModel):
     home: Path
     anthropic_api_key: SecretStr | None = None
     anthropic_base_url: str | None = None
+    # An external Redis for admission and the session store; else the stack starts a local
+    # redis-server when one is installed, unless HYPERFLEET_REDIS=off.
+    redis_url: str | None = None
+    local_redis: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -32,6 +38,8 @@ class Settings(BaseModel):
             home=Path(home).expanduser(),
             anthropic_api_key=SecretStr(key) if key else None,
             anthropic_base_url=env.get("ANTHROPIC_BASE_URL") or None,
+            redis_url=env.get("HYPERFLEET_REDIS_URL") or None,
+            local_redis=env.get("HYPERFLEET_REDIS", "on") != "off",
         )
 
     @property

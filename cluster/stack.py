@@ -1,6 +1,8 @@
 """The local stack behind ``hyperfleet up`` / ``down`` / ``status``: on one machine, a Ray head
-(token auth on), the session store and control store (head-pinned actors), the Serve HTTP API, and
-the Anthropic emulator when no ``ANTHROPIC_API_KEY`` is set. ``up`` creates an admin user and key
+(token auth on), the session store and control store (head-pinned actors), Redis when
+``redis-server`` is installed (admission in the ingress and the session store; see
+``serve_app/admission.py``), the Serve HTTP API, and the Anthropic emulator when no
+``ANTHROPIC_API_KEY`` is set. ``up`` creates an admin user and key
 on first start and writes the key to ``$HYPERFLEET_HOME/admin.key``; it is idempotent.
 
 The head declares more CPUs than the machine has and a few VM slots: replicas are I/O-bound, and
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -25,13 +28,15 @@ from .settings import Settings
 
 EMULATOR = "emulator"
 RAY_HEAD = "ray-head"
+REDIS = "redis"
 DEFAULT_EMULATOR_PORT = 8090
+DEFAULT_REDIS_PORT = 6390  # not 6379: a system Redis may hold it
 DEFAULT_API_PORT = 8000
 DEFAULT_RAY_PORT = 6385  # not 6379, Redis's port
 LOCAL_CPUS = 16
 LOCAL_VM_SLOTS = 4
 READY_TIMEOUT_S = 90.0
-STEPS = 5
+STEPS = 6
 HEAD_DRAIN_S = 40.0  # SIGTERM lets `ray start --block` drain for up to 30 s
 # Serve's HAProxy ingress: ~1,800 against ~165 requests/s for the default Python proxy on a
 # 2-core machine (benchmarks/api_bench.py). HYPERFLEET_PROXY=default turns it off.
@@ -83,6 +88,7 @@ def up(
     emulator_port: int = DEFAULT_EMULATOR_PORT,
     ray_port: int = DEFAULT_RAY_PORT,
     progress: Callable[[str], None] = print,
+    redis_port: int = DEFAULT_REDIS_PORT,
 ) -> StackInfo:
     """Starts the local stack; a part that runs already is left as it is."""
     daemons = _daemons(settings)
@@ -109,7 +115,9 @@ def up(
         base_url = settings.anthropic_base_url
         api_key = settings.anthropic_api_key.get_secret_value()
 
-    progress(f"[2/{STEPS}] Ray head on port {ray_port} (token auth on) ...")
+    redis_url = _redis(settings, daemons, redis_port, progress)
+
+    progress(f"[3/{STEPS}] Ray head on port {ray_port} (token auth on) ...")
     ray_bin = str(Path(sys.executable).parent / "ray")
     argv = [ray_bin, "start", "--head", f"--port={ray_port}", f"--num-cpus={LOCAL_CPUS}"]
     argv += [f"--resources={json.dumps({'hyperfleet_vm_slot': LOCAL_VM_SLOTS})}"]
@@ -130,20 +138,20 @@ def up(
 
     ray.init(address=f"127.0.0.1:{ray_port}", namespace="hyperfleet", log_to_driver=False)
     try:
-        progress(f"[3/{STEPS}] session store and control store ...")
+        progress(f"[4/{STEPS}] session store and control store ...")
         from actors import start_store_actor
         from serve_app import start_control_actor
 
         data = settings.home / "data"
         store = start_store_actor(data / "sessions.db")
-        control = start_control_actor(data / "control.db")
+        control = start_control_actor(data / "control.db", redis_url)
         ray.get([store.ping.remote(), control.ping.remote()], timeout=READY_TIMEOUT_S)
 
-        progress(f"[4/{STEPS}] admin key ...")
+        progress(f"[5/{STEPS}] admin key ...")
         admin_key = _admin_key(settings, control)
 
-        progress(f"[5/{STEPS}] Serve HTTP API on 127.0.0.1:{api_port} ...")
-        _deploy(settings, api_port, base_url, api_key)
+        progress(f"[6/{STEPS}] Serve HTTP API on 127.0.0.1:{api_port} ...")
+        _deploy(settings, api_port, base_url, api_key, redis_url)
     finally:
         ray.shutdown()
     api_url = f"http://127.0.0.1:{api_port}"
@@ -153,6 +161,7 @@ def up(
         "api_url": api_url,
         "ray_address": f"127.0.0.1:{ray_port}",
         "emulator": emulator_url,
+        "redis": redis_url,
     }
     _state_file(settings).write_text(json.dumps(recorded))
     return StackInfo(api_url, admin_key, settings.home / "admin.key", emulator_url)
@@ -174,18 +183,46 @@ def _admin_key(settings: Settings, control: Any) -> str:
     return key
 
 
-def _deploy(settings: Settings, api_port: int, base_url: str | None, api_key: str) -> None:
+def _redis(
+    settings: Settings, daemons: Daemons, port: int, progress: Callable[[str], None]
+) -> str | None:
+    """The Redis the stack uses (admission in the ingress, the session store), or None: the
+    SQLite stores behind head-pinned actors. A local redis-server is started when installed."""
+    if settings.redis_url is not None:
+        progress(f"[2/{STEPS}] Redis: {settings.redis_url.split('@')[-1]} (HYPERFLEET_REDIS_URL)")
+        return settings.redis_url
+    binary = shutil.which("redis-server")
+    if not settings.local_redis or binary is None:
+        why = "HYPERFLEET_REDIS=off" if binary else "redis-server is not installed"
+        progress(f"[2/{STEPS}] no Redis ({why}): SQLite stores behind head-pinned actors")
+        return None
+    progress(f"[2/{STEPS}] redis-server on 127.0.0.1:{port} ...")
+    data = settings.home / "data" / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data)]
+    argv += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+    server = daemons.start(REDIS, argv, dict(os.environ))
+    if not wait_port(port, READY_TIMEOUT_S) or not daemons.state(REDIS).running:
+        daemons.stop(REDIS)
+        raise StackError(f"redis-server did not start; its log:\n{tail(server.log)}")
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def _deploy(
+    settings: Settings, api_port: int, base_url: str | None, api_key: str, redis_url: str | None
+) -> None:
     from ray import serve
 
     from serve_app import APP_NAME, build
 
     serve.start(http_options={"host": "127.0.0.1", "port": api_port})
-    config = {
+    config: dict[str, Any] = {
         "runtime": {
             "anthropic_base_url": base_url,
             "anthropic_api_key": api_key,
-            "store_url": "ray://session-store",
-        }
+            "store_url": redis_url or "ray://session-store",
+        },
+        "redis_url": redis_url,
     }
     serve.run(build(config), name=APP_NAME, route_prefix="/", blocking=False)
     deadline = time.monotonic() + READY_TIMEOUT_S
@@ -197,7 +234,8 @@ def _deploy(settings: Settings, api_port: int, base_url: str | None, api_key: st
 
 def down(settings: Settings, progress: Callable[[str], None] = print) -> None:
     daemons = _daemons(settings)
-    for name, what in ((RAY_HEAD, "Ray head, Serve and the stores"), (EMULATOR, "emulator")):
+    parts = ((RAY_HEAD, "Ray head, Serve and the stores"), (EMULATOR, "emulator"), (REDIS, "Redis"))
+    for name, what in parts:
         if daemons.stop(name, grace_s=HEAD_DRAIN_S if name == RAY_HEAD else 10.0):
             progress(f"stopped the {what}")
         else:
@@ -214,7 +252,7 @@ def status(settings: Settings) -> dict[str, Any]:
     api_url = state.get("api_url")
     api_ok = bool(api_url) and wait_http_ok(api_url + "/health", 2.0)
     parts = {}
-    for name in (RAY_HEAD, EMULATOR):
+    for name in (RAY_HEAD, EMULATOR, REDIS):
         d = daemons.state(name)
         parts[name] = {"running": d.running, "pid": d.pid, "log": str(d.log)}
     return {"home": str(settings.home), **parts, "api": {"url": api_url, "healthy": api_ok}}

@@ -51,10 +51,10 @@ def _curl_block() -> str:
 @pytest.mark.timeout(400)
 def test_up_chat_curl_status_down(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    ports = [str(free_port()) for _ in range(3)]
-    up = _hyperfleet(
-        home, "up", "--port", ports[0], "--emulator-port", ports[1], "--ray-port", ports[2]
-    )
+    ports = [str(free_port()) for _ in range(4)]
+    flags = ["--port", ports[0], "--emulator-port", ports[1], "--ray-port", ports[2]]
+    flags += ["--redis-port", ports[3]]
+    up = _hyperfleet(home, "up", *flags)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         api_url = f"http://127.0.0.1:{ports[0]}"
@@ -62,9 +62,8 @@ def test_up_chat_curl_status_down(tmp_path: Path) -> None:
         key_file = home / "admin.key"
         assert key_file.stat().st_mode & 0o777 == 0o600
         assert key_file.read_text().strip() in up.stdout
-        again = _hyperfleet(
-            home, "up", "--port", ports[0], "--emulator-port", ports[1], "--ray-port", ports[2]
-        )
+        assert f"redis-server on 127.0.0.1:{ports[3]}" in up.stdout  # installed here
+        again = _hyperfleet(home, "up", *flags)
         assert again.returncode == 0, again.stderr
         assert key_file.read_text().strip() in again.stdout  # the same admin, not a new one
 
@@ -97,6 +96,7 @@ def test_up_chat_curl_status_down(tmp_path: Path) -> None:
         status = json.loads(_hyperfleet(home, "status").stdout)
         assert status["api"]["healthy"] is True
         assert status["ray-head"]["running"] and status["emulator"]["running"]
+        assert status["redis"]["running"]
         deleted = _hyperfleet(home, "agents", "delete", agent_id)
         assert json.loads(deleted.stdout)["status"] == "deleted"
     finally:
@@ -104,6 +104,7 @@ def test_up_chat_curl_status_down(tmp_path: Path) -> None:
     assert down.returncode == 0 and "stopped the Ray head" in down.stdout
     after = json.loads(_hyperfleet(home, "status").stdout)
     assert not after["ray-head"]["running"] and not after["emulator"]["running"]
+    assert not after["redis"]["running"]
 
 
 def test_cli_client_errors_are_clear(tmp_path: Path) -> None:
