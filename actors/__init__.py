@@ -1,27 +1,70 @@
-"""Agent replicas: Ray actors hosting durable, tool-using Claude sessions."""
+"""Agent replicas: Ray actors hosting durable, tool-using Claude sessions.
+
+The surface is imported lazily (PEP 562): ``actors.errors`` or ``actors.spec`` alone must not
+pull in Ray and the Anthropic SDK, because the node agent (a VM's entrypoint) uses them and
+should start in a fraction of a second.
+"""
 
 from __future__ import annotations
 
-from .actor import NAMESPACE, AgentActor, RuntimeConfig, replica_name, spawn_replica
-from .breaker import CircuitBreaker
-from .errors import (
-    CapacityError,
-    CircuitOpenError,
-    HyperfleetError,
-    IdempotencyConflictError,
-    InvalidRequestError,
-    NotFoundError,
-    SessionBusyError,
-    StaleSessionError,
-    StoreError,
-    UpstreamError,
-)
-from .host import SessionHost
-from .loop import AgentLoop, LoopConfig
-from .pricing import Usage, price_of
-from .spec import AgentSpec, Replicas, Resources, placement_options
-from .store import RedisSessionStore, SessionStore, SqliteSessionStore, open_store
-from .store.actor import start_on_head, start_store_actor
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .actor import NAMESPACE, AgentActor, RuntimeConfig, replica_name, spawn_replica
+    from .breaker import CircuitBreaker
+    from .errors import (
+        CapacityError,
+        CircuitOpenError,
+        HyperfleetError,
+        IdempotencyConflictError,
+        InvalidRequestError,
+        NotFoundError,
+        SessionBusyError,
+        StaleSessionError,
+        StoreError,
+        UpstreamError,
+    )
+    from .host import SessionHost
+    from .loop import AgentLoop, LoopConfig
+    from .pricing import Usage, price_of
+    from .spec import AgentSpec, Replicas, Resources, placement_options
+    from .store import RedisSessionStore, SessionStore, SqliteSessionStore, open_store
+    from .store.actor import start_on_head, start_store_actor
+
+_SOURCES = {
+    "CapacityError": ".errors",
+    "CircuitOpenError": ".errors",
+    "HyperfleetError": ".errors",
+    "IdempotencyConflictError": ".errors",
+    "InvalidRequestError": ".errors",
+    "NotFoundError": ".errors",
+    "SessionBusyError": ".errors",
+    "StaleSessionError": ".errors",
+    "StoreError": ".errors",
+    "UpstreamError": ".errors",
+    "AgentActor": ".actor",
+    "AgentLoop": ".loop",
+    "AgentSpec": ".spec",
+    "CircuitBreaker": ".breaker",
+    "LoopConfig": ".loop",
+    "NAMESPACE": ".actor",
+    "RedisSessionStore": ".store",
+    "Replicas": ".spec",
+    "Resources": ".spec",
+    "RuntimeConfig": ".actor",
+    "SessionHost": ".host",
+    "SessionStore": ".store",
+    "SqliteSessionStore": ".store",
+    "Usage": ".pricing",
+    "open_store": ".store",
+    "placement_options": ".spec",
+    "price_of": ".pricing",
+    "replica_name": ".actor",
+    "spawn_replica": ".actor",
+    "start_on_head": ".store.actor",
+    "start_store_actor": ".store.actor",
+}
 
 __all__ = [
     "NAMESPACE",
@@ -56,3 +99,12 @@ __all__ = [
     "start_on_head",
     "start_store_actor",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _SOURCES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'actors' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
