@@ -96,6 +96,13 @@ while True:
     time.sleep(0.1)
 """
 _SLEEP = "import time; print('ready', flush=True); time.sleep(600)"
+_ESCAPER = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+print("ready", flush=True)
+time.sleep(600)
+"""
 
 
 def _image(script: str, *env: str) -> Image:
@@ -110,6 +117,7 @@ CATALOG = ImageCatalog(
         "test.local/crash-once:1": _image(_CRASH_ONCE),
         "test.local/chatty:1": _image(_CHATTY),
         "test.local/sleep:1": _image(_SLEEP),
+        "test.local/escaper:1": _image(_ESCAPER),
     }
 )
 CAPACITY_CORES = max(os.cpu_count() or 1, 225)
@@ -338,6 +346,18 @@ def test_stop_waits_5_s_after_sigterm_then_kills(client: HypercoreClient, standi
     last_alive = max(float(line.split()[1]) for line in lines if line.startswith("alive"))
     # It kept running through the grace period (it ignores SIGTERM), then it was killed.
     assert 3.5 <= last_alive - term_at <= 8.0
+
+
+def test_stop_kills_children_that_left_the_workloads_session(client: HypercoreClient) -> None:
+    # A container's whole tree dies with it: a child in its own session (and holding the output
+    # pipe) must neither survive Stop nor keep Stop from returning.
+    mark = marker()
+    request = SpawnRequest(cores=1, memory_mb=64, image_ref="test.local/escaper:1", env=(mark,))
+    spawned = client.spawn(request)
+    logs_when(client, spawned.id, "ready")
+    assert len(pids_with_env(mark)) == 2
+    client.stop(spawned.id, timeout_s=30)
+    assert not pids_with_env(mark)
 
 
 def test_stop_of_a_graceful_workload_lets_it_exit(

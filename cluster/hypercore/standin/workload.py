@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 LOG_TAIL_BYTES = 1024 * 1024
 READ_CHUNK_BYTES = 64 * 1024
 PUMP_DRAIN_TIMEOUT_S = 2.0
+KILL_WAIT_S = 5.0
+EXIT_POLL_S = 0.05
 INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME", "PYTHONPATH")
 
 
@@ -141,23 +143,36 @@ class WorkloadProcess:
 
     async def terminate(self, grace_s: float) -> None:
         """SIGTERM to the entrypoint, SIGKILL after ``grace_s``, then SIGKILL to the rest of the
-        tree. Returns when the entrypoint has exited and its output is drained."""
+        tree. Returns when the entrypoint has exited and its output is drained (or abandoned).
+
+        Exit is polled rather than awaited with ``Process.wait()``: asyncio's wait also waits
+        for the output pipe to close, which a descendant in its own session (the node agent's
+        join service) keeps open after the entrypoint died, so it would never return."""
         if not self.exited:
             await self.snapshot_tree()
             with contextlib.suppress(ProcessLookupError):
                 self._process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self._process.wait(), grace_s)
-            except TimeoutError:
+            if not await self._exited_within(grace_s):
                 logger.info(
                     "workload pid %d ignored SIGTERM for %.0f s: SIGKILL", self.pid, grace_s
                 )
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
-        await self._process.wait()
-        await asyncio.to_thread(reap_leftovers, self._tree, 0.0)
+        # The tree as remembered, plus anything started since, is killed like a PID namespace.
+        tree = self._tree + await asyncio.to_thread(descendants, self.pid)
+        await asyncio.to_thread(reap_leftovers, tree, 0.0)
+        if not await self._exited_within(KILL_WAIT_S):
+            logger.warning("workload pid %d survived SIGKILL for %.0f s", self.pid, KILL_WAIT_S)
         try:
             await asyncio.wait_for(asyncio.shield(self._pump), PUMP_DRAIN_TIMEOUT_S)
         except TimeoutError:
             # Something outside the tree still holds the pipe; stop reading it.
             self._pump.cancel()
+
+    async def _exited_within(self, timeout_s: float) -> bool:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not self.exited:
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(EXIT_POLL_S)
+        return True
