@@ -1,3 +1,18 @@
-"""Pool scaling and the Hypercore node provider (lands with issue 5)."""
+"""Pool scaling, and ``HypercoreNodeProvider``: Ray's autoscaler on Hypercore workloads."""
 
-__all__: list[str] = []
+from .command_runner import HeadStartError, HypercoreCommandRunner, NoRemoteExecutionError
+from .provider import HypercoreNodeProvider, NodeLaunchError
+from .provider_config import NodeConfig, ProviderConfig, ProviderConfigError
+from .ray_nodes import RayNodeTable
+
+__all__ = [
+    "HeadStartError",
+    "HypercoreCommandRunner",
+    "HypercoreNodeProvider",
+    "NoRemoteExecutionError",
+    "NodeConfig",
+    "NodeLaunchError",
+    "ProviderConfig",
+    "ProviderConfigError",
+    "RayNodeTable",
+]

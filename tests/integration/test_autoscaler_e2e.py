@@ -1,0 +1,177 @@
+"""End to end on one machine: autoscaler v2 with ``HypercoreNodeProvider`` scales a real cluster.
+
+The head is a Hypercore workload of the stand-in, created through the provider as ``ray up``
+creates it, whose node agent runs autoscaler v2 with the provider. An agent replica that needs a
+VM slot (the head has none) makes the autoscaler Spawn a worker workload; the replica runs there
+and serves a session. SIGTERM to that busy node's workload process drains it, and the session
+continues on another node with its transcript. Once the agent is deleted, the idle node is drained
+and its workload Stopped.
+
+The cluster is a second Ray cluster, driven from a subprocess (``autoscaler_driver``): this
+pytest process is already a driver of the session's cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from cluster.hypercore import HypercoreClient, StandinHandle
+from cluster.processes import reap_leftovers
+
+from .autoscaling_cluster import (
+    Driver,
+    Head,
+    autoscaling_config,
+    cluster_processes,
+    cluster_workloads,
+    node_agent_pid,
+    start_head,
+    start_standin_for,
+)
+from .conftest import EmulatorServer
+
+# One bound for each step that waits on the autoscaler (a node start takes ~10-30 s here).
+STEP_TIMEOUT_S = 150.0
+CALL_TIMEOUT_S = 60.0
+IDLE_TIMEOUT_MINUTES = 0.25
+
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, emulator: EmulatorServer
+) -> Iterator[tuple[StandinHandle, Head, Driver, str]]:
+    root = tmp_path_factory.mktemp("autoscaling")
+    name = "e2e" + uuid.uuid4().hex[:6]
+    standin = start_standin_for(root)
+    head: Head | None = None
+    driver: Driver | None = None
+    try:
+        config = autoscaling_config(standin, name, root, idle_timeout_minutes=IDLE_TIMEOUT_MINUTES)
+        head = start_head(root, config)
+        driver = Driver(head, root / "driver.log")
+        driver.call("setup_store", CALL_TIMEOUT_S, path=str(root / "sessions.db"))
+        yield standin, head, driver, name
+    finally:
+        # Each step on its own: one failing must not leave the others' processes behind.
+        with contextlib.suppress(Exception):
+            if driver is not None:
+                driver.close()
+        with contextlib.suppress(Exception):
+            if head is not None:
+                head.stop()
+        standin.stop()  # stops every workload it still runs
+        reap_leftovers(cluster_processes(name))
+
+
+def eventually(check: Callable[[], T | None], what: str, head: Head) -> T:
+    deadline = time.monotonic() + STEP_TIMEOUT_S
+    result = None
+    while time.monotonic() < deadline:
+        result = check()
+        if result is not None and result is not False:
+            return result
+        time.sleep(1.0)
+    raise AssertionError(
+        f"timed out after {STEP_TIMEOUT_S:.0f} s waiting for {what} (last: {result});"
+        f" the head's log ends:\n{head.logs()[-4000:]}"
+    )
+
+
+@pytest.mark.timeout(900)
+def test_autoscaler_scales_out_drains_and_scales_in(
+    cluster: tuple[StandinHandle, Head, Driver, str],
+    emulator: EmulatorServer,
+    tmp_path: Path,
+) -> None:
+    standin, head, driver, name = cluster
+    hypercore: HypercoreClient = standin.client()
+    runtime: dict[str, Any] = {
+        "anthropic_base_url": emulator.base_url,
+        "anthropic_api_key": emulator.api_key,
+        "workspaces": str(tmp_path),
+    }
+    tmp_path.chmod(0o711)
+    spec = {
+        "tools": ["bash"],  # a shell tool: isolation vm, a whole VM slot
+        "resources": {"cores": 0.5, "memory_mb": 256},
+        "system": "You are a test agent.",
+    }
+    assert cluster_workloads(hypercore, name, "worker") == {}
+
+    # 1. Scale out: the replica needs a VM slot that only a new `cpu` node has.
+    placed = driver.call(
+        "spawn",
+        STEP_TIMEOUT_S + 10,
+        agent_id="a1",
+        spec=spec,
+        runtime=runtime,
+        ready_s=STEP_TIMEOUT_S,
+    )
+    first_node = placed["instance_id"]
+    assert first_node.startswith(f"hf-{name}-") and first_node != head.instance_id
+    assert placed["replica_resources"]["hyperfleet_vm_slot"] == 1.0
+    assert first_node in cluster_workloads(hypercore, name, "worker")
+    # The provider finds the node's address in Ray's node table by its instance id.
+    address = driver.call(
+        "provider_address", CALL_TIMEOUT_S, node_id=first_node, gcs_address=head.gcs_address
+    )
+    assert address == placed["address"] and address.startswith("127.88.")
+    session_id = driver.call("open_session", CALL_TIMEOUT_S, agent_id="a1")
+    reply = driver.call(
+        "send",
+        CALL_TIMEOUT_S + 10,
+        agent_id="a1",
+        session_id=session_id,
+        text="first",
+        deadline_s=CALL_TIMEOUT_S,
+    )
+    assert reply.startswith("You said: first")
+
+    # 2. SIGTERM to the busy node's workload process: Ray drains the node, the replica restarts
+    # on another node (the autoscaler adds one), and the session goes on with its transcript.
+    pid = node_agent_pid(first_node)
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    moved = driver.call(
+        "wait_moved",
+        STEP_TIMEOUT_S + 10,
+        agent_id="a1",
+        from_node_id=placed["node_id"],
+        deadline_s=STEP_TIMEOUT_S,
+    )
+    # Another Ray node: a new workload, or the same one respawned by Hypercore and rejoined.
+    assert moved["alive"] and moved["node_id"] != placed["node_id"]
+    assert moved["instance_id"].startswith(f"hf-{name}-")
+    reply = driver.call(
+        "send",
+        CALL_TIMEOUT_S + 10,
+        agent_id="a1",
+        session_id=session_id,
+        text="second",
+        deadline_s=CALL_TIMEOUT_S,
+    )
+    assert reply.startswith("You said: second")
+    assert driver.call("transcript", CALL_TIMEOUT_S, agent_id="a1", session_id=session_id) == [
+        "first",
+        "second",
+    ]
+
+    # 3. Scale in: with the agent deleted, its node idles, is drained and its workload Stopped.
+    driver.call("delete", CALL_TIMEOUT_S, agent_id="a1")
+    eventually(
+        lambda: cluster_workloads(hypercore, name, "worker") == {}, "no worker workload", head
+    )
+    alive = driver.call("nodes", CALL_TIMEOUT_S)
+    assert [n["instance_id"] for n in alive] == [head.instance_id]
+    hypercore.close()
