@@ -7,14 +7,16 @@ once: the head's join service (``join_service.py``) redeems it and answers with 
 Rules (``TicketBook.redeem``):
 - unknown ticket: refused; the book keeps only a SHA-256 of each ticket, so the file is no
   token oracle, and lookups go by that hash;
-- after ``revoke(instance_id)`` (the provider terminated the instance) or after the ticket's TTL:
-  refused for good;
-- a ticket already redeemed may be redeemed again only while no ALIVE Ray node carries its
-  instance id, and not within ``rejoin_holdoff_s`` of the last redemption. The first case lets a
-  workload that Hypercore respawned from the same env rejoin; the holdoff covers the seconds
-  between a redemption and the node registering with the GCS, when a thief who read the ticket
-  from List would otherwise find the instance "not alive". Both refusals are retryable: a respawned
-  node waits for the GCS to declare its dead predecessor dead.
+- after ``revoke(instance_id)`` (the provider terminated the instance): refused for good;
+- the TTL bounds the FIRST redemption only: a ticket never redeemed is refused for good once it
+  expires, but a redeemed one stays good for rejoins until revoked (Hypercore may respawn the
+  workload from the same env at any time in its life);
+- a ticket already redeemed may be redeemed again only when the GCS lists a DEAD Ray node with
+  its instance id and no ALIVE one (``InstanceState``): proof that the first redeemer joined and
+  then died, i.e. the workload was respawned. Not within ``rejoin_holdoff_s`` of the last
+  redemption either: the holdoff covers the seconds between a redemption and the node
+  registering with the GCS. Every refusal here is retryable (a respawned node waits for the GCS
+  to declare its predecessor dead), and every re-redemption is logged as a warning.
 
 Several processes share the book (the provider in the autoscaler mints and revokes, the join
 service redeems), so it lives in SQLite with WAL and a busy timeout, and a redemption claims the
@@ -24,7 +26,11 @@ ticket cannot both win.
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import hashlib
+import logging
+import os
 import secrets
 import sqlite3
 import threading
@@ -35,10 +41,13 @@ from pathlib import Path
 
 from actors.errors import HyperfleetError
 
+logger = logging.getLogger("hyperfleet.join")
+
 BUSY_TIMEOUT_MS = 5_000
 TICKET_BYTES = 32
 DEFAULT_REJOIN_HOLDOFF_S = 20.0
-# Spent or revoked tickets are kept this long past expiry (for the log trail), then pruned.
+# Revoked tickets, and tickets that expired unredeemed, are kept this long (for the log trail),
+# then pruned. A redeemed ticket that is not revoked is kept: its instance may still rejoin.
 KEEP_EXPIRED_S = 24 * 3600.0
 MAX_INSTANCE_ID_CHARS = 256
 
@@ -79,7 +88,8 @@ class TicketExpired(JoinError):
 
 
 class TicketInUse(JoinError):
-    """Redeemed already, and its instance is alive or just joined; retry after ``retry_after_s``."""
+    """Redeemed already, and its instance is alive, just joined, or never joined (no DEAD node
+    proves a respawn); retry after ``retry_after_s``."""
 
     status_code = 409
     error_type = "ticket_in_use"
@@ -92,6 +102,14 @@ class LivenessUnknown(JoinError):
     status_code = 503
     error_type = "liveness_unknown"
     retryable = True
+
+
+class InstanceState(enum.Enum):
+    """What the GCS node table says about the Ray nodes of one instance id."""
+
+    ALIVE = "alive"  # some node with the id is ALIVE
+    DEAD = "dead"  # nodes with the id are listed, all DEAD: it joined once, then died
+    ABSENT = "absent"  # no node with the id is listed
 
 
 @dataclass(frozen=True)
@@ -128,6 +146,7 @@ class TicketBook:
         clock: Callable[[], float] = time.time,
     ) -> None:
         db_path.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(db_path)
         self.db_path = db_path
         self._rejoin_holdoff_s = rejoin_holdoff_s
         self._clock = clock
@@ -138,8 +157,10 @@ class TicketBook:
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.executescript(_SCHEMA)
-        # The file holds hashes only, but a reader could still learn instance ids: owner-only.
-        db_path.chmod(0o600)
+        # A -wal/-shm left by an older version may predate the 0600 database: fix it too.
+        for path in _sidecars(db_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.chmod(0o600)
 
     def close(self) -> None:
         with self._lock:
@@ -154,7 +175,12 @@ class TicketBook:
         ticket = secrets.token_urlsafe(TICKET_BYTES)
         now = self._clock()
         with self._lock:
-            self._db.execute("DELETE FROM tickets WHERE expires_at < ?", (now - KEEP_EXPIRED_S,))
+            cutoff = now - KEEP_EXPIRED_S
+            self._db.execute(
+                "DELETE FROM tickets WHERE (revoked_at IS NOT NULL AND revoked_at < ?)"
+                " OR (redemptions = 0 AND expires_at < ?)",
+                (cutoff, cutoff),
+            )
             self._db.execute(
                 "INSERT INTO tickets (ticket_sha256, instance_id, minted_at, expires_at)"
                 " VALUES (?, ?, ?, ?)",
@@ -181,13 +207,14 @@ class TicketBook:
             ).fetchone()
         return None if row is None else Ticket(*row)
 
-    def redeem(self, ticket: str, alive: Callable[[str], bool]) -> str:
+    def redeem(self, ticket: str, liveness: Callable[[str], InstanceState]) -> str:
         """Spends ``ticket`` and returns its instance id, or raises why not (``JoinError``).
 
         Args:
             ticket: the ticket as minted.
-            alive: whether an ALIVE Ray node carries this instance id; consulted only for a
-                ticket redeemed before. It may raise ``LivenessUnknown``.
+            liveness: what the GCS says about the Ray nodes of an instance id
+                (``join_service.GcsLiveness`` in production); consulted only for a ticket
+                redeemed before. It may raise ``LivenessUnknown``.
         """
         record = self.lookup(ticket)
         now = self._clock()
@@ -195,7 +222,7 @@ class TicketBook:
             raise UnknownTicket("unknown join ticket")
         if record.revoked_at is not None:
             raise TicketRevoked(f"the join ticket of instance {record.instance_id} was revoked")
-        if now >= record.expires_at:
+        if record.redemptions == 0 and now >= record.expires_at:
             raise TicketExpired(f"the join ticket of instance {record.instance_id} expired")
         if record.redemptions > 0:
             assert record.last_redeemed_at is not None
@@ -205,9 +232,17 @@ class TicketBook:
                     f"instance {record.instance_id} redeemed this ticket moments ago",
                     retry_after_s=round(wait_s, 1),
                 )
-            if alive(record.instance_id):
+            state = liveness(record.instance_id)
+            if state is InstanceState.ALIVE:
                 raise TicketInUse(
                     f"a Ray node of instance {record.instance_id} is alive",
+                    retry_after_s=self._rejoin_holdoff_s,
+                )
+            if state is not InstanceState.DEAD:
+                # Redeemed, yet no node of the instance ever registered: no proof of a respawn,
+                # so whoever holds the ticket (anyone who read Hypercore's List) waits.
+                raise TicketInUse(
+                    f"instance {record.instance_id} redeemed this ticket but never joined",
                     retry_after_s=self._rejoin_holdoff_s,
                 )
         with self._lock:
@@ -224,4 +259,29 @@ class TicketBook:
                 f"instance {record.instance_id} redeemed this ticket concurrently",
                 retry_after_s=self._rejoin_holdoff_s,
             )
+        if record.redemptions > 0:
+            logger.warning(
+                "join ticket of instance %s redeemed again (redemption %d): its Ray node is DEAD,"
+                " taken as a respawn",
+                record.instance_id,
+                record.redemptions + 1,
+            )
         return record.instance_id
+
+
+def _sidecars(db_path: Path) -> tuple[Path, Path]:
+    return db_path.with_name(db_path.name + "-wal"), db_path.with_name(db_path.name + "-shm")
+
+
+def _create_private(db_path: Path) -> None:
+    """Creates ``db_path`` (if missing) as an owner-only file, before SQLite opens it.
+
+    SQLite gives the -wal and -shm files the mode of the database file, so they are 0600 too;
+    a chmod after ``sqlite3.connect`` would leave them at the umask's mode. The file holds
+    hashes only, but a reader could still learn instance ids.
+    """
+    fd = os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    finally:
+        os.close(fd)

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .join import JoinError, LivenessUnknown, TicketBook
+from .join import InstanceState, JoinError, LivenessUnknown, TicketBook
 
 logger = logging.getLogger("hyperfleet.join")
 
@@ -97,7 +97,7 @@ async def _read_body(request: Request) -> bytes | None:
 def build_app(
     book: TicketBook,
     token_file: Path,
-    alive: Callable[[str], bool],
+    liveness: Callable[[str], InstanceState],
     limiter: RateLimiter | None = None,
 ) -> Starlette:
     """The join service's ASGI app.
@@ -105,7 +105,7 @@ def build_app(
     Args:
         book: where tickets are redeemed.
         token_file: the Ray auth token, read at each redemption (so a rotated token is served).
-        alive: whether an ALIVE Ray node carries an instance id (``GcsLiveness`` in production).
+        liveness: what the GCS says about an instance id's nodes (``GcsLiveness`` in production).
         limiter: per-address rate limit; default ``RateLimiter()``.
     """
     limiter = limiter or RateLimiter()
@@ -125,7 +125,7 @@ def build_app(
             return _error(400, "invalid_request", f"{where}: {first['msg']}")
         try:
             # SQLite and the GCS query block: keep them off the event loop.
-            instance_id = await run_in_threadpool(book.redeem, ticket, alive)
+            instance_id = await run_in_threadpool(book.redeem, ticket, liveness)
         except JoinError as e:
             logger.warning("join refused for %s: %s", address, e.message)
             return _error(e.status_code, e.error_type, e.message, e.retry_after_s)
@@ -148,7 +148,8 @@ def build_app(
 
 
 class GcsLiveness:
-    """``alive(instance_id)``: whether the GCS lists an ALIVE node with that cloud instance id.
+    """``liveness(instance_id)``: ALIVE if the GCS lists an ALIVE node with that cloud instance
+    id, DEAD if it lists only DEAD ones, ABSENT if none.
 
     Ray's raylet reads ``RAY_CLOUD_INSTANCE_ID`` from its env into ``GcsNodeInfo.instance_id``,
     the field autoscaler v2 matches provider instances on; this asks the same table. The
@@ -160,7 +161,7 @@ class GcsLiveness:
         self._timeout_s = timeout_s
         self._client: Any = None
 
-    def __call__(self, instance_id: str) -> bool:
+    def __call__(self, instance_id: str) -> InstanceState:
         # Ray is imported on first use only: a fresh ticket never needs it.
         import ray.exceptions
         from ray._raylet import GcsClient  # type: ignore[attr-defined]  # Cython, no stubs
@@ -170,16 +171,16 @@ class GcsLiveness:
         try:
             if self._client is None:
                 self._client = GcsClient(address=self._gcs_address)
-            nodes = self._client.get_all_node_info(
-                timeout=self._timeout_s, state_filter=alive_state
-            )
+            # No state filter: a DEAD node is the proof of a respawn that a rejoin needs.
+            nodes = self._client.get_all_node_info(timeout=self._timeout_s)
         except (ray.exceptions.RayError, OSError) as e:
             raise LivenessUnknown(
                 f"the GCS at {self._gcs_address} did not answer", retry_after_s=self._timeout_s
             ) from e
-        return any(
-            info.instance_id == instance_id and info.state == alive_state for info in nodes.values()
-        )
+        states = [info.state for info in nodes.values() if info.instance_id == instance_id]
+        if alive_state in states:
+            return InstanceState.ALIVE
+        return InstanceState.DEAD if states else InstanceState.ABSENT
 
 
 def serve(listener: socket.socket, db_path: Path, token_file: Path, gcs_address: str) -> None:

@@ -12,7 +12,11 @@ Hypercore starts the image with env only (no command override), so everything co
 4. supervises: SIGTERM or SIGINT is forwarded as SIGTERM to the ``ray start`` process only (its
    group would lose the GCS before the node drains: Ray then waits out the whole drain timeout),
    Ray drains the node for up to ``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S``, and the agent exits 0.
-   If ``ray start`` dies on its own, the agent exits non-zero so Hypercore respawns the workload.
+   If ``ray start`` exits on its own on the head, the agent exits non-zero so Hypercore restarts
+   the workload. On a worker it parks instead (``after_ray_exit``): the likely cause is the
+   autoscaler draining an idle node before its provider terminates the workload, and a
+   respawned agent would rejoin in between. It waits for SIGTERM/SIGINT (exit 0), at most
+   ``PARK_AFTER_RAY_EXIT_S`` (then exit 1).
 
 Several nodes may share one machine (the local Hypercore stand-in gives each its own 127.x
 address), so every Ray port but the head's GCS port is left to Ray to pick or bound to the node's
@@ -25,6 +29,7 @@ Exit codes: 0 stopped on request, 1 Ray failed or died, 2 invalid settings, 3 co
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import logging
 import os
@@ -65,6 +70,8 @@ AUTOSCALING_CONFIG_FILE = "autoscaling_config.json"
 # After Ray's drain budget: time for `ray start` to stop its processes before SIGKILL.
 STOP_GRACE_S = 20.0
 POLL_S = 0.2
+# A worker whose `ray start` exited waits this long for the provider to terminate it.
+PARK_AFTER_RAY_EXIT_S = 3600.0
 OBJECT_STORE_FRACTION = 0.3  # Ray's own default share of memory
 OBJECT_STORE_MIN_MB = 128  # Ray refuses less than 75 MiB
 MIB = 1024 * 1024
@@ -224,7 +231,10 @@ def _stop_process(process: subprocess.Popen[bytes], timeout_s: float) -> int | N
         logger.error("pid %d did not stop within %.0f s; killing it", process.pid, timeout_s)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        process.wait(STOP_GRACE_S)
+        try:
+            process.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:  # stuck in the kernel (D state): reap what we can
+            logger.error("pid %d survived SIGKILL for %.0f s", process.pid, STOP_GRACE_S)
         code = None
     reap_leftovers(tree)
     return code
@@ -251,6 +261,23 @@ def reap_orphans(own_pids: Collection[int]) -> list[int]:
                 os.waitpid(int(entry.name), os.WNOHANG)
                 reaped.append(int(entry.name))
     return reaped
+
+
+class AfterRayExit(enum.Enum):
+    """What the agent does once ``ray start --block`` exits on its own."""
+
+    EXIT = "exit"  # exit non-zero: Hypercore restarts the workload
+    PARK = "park"  # wait for the provider's terminate (SIGTERM), then exit 0
+
+
+def after_ray_exit(role: NodeRole) -> AfterRayExit:
+    """The head exits (the cluster needs it back); a worker parks.
+
+    A worker's Ray exits on its own mostly because the autoscaler drained it as idle, and the
+    provider's terminate follows. Exiting would let Hypercore respawn the workload, which would
+    rejoin the cluster just before being terminated.
+    """
+    return AfterRayExit.EXIT if role is NodeRole.HEAD else AfterRayExit.PARK
 
 
 class StopFlag:
@@ -349,6 +376,8 @@ class NodeAgent:
                 # Whatever it left behind in its process group (if it was killed) goes too.
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(ray.pid, signal.SIGKILL)
+                if after_ray_exit(self.settings.role) is AfterRayExit.PARK:
+                    return self._park({join.process.pid} if join else set())
                 return code if code > 0 else EXIT_RAY_FAILED
             if join is not None:
                 try:
@@ -364,6 +393,24 @@ class NodeAgent:
         code = _stop_process(ray, self.settings.drain_timeout_s + STOP_GRACE_S)
         logger.info("ray start stopped (exit %s)", code)
         return EXIT_STOPPED if code is not None else EXIT_RAY_FAILED
+
+    def _park(self, own_pids: Collection[int]) -> int:
+        """Waits for SIGTERM/SIGINT after Ray exited on a worker; see ``after_ray_exit``."""
+        logger.warning(
+            "the Ray node is gone (drained by the autoscaler?): waiting up to %.0f s for this"
+            " workload to be terminated",
+            PARK_AFTER_RAY_EXIT_S,
+        )
+        deadline = time.monotonic() + PARK_AFTER_RAY_EXIT_S
+        is_init = os.getpid() == 1
+        while not self._stopping.wait(min(POLL_S, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                logger.error("not terminated within %.0f s; exiting", PARK_AFTER_RAY_EXIT_S)
+                return EXIT_RAY_FAILED
+            if is_init:
+                reap_orphans(own_pids)
+        logger.info("asked to stop while parked")
+        return EXIT_STOPPED
 
 
 def main(env: Mapping[str, str] | None = None) -> int:

@@ -23,7 +23,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -42,7 +43,8 @@ JOIN_REQUEST_TIMEOUT_S = 10.0
 JOIN_RETRY_MIN_S = 1.0
 JOIN_RETRY_MAX_S = 10.0
 MAX_RESPONSE_BYTES = 64 * 1024
-JOIN_SERVICE_MAX_RESTARTS = 5
+JOIN_SERVICE_MAX_RESTARTS = 5  # within JOIN_SERVICE_RESTART_WINDOW_S
+JOIN_SERVICE_RESTART_WINDOW_S = 600.0
 JOIN_SERVICE_STOP_S = 10.0
 LISTEN_BACKLOG = 64
 # Never handed to a child: the spent ticket, and a token that would override RAY_AUTH_TOKEN_PATH.
@@ -135,7 +137,10 @@ def redeem_ticket(
                     answer = json.loads(body)
                     return str(answer["token"]), str(answer["instance_id"])
                 except (ValueError, KeyError, TypeError) as e:
-                    raise JoinFailed(f"the join service answered garbage: {body[:200]!r}") from e
+                    # Never the body: a 200 answer is the token reply.
+                    raise JoinFailed(
+                        f"the join service's 200 answer is no token reply ({type(e).__name__})"
+                    ) from e
             last = f"HTTP {status}: {_message(body)}"
             if status not in (409, 429) and status < 500:
                 raise JoinFailed(f"the head refused the join ticket ({last})")
@@ -148,6 +153,32 @@ def redeem_ticket(
         stopping.wait(wait_s)
         delay_s = min(JOIN_RETRY_MAX_S, delay_s * 2)
     raise JoinFailed("asked to stop before joining")
+
+
+class RestartBudget:
+    """At most ``max_restarts`` restarts in any ``window_s``: a rare crash never adds up to a
+    give-up over a long life, a crash loop still does."""
+
+    def __init__(
+        self,
+        max_restarts: int = JOIN_SERVICE_MAX_RESTARTS,
+        window_s: float = JOIN_SERVICE_RESTART_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._max = max_restarts
+        self._window_s = window_s
+        self._clock = clock
+        self._at: deque[float] = deque()
+
+    def take(self) -> bool:
+        """Whether one more restart is allowed now; counts it if so."""
+        now = self._clock()
+        while self._at and self._at[0] <= now - self._window_s:
+            self._at.popleft()
+        if len(self._at) >= self._max:
+            return False
+        self._at.append(now)
+        return True
 
 
 class JoinService:
@@ -182,7 +213,7 @@ class JoinService:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token_path),
         }
-        self._restarts = 0
+        self._restarts = RestartBudget()
         self.process = self._start()
 
     def _start(self) -> subprocess.Popen[bytes]:
@@ -193,9 +224,8 @@ class JoinService:
         code = self.process.poll()
         if code is None:
             return
-        if self._restarts >= JOIN_SERVICE_MAX_RESTARTS:
+        if not self._restarts.take():
             raise NodeAgentError(f"the join service keeps dying (last exit status {code})")
-        self._restarts += 1
         logger.warning("the join service exited with %s; restarting it", code)
         self.process = self._start()
 

@@ -53,8 +53,8 @@ print(json.dumps([
 LIVENESS = """
 import sys
 from cluster.join_service import GcsLiveness
-alive = GcsLiveness(sys.argv[1])
-print(" ".join(str(alive(i)) for i in sys.argv[2:]))
+liveness = GcsLiveness(sys.argv[1])
+print(" ".join(liveness(i).value for i in sys.argv[2:]))
 """
 
 
@@ -90,7 +90,7 @@ class Head:
         found = [n for n in table if n["instance_id"] == instance_id and n["state"] == state]
         return found[0] if found else None
 
-    def alive(self, *instance_ids: str) -> list[bool]:
+    def liveness(self, *instance_ids: str) -> list[str]:
         out = subprocess.run(
             [sys.executable, "-c", LIVENESS, self.gcs_address, *instance_ids],
             env=self.env(),
@@ -100,7 +100,7 @@ class Head:
             timeout=60,
             check=True,
         )
-        return [word == "True" for word in out.stdout.split()]
+        return out.stdout.split()
 
     def join(self, ticket: str) -> tuple[int, dict[str, Any]]:
         request = urllib.request.Request(  # noqa: S310
@@ -278,7 +278,7 @@ def test_worker_joins_with_a_ticket_drains_on_sigterm_and_rejoins(
         assert (status, body["error"]["type"]) == (409, "ticket_in_use")
         status, body = head.join("made-up-ticket")
         assert (status, body["error"]["type"]) == (401, "unknown_ticket")
-        assert head.alive("hf-w1", "hf-nobody") == [True, False]
+        assert head.liveness("hf-w1", "hf-nobody") == ["alive", "absent"]
 
         # SIGTERM to the agent: Ray drains the node, the agent exits 0, nothing is left behind.
         tree = descendants(worker.pid)
@@ -287,10 +287,11 @@ def test_worker_joins_with_a_ticket_drains_on_sigterm_and_rejoins(
         assert _alive(tree) == []
         assert "draining" in (home / "agent.log").read_text()
         _wait_for("the worker is not DEAD", lambda: head.node("hf-w1", "DEAD"), [head.log])
-        assert head.alive("hf-w1") == [False]
+        assert head.liveness("hf-w1") == ["dead"]
 
         # Hypercore respawns a stopped workload from the same env: the same ticket rejoins
-        # (after the holdoff that follows a redemption; the agent retries on 409).
+        # (the GCS lists its old node DEAD: proof of a respawn; the agent retries 409s through
+        # the holdoff that follows a redemption).
         worker = _worker(head, f"{subnet}.12", "hf-w1", ticket, tmp_path / "w1-respawned")
         _wait_started(tmp_path / "w1-respawned" / "agent.log")
         again = _wait_for(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -11,6 +13,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from cluster.join import (
+    KEEP_EXPIRED_S,
+    InstanceState,
     LivenessUnknown,
     TicketBook,
     TicketExpired,
@@ -32,12 +36,18 @@ class Clock:
         return self.now
 
 
-def never_alive(instance_id: str) -> bool:
-    return False
+def never_alive(instance_id: str) -> InstanceState:
+    """The GCS lists no node of the instance (a first redemption, or a redeemer never joined)."""
+    return InstanceState.ABSENT
 
 
-def always_alive(instance_id: str) -> bool:
-    return True
+def always_alive(instance_id: str) -> InstanceState:
+    return InstanceState.ALIVE
+
+
+def dead(instance_id: str) -> InstanceState:
+    """The GCS lists the instance's node as DEAD: it joined once and died (a respawn)."""
+    return InstanceState.DEAD
 
 
 @pytest.fixture
@@ -61,13 +71,27 @@ def test_only_a_hash_is_stored(book: TicketBook, tmp_path: Path) -> None:
     assert (tmp_path / "join.db").stat().st_mode & 0o777 == 0o600
 
 
+def test_the_database_and_its_wal_files_are_owner_only(tmp_path: Path) -> None:
+    umask = os.umask(0o022)  # the usual umask, which gave -wal/-shm 0644 before
+    try:
+        book = TicketBook(tmp_path / "join.db")
+    finally:
+        os.umask(umask)
+    book.mint("vm-1", ttl_s=60)  # a write: SQLite has created -wal and -shm by now
+    files = [tmp_path / name for name in ("join.db", "join.db-wal", "join.db-shm")]
+    try:
+        assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o600 for f in files}
+    finally:
+        book.close()
+
+
 def test_a_fresh_ticket_is_redeemed_without_asking_the_gcs(book: TicketBook) -> None:
     ticket = book.mint("vm-1", ttl_s=60)
     asked: list[str] = []
 
-    def alive(instance_id: str) -> bool:
+    def alive(instance_id: str) -> InstanceState:
         asked.append(instance_id)
-        return True
+        return InstanceState.ALIVE
 
     assert book.redeem(ticket, alive) == "vm-1"
     assert asked == []
@@ -80,15 +104,24 @@ def test_unknown_ticket(book: TicketBook) -> None:
     assert refused.value.status_code == 401 and not refused.value.retryable
 
 
-def test_expired_ticket_is_refused_for_good(book: TicketBook, clock: Clock) -> None:
+def test_a_ticket_never_redeemed_expires_for_good(book: TicketBook, clock: Clock) -> None:
     unused = book.mint("vm-1", ttl_s=60)
+    clock.now += 60
+    with pytest.raises(TicketExpired) as refused:
+        book.redeem(unused, dead)
+    assert refused.value.status_code == 410
+
+
+def test_the_ttl_bounds_the_first_redemption_only(book: TicketBook, clock: Clock) -> None:
+    """Hypercore may respawn the workload long after its ticket's TTL: it still rejoins."""
     used = book.mint("vm-2", ttl_s=60)
     book.redeem(used, never_alive)
-    clock.now += 60
-    for ticket in (unused, used):
-        with pytest.raises(TicketExpired) as refused:
-            book.redeem(ticket, never_alive)
-        assert refused.value.status_code == 410
+    clock.now += KEEP_EXPIRED_S + 3600
+    book.mint("vm-3", ttl_s=60)  # minting prunes old tickets: not a redeemed, live one
+    assert book.redeem(used, dead) == "vm-2"
+    book.revoke("vm-2")
+    with pytest.raises(TicketRevoked):
+        book.redeem(used, dead)
 
 
 def test_revoked_ticket_is_refused_and_revoke_is_idempotent(book: TicketBook) -> None:
@@ -127,14 +160,43 @@ def test_reuse_is_refused_during_the_holdoff_even_if_not_alive(
 
 
 def test_a_respawned_instance_rejoins_once_its_old_node_is_dead(
-    book: TicketBook, clock: Clock
+    book: TicketBook, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     ticket = book.mint("vm-1", ttl_s=3600)
     book.redeem(ticket, never_alive)
     clock.now += HOLDOFF_S + 1
-    assert book.redeem(ticket, never_alive) == "vm-1"
+    with caplog.at_level(logging.WARNING, logger="hyperfleet.join"):
+        assert book.redeem(ticket, dead) == "vm-1"
     record = book.lookup(ticket)
     assert record is not None and record.redemptions == 2
+    assert "vm-1 redeemed again (redemption 2)" in caplog.text
+
+
+def test_reuse_is_refused_while_no_node_of_the_instance_ever_joined(
+    book: TicketBook, clock: Clock
+) -> None:
+    """Redeemed, but the GCS lists no node of the instance: no proof of a respawn, so a thief
+    who read the ticket from List gets 409, however long after the holdoff."""
+    ticket = book.mint("vm-1", ttl_s=3600)
+    book.redeem(ticket, never_alive)
+    for _ in range(3):
+        clock.now += HOLDOFF_S * 10
+        with pytest.raises(TicketInUse) as refused:
+            book.redeem(ticket, never_alive)
+        assert refused.value.status_code == 409 and refused.value.retryable
+    record = book.lookup(ticket)
+    assert record is not None and record.redemptions == 1
+
+
+def test_a_dead_node_does_not_shorten_the_holdoff(book: TicketBook, clock: Clock) -> None:
+    ticket = book.mint("vm-1", ttl_s=3600)
+    book.redeem(ticket, never_alive)
+    clock.now += HOLDOFF_S + 1
+    book.redeem(ticket, dead)
+    clock.now += 1
+    with pytest.raises(TicketInUse) as refused:
+        book.redeem(ticket, dead)
+    assert refused.value.retry_after_s == pytest.approx(HOLDOFF_S - 1)
 
 
 def test_liveness_unknown_refuses_and_spends_nothing(book: TicketBook, clock: Clock) -> None:
@@ -142,7 +204,7 @@ def test_liveness_unknown_refuses_and_spends_nothing(book: TicketBook, clock: Cl
     book.redeem(ticket, never_alive)
     clock.now += HOLDOFF_S + 1
 
-    def gcs_down(instance_id: str) -> bool:
+    def gcs_down(instance_id: str) -> InstanceState:
         raise LivenessUnknown("the GCS did not answer", retry_after_s=5)
 
     with pytest.raises(LivenessUnknown):
@@ -158,7 +220,7 @@ def test_bad_mint_arguments(book: TicketBook) -> None:
         book.mint("", ttl_s=60)
 
 
-def _race(books: list[TicketBook], ticket: str, alive: Callable[[str], bool]) -> list[str]:
+def _race(books: list[TicketBook], ticket: str, alive: Callable[[str], InstanceState]) -> list[str]:
     outcomes: list[str] = []
     start = threading.Barrier(len(books))
 
@@ -194,9 +256,9 @@ def test_two_connections_racing_a_rejoin_one_wins(tmp_path: Path, clock: Clock) 
     ]
     both_checked = threading.Barrier(2)
 
-    def dead_after_both_looked(instance_id: str) -> bool:
+    def dead_after_both_looked(instance_id: str) -> InstanceState:
         both_checked.wait(timeout=10)
-        return False
+        return InstanceState.DEAD
 
     assert _race(books, ticket, dead_after_both_looked) == ["refused", "vm-1"]
 

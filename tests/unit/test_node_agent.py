@@ -17,15 +17,20 @@ import pytest
 from cluster import cli, node
 from cluster.gpus import Gpu, Inventory, MigInstance, RayGpuOptions, ray_gpu_options
 from cluster.node import (
+    EXIT_RAY_FAILED,
+    EXIT_STOPPED,
+    AfterRayExit,
+    NodeAgent,
     RayStart,
     StopFlag,
+    after_ray_exit,
     detect_node_ip,
     ray_start_command,
     reap_orphans,
     with_autoscaling_config_file,
 )
-from cluster.node_join import HeadServices, JoinFailed, redeem_ticket
-from cluster.node_settings import NodeSettings, NodeSettingsError
+from cluster.node_join import HeadServices, JoinFailed, RestartBudget, redeem_ticket
+from cluster.node_settings import NodeRole, NodeSettings, NodeSettingsError
 
 H100 = "NVIDIA H100 80GB HBM3"
 CPU_NODE = ray_gpu_options(Inventory())
@@ -320,6 +325,16 @@ def test_redeem_gives_up_on_a_final_refusal(join_server: str, status: int) -> No
     assert len(ScriptedJoin.seen) == 1
 
 
+def test_redeem_never_echoes_a_200_answer(
+    join_server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 200 answer is the token reply: even a malformed one stays out of errors and logs."""
+    ScriptedJoin.script = [(200, {"tokn": "the-secret-token"}, {})]
+    with caplog.at_level("DEBUG"), pytest.raises(JoinFailed, match="no token reply") as failed:
+        redeem_ticket(join_server, "t", "127.0.0.1", 30, StopFlag())
+    assert "the-secret-token" not in str(failed.value) + caplog.text
+
+
 def test_redeem_stops_at_its_deadline_when_the_head_is_down() -> None:
     with pytest.raises(JoinFailed, match="could not join"):
         redeem_ticket("http://127.0.0.1:9", "t", "127.0.0.1", 2.5, StopFlag())
@@ -345,3 +360,53 @@ def test_orphans_are_reaped_and_own_children_left_to_popen() -> None:
     assert not Path(f"/proc/{orphan.pid}").exists()
     assert own.wait(10) == 3  # its status was left for Popen
     orphan.poll()  # settles the Popen object (its child is gone)
+
+
+def test_the_join_service_restart_budget_is_windowed() -> None:
+    now = [0.0]
+    budget = RestartBudget(max_restarts=2, window_s=600, clock=lambda: now[0])
+    assert budget.take()
+    now[0] = 300.0
+    assert budget.take()
+    assert not budget.take()  # a crash loop gives up...
+    now[0] = 599.0
+    assert not budget.take()
+    now[0] = 600.0  # ...but crashes spread over a long life do not add up
+    assert budget.take()
+    assert not budget.take()
+    now[0] = 900.0
+    assert budget.take() and not budget.take()
+
+
+# When `ray start --block` exits on its own: the head exits (Hypercore restarts it), a worker
+# (drained as idle by the autoscaler) parks until the provider terminates it.
+
+
+def test_after_ray_exit_head_exits_worker_parks() -> None:
+    assert after_ray_exit(NodeRole.HEAD) is AfterRayExit.EXIT
+    assert after_ray_exit(NodeRole.WORKER) is AfterRayExit.PARK
+
+
+def _ray_that_exits() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["sh", "-c", "exit 0"], start_new_session=True)
+
+
+def test_a_worker_whose_ray_exits_parks_until_sigterm() -> None:
+    agent = NodeAgent(NodeSettings.from_env(worker_env()), worker_env())
+    stopper = threading.Timer(1.0, agent.request_stop, args=(15,))
+    stopper.start()
+    try:
+        assert agent._supervise(_ray_that_exits(), None) == EXIT_STOPPED
+    finally:
+        stopper.cancel()
+
+
+def test_a_parked_worker_exits_non_zero_after_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(node, "PARK_AFTER_RAY_EXIT_S", 0.5)
+    agent = NodeAgent(NodeSettings.from_env(worker_env()), worker_env())
+    assert agent._supervise(_ray_that_exits(), None) == EXIT_RAY_FAILED
+
+
+def test_a_head_whose_ray_exits_exits_non_zero() -> None:
+    agent = NodeAgent(NodeSettings.from_env(head_env()), head_env())
+    assert agent._supervise(_ray_that_exits(), None) == EXIT_RAY_FAILED
