@@ -17,9 +17,13 @@ Design decisions:
   tombstones of terminated nodes. In memory there are only caches that a fresh instance rebuilds:
   List (for ``list_cache_ttl_s``), workloads Spawned a moment ago that List (refreshed by Hypercore
   every ~5 s) does not show yet, and workloads Stopped a moment ago that it still shows.
-- Terminate is idempotent: the node is tombstoned first, then each of its workloads Stopped, an
-  unknown workload meaning "already gone". A workload that still carries a tombstoned node id
-  (Hypercore respawned it from a stale entry, or a Stop failed) is stopped when next seen.
+- Terminate is idempotent: the node is tombstoned first, then its workloads Stopped in parallel,
+  an unknown workload meaning "already gone"; then List is watched for a while (Hypercore may
+  respawn a workload that exited just before the Stop, under a new id) and anything carrying a
+  terminated id is Stopped too. A workload that still carries a tombstoned node id and shows up
+  later (or whose Stop failed) is Stopped in the background when a read next sees it: reads never
+  wait for a Stop nor raise its error.
+- A launch that Hypercore refuses part of Stops the nodes that did start before it raises.
 - Hypercore errors are raised, never swallowed: under v2 a failed launch becomes a
   ``LaunchNodeError`` and the autoscaler asks again on a later tick.
 - Secrets: a worker's env carries a one-time join ticket (``cluster.join.TicketBook``, minted in
@@ -40,7 +44,8 @@ import re
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -78,6 +83,14 @@ HEAD_CONFIG_KEY = "_hyperfleet_head_config"
 # until then. Beyond this, List is believed.
 LIST_LAG_S = 30.0
 MAX_PARALLEL_SPAWNS = 8
+MAX_PARALLEL_STOPS = 8
+# A Stop ends the workload with SIGTERM, 5 s, SIGKILL; the rest is margin for Hypercore's query.
+STOP_TIMEOUT_S = 30.0
+# After terminating, List is watched for this many of Hypercore's refresh intervals (a respawn
+# from a stale entry shows one refresh after the one that started it), and must stay clear of
+# the terminated ids for one whole interval.
+SETTLE_REFRESHES = 2
+SETTLE_POLL_S = 0.5
 # `ray start` prints the address it advertises (ray/scripts/scripts.py, "Local node IP").
 _NODE_IP_LINE = re.compile(r"Local node IP:\s*(\S+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -122,6 +135,8 @@ class HypercoreNodeProvider(NodeProvider):
         self._listed_at = float("-inf")
         self._spawned: dict[str, _Spawned] = {}  # node id -> not in List yet
         self._stopped: dict[str, float] = {}  # workload id -> when this instance stopped it
+        self._stopping: dict[str, Future[bool]] = {}  # workload id -> its Stop in flight
+        self._stop_pool = ThreadPoolExecutor(MAX_PARALLEL_STOPS, thread_name_prefix="hf-stop")
         self._log_addresses: dict[str, str] = {}  # workload id -> address its log reported
         self._tickets: TicketBook | None = None  # opened on first use: only the head has one
 
@@ -159,7 +174,9 @@ class HypercoreNodeProvider(NodeProvider):
                 ]
         for workload_id in strays:
             logger.info("stopping workload %s of a terminated node", workload_id)
-            self._stop_workload(workload_id)
+            self._stop_async(workload_id).add_done_callback(_log_stop_failure)
+        if buried:
+            self._state.note_listed(listed)
         self._state.forget_tags(keep=listed, older_than_s=FORGET_TAGS_AFTER_S)
 
     def _nodes(self) -> dict[str, ListedNode]:
@@ -291,6 +308,12 @@ class HypercoreNodeProvider(NodeProvider):
             else:
                 created[node.node_id] = {"workload_id": node.workload_id}
         if errors:
+            if created:
+                # Ray counts the whole launch as failed and never learns these ids: stop them.
+                try:
+                    self.terminate_nodes(sorted(created))
+                except (HypercoreError, TimeoutError) as e:
+                    logger.warning("cannot stop the nodes of a failed launch: %s", e)
             retryable = all(getattr(e, "retryable", False) for e in errors)
             raise NodeLaunchError(
                 f"Hypercore launched {len(created)} of {count} {node_type!r} nodes: {errors[0]}",
@@ -350,52 +373,108 @@ class HypercoreNodeProvider(NodeProvider):
         join_url = os.environ.get(env_keys.JOIN_URL)
         join_db = os.environ.get(env_keys.JOIN_DB)
         if not (head_address and join_url and join_db):
-            # Outside a head's autoscaler there is no cluster to join (e.g. the contract tests).
-            logger.warning(
-                "no %s/%s/%s in the provider's environment: node %s cannot join a Ray cluster",
-                env_keys.HEAD_ADDRESS,
-                env_keys.JOIN_URL,
-                env_keys.JOIN_DB,
-                node_id,
+            # Outside a head's autoscaler there is no cluster to join: such a worker would only
+            # crash-loop (and Hypercore respawn it), so nothing is spawned.
+            raise NodeLaunchError(
+                f"cannot launch worker {node_id}: {env_keys.HEAD_ADDRESS}, {env_keys.JOIN_URL} "
+                f"and {env_keys.JOIN_DB} must be set in the provider's environment (the head's "
+                "node agent sets them for its autoscaler)",
+                retryable=False,
             )
-            return {"head_address": head_address, "join_url": join_url}
         ticket = self._ticket_book(join_db).mint(node_id, ttl_s=self.config.ticket_ttl_s)
         return {"head_address": head_address, "join_url": join_url, "join_ticket": ticket}
 
     # ---- terminating nodes ---------------------------------------------------------------
 
     def terminate_node(self, node_id: str) -> dict[str, Any]:
-        self._state.bury(node_id)
-        self._revoke(node_id)
-        self._refresh(force=True)
-        stopped = [w for w in self._workload_ids(node_id) if self._stop_workload(w)]
-        logger.info("terminated node %s (workloads stopped: %s)", node_id, stopped or "none")
-        return {node_id: {"workload_ids": stopped}}
+        return self.terminate_nodes([node_id])
 
     def terminate_nodes(self, node_ids: list[str]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
+        """Tombstones the nodes, Stops their workloads in parallel, then watches List for
+        ``SETTLE_REFRESHES`` Hypercore refresh intervals, Stopping any workload that still
+        carries one of their ids (one Hypercore respawned just before the Stop).
+
+        Raises:
+            HypercoreError: a Stop still failing at the end (the node stays tombstoned, and a
+                later read Stops its workload in the background).
+        """
+        if not node_ids:
+            return {}
         for node_id in node_ids:
-            result.update(self.terminate_node(node_id))
-        return result
+            self._state.bury(node_id)
+            self._revoke(node_id)
+        stopped: dict[str, list[str]] = {node_id: [] for node_id in node_ids}
+        interval_s = self.config.hypercore_refresh_interval_s
+        deadline = time.monotonic() + SETTLE_REFRESHES * interval_s
+        clear_since = time.monotonic()
+        while True:
+            self._refresh(force=True)
+            futures = {
+                (node_id, w): self._stop_async(w)
+                for node_id in node_ids
+                for w in self._all_workload_ids(node_id)
+            }
+            wait_futures(futures.values(), timeout=STOP_TIMEOUT_S + SETTLE_POLL_S)
+            errors: list[BaseException] = []
+            for (node_id, workload_id), future in futures.items():
+                error = future.exception(timeout=0) if future.done() else None
+                if not future.done() or error is not None:
+                    errors.append(error or TimeoutError(f"Stop of {workload_id} still running"))
+                elif future.result():
+                    stopped[node_id].append(workload_id)
+                else:
+                    continue
+                clear_since = time.monotonic()
+            now = time.monotonic()
+            if not errors and now - clear_since > interval_s:
+                break
+            if now >= deadline:
+                if errors:
+                    raise errors[0]
+                break
+            time.sleep(SETTLE_POLL_S)
+        for node_id, workloads in stopped.items():
+            logger.info("terminated node %s (workloads stopped: %s)", node_id, workloads or "none")
+        return {node_id: {"workload_ids": workloads} for node_id, workloads in stopped.items()}
+
+    def _all_workload_ids(self, node_id: str) -> list[str]:
+        """The node's workloads in the cached List or Spawned a moment ago, stopped or not."""
+        with self._lock:
+            ids = {w.workload_id for w in self._listed.get(node_id, [])}
+            if node_id in self._spawned:
+                ids.add(self._spawned[node_id].node.workload_id)
+            return sorted(ids)
+
+    def _stop_async(self, workload_id: str) -> Future[bool]:
+        """Stops one workload on the Stop pool; the future says False if it was already gone.
+
+        At most one Stop per workload id: a second caller gets the Stop in flight, or False once
+        it succeeded (a Stop of an unknown id costs a real Hypercore its whole query timeout)."""
+        with self._lock:
+            running = self._stopping.get(workload_id)
+            if running is not None:
+                return running
+            if workload_id in self._stopped:
+                done: Future[bool] = Future()
+                done.set_result(False)
+                return done
+            self._stopped[workload_id] = time.monotonic()
+            future = self._stop_pool.submit(self._stop_workload, workload_id)
+            self._stopping[workload_id] = future
+            return future
 
     def _stop_workload(self, workload_id: str) -> bool:
-        """Stops one workload; False if it was already gone (or another thread is stopping it).
-
-        The workload is claimed before the call, so that two threads never Stop the same id: the
-        second Stop would name an unknown workload, which costs a real Hypercore its whole
-        cluster query timeout."""
-        with self._lock:
-            if workload_id in self._stopped:
-                return False
-            self._stopped[workload_id] = time.monotonic()
         try:
-            self._client.stop(workload_id, timeout_s=self.config.spawn_timeout_s)
+            self._client.stop(workload_id, timeout_s=STOP_TIMEOUT_S)
         except UnknownWorkload:
             return False
-        except HypercoreError:
+        except BaseException:
             with self._lock:
-                del self._stopped[workload_id]
+                self._stopped.pop(workload_id, None)  # seen again, so Stopped again
             raise
+        finally:
+            with self._lock:
+                self._stopping.pop(workload_id, None)
         return True
 
     def _revoke(self, node_id: str) -> None:
@@ -459,6 +538,14 @@ class HypercoreNodeProvider(NodeProvider):
         docker_config: dict[str, Any] | None = None,
     ) -> HypercoreCommandRunner:
         return HypercoreCommandRunner(self, node_id, self.config.head_start_timeout_s)
+
+
+def _log_stop_failure(future: Future[bool]) -> None:
+    error = future.exception()
+    if error is not None:
+        logger.warning(
+            "cannot stop a workload of a terminated node (retried when next seen): %s", error
+        )
 
 
 def _matches(tags: Mapping[str, str], tag_filters: Mapping[str, str]) -> bool:

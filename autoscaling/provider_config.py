@@ -27,6 +27,8 @@ DEFAULT_SPAWN_TIMEOUT_S = 120.0
 DEFAULT_CALL_TIMEOUT_S = 10.0
 # Hypercore refreshes List about every 5 s; reading it more often than this only adds load.
 DEFAULT_LIST_CACHE_TTL_S = 1.0
+# How often Hypercore rebuilds the List it serves (and respawns exited workloads).
+DEFAULT_HYPERCORE_REFRESH_INTERVAL_S = 5.0
 DEFAULT_TICKET_TTL_S = 900.0
 DEFAULT_HEAD_START_TIMEOUT_S = 300.0
 # How the node agent splits a VM's memory (cluster/node.py, ray_start_command): Ray's own default
@@ -71,6 +73,13 @@ class ProviderConfig(BaseModel):
         "cluster query times out (90 s), and a Stop waits 5 s before SIGKILL",
     )
     list_cache_ttl_s: float = Field(default=DEFAULT_LIST_CACHE_TTL_S, ge=0, le=60)
+    hypercore_refresh_interval_s: float = Field(
+        default=DEFAULT_HYPERCORE_REFRESH_INTERVAL_S,
+        gt=0,
+        le=60,
+        description="Hypercore's List refresh interval: terminate watches List this long for "
+        "a workload Hypercore respawned from a stale entry",
+    )
     default_image: str = Field(default=DEFAULT_IMAGE, min_length=1)
     head_ray_port: int = Field(default=DEFAULT_HEAD_RAY_PORT, ge=1, le=65535)
     head_start_timeout_s: float = Field(default=DEFAULT_HEAD_START_TIMEOUT_S, gt=0, le=3600)

@@ -8,7 +8,10 @@ matters is on the machine that runs ``ray up``: ``ray get-head-ip``/``ray exec``
 there find the head by its ``up-to-date`` status (``commands._get_running_head_node``).
 
 Tombstones record the nodes this provider terminated, so a workload that Hypercore respawned from a
-stale List entry (under a new workload id) is stopped on sight instead of coming back as a node.
+stale List entry (under a new workload id) is stopped on sight instead of coming back as a node. A
+tombstone is kept until List has not shown the node for ``TOMBSTONE_UNSEEN_REFRESHES`` refreshes
+spanning at least ``TOMBSTONE_UNSEEN_S`` (a respawn shows only after Hypercore's next refresh), and
+at most ``TOMBSTONE_MAX_AGE_S``.
 
 SQLite rather than memory: the autoscaler builds more than one provider instance, and a fresh
 instance (a new ``ray`` command) must see the same state. Every call opens its own connection, so
@@ -26,8 +29,11 @@ from pathlib import Path
 
 # Another process may hold the write lock briefly; wait rather than fail.
 BUSY_TIMEOUT_S = 10.0
-# Hypercore respawns a stopped process within seconds; after this a tombstone has done its job.
-TOMBSTONE_TTL_S = 600.0
+# A tombstone is dropped once List has not shown its node for this many of the provider's refreshes
+# and for this long (many of Hypercore's ~5 s refreshes), and in any case after the hard bound.
+TOMBSTONE_UNSEEN_REFRESHES = 3
+TOMBSTONE_UNSEEN_S = 120.0
+TOMBSTONE_MAX_AGE_S = 86400.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS node_tags (
@@ -37,6 +43,11 @@ CREATE TABLE IF NOT EXISTS tombstones (
     cluster TEXT NOT NULL, node_id TEXT NOT NULL, terminated_at REAL NOT NULL,
     PRIMARY KEY (cluster, node_id));
 """
+# Added after the first release: a state_dir written by it lacks them.
+_TOMBSTONE_COLUMNS = {
+    "last_seen_at": "REAL NOT NULL DEFAULT 0",
+    "unseen_refreshes": "INTEGER NOT NULL DEFAULT 0",
+}
 
 
 class ProviderState:
@@ -48,7 +59,15 @@ class ProviderState:
         self._cluster = cluster_name
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+        # In one write transaction: several providers may open the same new file at once.
+        with self._write() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            have = {row[1] for row in db.execute("PRAGMA table_info(tombstones)")}
+            for column, declaration in _TOMBSTONE_COLUMNS.items():
+                if column not in have:
+                    db.execute(f"ALTER TABLE tombstones ADD COLUMN {column} {declaration}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -56,6 +75,22 @@ class ProviderState:
         try:
             with db:  # one transaction, committed on success
                 yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction taken up front (BEGIN IMMEDIATE): a read-modify-write inside it
+        cannot interleave with another process's."""
+        db = sqlite3.connect(self._path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
         finally:
             db.close()
 
@@ -69,7 +104,7 @@ class ProviderState:
 
     def update_tags(self, node_id: str, tags: dict[str, str]) -> None:
         """Merges ``tags`` into the node's stored updates."""
-        with self._connect() as db:
+        with self._write() as db:
             row = db.execute(
                 "SELECT tags FROM node_tags WHERE cluster = ? AND node_id = ?",
                 (self._cluster, node_id),
@@ -95,25 +130,61 @@ class ProviderState:
 
     def bury(self, node_id: str) -> None:
         """Records that ``node_id`` was terminated, drops its tag updates, and purges tombstones
-        older than ``TOMBSTONE_TTL_S``."""
-        with self._connect() as db:
+        older than ``TOMBSTONE_MAX_AGE_S``."""
+        now = time.time()
+        with self._write() as db:
             db.execute(
                 "DELETE FROM tombstones WHERE cluster = ? AND terminated_at < ?",
-                (self._cluster, time.time() - TOMBSTONE_TTL_S),
+                (self._cluster, now - TOMBSTONE_MAX_AGE_S),
             )
             db.execute(
-                "INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?)",
-                (self._cluster, node_id, time.time()),
+                "INSERT OR REPLACE INTO tombstones"
+                " (cluster, node_id, terminated_at, last_seen_at, unseen_refreshes)"
+                " VALUES (?, ?, ?, ?, 0)",
+                (self._cluster, node_id, now, now),
             )
             db.execute(
                 "DELETE FROM node_tags WHERE cluster = ? AND node_id = ?", (self._cluster, node_id)
             )
 
     def buried(self) -> set[str]:
-        """Node ids terminated within the last ``TOMBSTONE_TTL_S``."""
+        """Node ids terminated and not yet released by ``note_listed``."""
         with self._connect() as db:
             rows = db.execute(
                 "SELECT node_id FROM tombstones WHERE cluster = ? AND terminated_at >= ?",
-                (self._cluster, time.time() - TOMBSTONE_TTL_S),
+                (self._cluster, time.time() - TOMBSTONE_MAX_AGE_S),
             ).fetchall()
         return {r[0] for r in rows}
+
+    def note_listed(self, listed: Iterable[str]) -> None:
+        """Counts one refresh of List that showed the node ids ``listed``: a tombstone whose
+        node List has not shown for ``TOMBSTONE_UNSEEN_REFRESHES`` refreshes and
+        ``TOMBSTONE_UNSEEN_S`` is dropped (its workloads are gone), as is any past
+        ``TOMBSTONE_MAX_AGE_S``."""
+        listed_set = set(listed)
+        now = time.time()
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT node_id, terminated_at, last_seen_at, unseen_refreshes FROM tombstones"
+                " WHERE cluster = ?",
+                (self._cluster,),
+            ).fetchall()
+            for node_id, terminated_at, last_seen_at, unseen in rows:
+                seen_at = max(last_seen_at, terminated_at)
+                key = (self._cluster, node_id)
+                if node_id in listed_set:
+                    db.execute(
+                        "UPDATE tombstones SET last_seen_at = ?, unseen_refreshes = 0"
+                        " WHERE cluster = ? AND node_id = ?",
+                        (now, *key),
+                    )
+                elif now - terminated_at > TOMBSTONE_MAX_AGE_S or (
+                    unseen + 1 >= TOMBSTONE_UNSEEN_REFRESHES and now - seen_at > TOMBSTONE_UNSEEN_S
+                ):
+                    db.execute("DELETE FROM tombstones WHERE cluster = ? AND node_id = ?", key)
+                else:
+                    db.execute(
+                        "UPDATE tombstones SET unseen_refreshes = ?"
+                        " WHERE cluster = ? AND node_id = ?",
+                        (unseen + 1, *key),
+                    )

@@ -606,3 +606,64 @@ def test_stopping_the_standin_stops_its_workloads(tmp_path: Path) -> None:
     logs = [(handle.state_dir / "logs" / i).read_text() for i in ids]
     assert "got SIGTERM" in logs[0]
     assert "got SIGTERM, exiting" in logs[1]
+
+
+def _in_process_host(tmp_path: Path, *env: str) -> Any:
+    from cluster.hypercore import proto
+    from cluster.hypercore.standin.host import Host
+
+    host = Host(CATALOG, tmp_path / "host", "standin.local")
+    request = proto.VmSpawnRequest(
+        cores=1, memory=64, image_ref="test.local/sleep:1", env=list(env)
+    )
+    return host, request
+
+
+def test_a_stop_during_the_respawn_of_an_exited_workload_fails(tmp_path: Path) -> None:
+    """Before the fix, refresh awaited the exited entry's cleanup without claiming it, so a Stop
+    meanwhile succeeded and the workload still came back under a new id."""
+    import asyncio
+
+    from cluster.hypercore.standin.host import HostError
+
+    async def scenario() -> None:
+        host, request = _in_process_host(tmp_path)
+        try:
+            spawned = await host.spawn(request)
+            entry = host._workloads[spawned.id]
+            for pid in pids_with_env(f"IP={entry.address}"):
+                os.kill(pid, 9)
+            for _ in range(int(WAIT_S / 0.05)):
+                if entry.process.exited:
+                    break
+                await asyncio.sleep(0.05)
+            assert entry.process.exited
+            refreshed, stopped = await asyncio.gather(
+                host.refresh(), host.stop(spawned.id), return_exceptions=True
+            )
+            assert refreshed is None
+            assert isinstance(stopped, HostError) and "no success response" in stopped.text
+        finally:
+            await host.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_shutdown_stops_a_workload_a_concurrent_spawn_started(tmp_path: Path) -> None:
+    import asyncio
+
+    from cluster.hypercore.standin.host import HostError
+
+    mark = marker()
+
+    async def scenario() -> list[str]:
+        host, request = _in_process_host(tmp_path, mark)
+        spawn = asyncio.create_task(host.spawn(request))
+        await asyncio.sleep(0)  # the Spawn is inside its start when shutdown begins
+        await host.shutdown()
+        with pytest.raises(HostError):
+            await spawn
+        return [e.address for e in host._workloads.values()]
+
+    assert asyncio.run(scenario()) == []
+    assert pids_with_env(mark) == []

@@ -36,7 +36,13 @@ from autoscaling import (
     NoRemoteExecutionError,
     ProviderConfigError,
 )
-from cluster.hypercore import HypercoreClient, HypercoreUnavailable, StandinHandle, start_standin
+from cluster.hypercore import (
+    HypercoreClient,
+    HypercoreUnavailable,
+    SpawnRequest,
+    StandinHandle,
+    start_standin,
+)
 from cluster.join import TicketBook
 from cluster.processes import free_port
 
@@ -91,7 +97,16 @@ def config(standin: StandinHandle, tmp_path: Path) -> dict[str, Any]:
         "state_dir": str(tmp_path / "provider"),
         "disable_node_updaters": True,
         "list_cache_ttl_s": 0.2,
+        "hypercore_refresh_interval_s": REFRESH_INTERVAL_S,
     }
+
+
+@pytest.fixture(autouse=True)
+def join_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the head's node agent gives its autoscaler: without it no worker is launched."""
+    monkeypatch.setenv("HYPERFLEET_JOIN_DB", str(tmp_path / "join.db"))
+    monkeypatch.setenv("HYPERFLEET_JOIN_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("HYPERFLEET_HEAD_ADDRESS", f"127.0.0.1:{free_port()}")
 
 
 @pytest.fixture
@@ -378,3 +393,101 @@ def test_command_runner_runs_nothing_and_waits_for_ray(
     silent = provider.get_command_runner("", sleeper, {}, provider.cluster_name, None, True)  # type: ignore[arg-type]
     with pytest.raises(HeadStartError, match="did not start"):
         silent.run("ray start --head")
+
+
+def test_a_worker_without_join_env_is_not_launched(
+    make_provider: Callable[..., HypercoreNodeProvider],
+    hypercore: HypercoreClient,
+    cluster_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("HYPERFLEET_JOIN_DB")
+    provider = make_provider()
+    with pytest.raises(NodeLaunchError, match="HYPERFLEET_JOIN_DB") as refused:
+        create_workers(provider, 1)
+    assert not refused.value.retryable
+    assert provider.non_terminated_nodes({}) == []
+    assert listed(hypercore, cluster_name) == {}
+
+
+def test_a_partly_failed_launch_stops_the_nodes_that_started(
+    make_provider: Callable[..., HypercoreNodeProvider],
+    hypercore: HypercoreClient,
+    cluster_name: str,
+) -> None:
+    # Two of three fit the stand-in's capacity (max(CPUs, 225) cores); the third is refused.
+    cores = max(os.cpu_count() or 1, 225) // 2
+    provider = make_provider()
+    with pytest.raises(NodeLaunchError, match=r"[12] of 3"):
+        provider.create_node_with_resources_and_labels(
+            {**NODE_CONFIG, "cores": cores}, worker_tags(), 3, {}, {}
+        )
+    assert provider.non_terminated_nodes({}) == []
+    assert make_provider().non_terminated_nodes({}) == []
+    assert eventually(lambda: listed(hypercore, cluster_name) == {}, "List without the nodes")
+
+
+def test_a_stray_of_a_terminated_node_is_stopped_without_failing_reads(
+    make_provider: Callable[..., HypercoreNodeProvider],
+    hypercore: HypercoreClient,
+    cluster_name: str,
+) -> None:
+    provider = make_provider()
+    [node_id] = create_workers(provider, 1)
+    request = eventually(
+        lambda: next(
+            (
+                w.request
+                for h in hypercore.list()
+                for w in h.workloads
+                if f"HYPERFLEET_INSTANCE_ID={node_id}" in w.request.env
+            ),
+            None,
+        ),
+        "the workload in List",
+    )
+    provider.terminate_node(node_id)
+    # What Hypercore does when it respawns a workload from a stale entry.
+    stray = hypercore.spawn(
+        SpawnRequest(
+            cores=request.cores,
+            memory_mb=request.memory_mb,
+            image_ref=request.image_ref,
+            ports={},
+            env=tuple(request.env),
+            dry_run=False,
+        )
+    )
+    eventually(
+        lambda: listed(hypercore, cluster_name).get(node_id) == [stray.id], "the stray in List"
+    )
+    fresh = make_provider()  # knows the node only from its tombstone
+    assert fresh.non_terminated_nodes({}) == []
+    assert not fresh.is_running(node_id, refresh=True)
+    # Reads Stop it in the background (they neither wait for the Stop nor raise its errors).
+    eventually(
+        lambda: fresh.non_terminated_nodes({}) == [] and listed(hypercore, cluster_name) == {},
+        f"the stray {stray.id} stopped",
+    )
+
+
+@pytest.mark.timeout(180)
+def test_terminate_stops_a_respawn_that_list_did_not_show_yet(
+    make_provider: Callable[..., HypercoreNodeProvider],
+    hypercore: HypercoreClient,
+    cluster_name: str,
+) -> None:
+    provider = make_provider()
+    [node_id] = create_workers(provider, 1)
+    [first] = eventually(lambda: listed(hypercore, cluster_name).get(node_id), "List")
+    for pid in eventually(lambda: workload_pids(node_id), "the workload's process"):
+        os.kill(pid, signal.SIGKILL)
+    # The stand-in has dropped the exited workload and is starting it again under a new id,
+    # which List shows only after its next refresh.
+    eventually(lambda: first not in listed(hypercore, cluster_name).get(node_id, []), "respawn")
+    make_provider().terminate_node(node_id)
+    deadline = time.monotonic() + 3 * REFRESH_INTERVAL_S
+    while time.monotonic() < deadline:
+        assert node_id not in listed(hypercore, cluster_name)
+        time.sleep(0.2)
+    assert eventually(lambda: not workload_pids(node_id), "the workload's processes to exit")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,11 +31,12 @@ from .test_provider import eventually
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
 RAY_UP_TIMEOUT_S = 300
+STANDIN_REFRESH_S = 1.0
 
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandinHandle]:
-    handle = start_standin(tmp_path_factory.mktemp("standin"), refresh_interval_s=1.0)
+    handle = start_standin(tmp_path_factory.mktemp("standin"), refresh_interval_s=STANDIN_REFRESH_S)
     try:
         yield handle
     finally:
@@ -97,4 +99,10 @@ def test_ray_up_then_ray_down(standin: StandinHandle, tmp_path: Path) -> None:
     assert down.returncode == 0, down.stdout[-4000:] + down.stderr[-4000:]
     eventually(lambda: cluster_workloads(hypercore, name, "head") == {}, "no head in List")
     eventually(lambda: cluster_workloads(hypercore, name, "worker") == {}, "no worker in List")
+    # And it stays empty: nothing Hypercore respawned after `ray down`'s last List leaks.
+    deadline = time.monotonic() + 3 * STANDIN_REFRESH_S
+    while time.monotonic() < deadline:
+        assert cluster_workloads(hypercore, name, "head") == {}
+        assert cluster_workloads(hypercore, name, "worker") == {}
+        time.sleep(STANDIN_REFRESH_S / 4)
     hypercore.close()

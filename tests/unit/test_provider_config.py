@@ -161,3 +161,50 @@ def test_node_env_round_trips_through_list() -> None:
     assert (node.node_id, node.workload_id, dict(node.tags)) == ("hf-c1-abc", "w-1", tags)
     assert listed_node("w-1", env, "other-cluster") is None
     assert listed_node("w-2", ("HYPERFLEET_CLUSTER=c1",), "c1") is None
+
+
+def test_a_tombstone_stays_until_list_has_not_shown_its_node_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autoscaling import provider_state
+    from autoscaling.provider_state import ProviderState
+
+    state = ProviderState(tmp_path, "c1")
+    state.bury("n1")
+    state.bury("n2")
+    # Age alone releases nothing while List still shows the node.
+    monkeypatch.setattr(provider_state, "TOMBSTONE_UNSEEN_S", 0.0)
+    for _ in range(10):
+        state.note_listed(["n1", "n2"])
+    assert state.buried() == {"n1", "n2"}
+    for _ in range(provider_state.TOMBSTONE_UNSEEN_REFRESHES - 1):
+        state.note_listed(["n2"])
+    state.note_listed(["n1", "n2"])  # seen again: counting starts over
+    for _ in range(provider_state.TOMBSTONE_UNSEEN_REFRESHES - 1):
+        state.note_listed(["n2"])
+    assert state.buried() == {"n1", "n2"}
+    state.note_listed(["n2"])
+    assert state.buried() == {"n2"}
+    # Unseen often enough but not for long enough: kept.
+    monkeypatch.setattr(provider_state, "TOMBSTONE_UNSEEN_S", 3600.0)
+    for _ in range(2 * provider_state.TOMBSTONE_UNSEEN_REFRESHES):
+        state.note_listed([])
+    assert ProviderState(tmp_path, "c1").buried() == {"n2"}
+    assert ProviderState(tmp_path, "c2").buried() == set()
+    # The hard bound releases even a node List keeps showing.
+    monkeypatch.setattr(provider_state, "TOMBSTONE_MAX_AGE_S", 0.0)
+    state.note_listed(["n2"])
+    assert state.buried() == set()
+
+
+def test_concurrent_tag_updates_are_all_kept(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from autoscaling.provider_state import ProviderState
+
+    def update(i: int) -> None:
+        ProviderState(tmp_path, "c").update_tags("n", {f"k{i}": str(i)})
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(update, range(40)))
+    assert ProviderState(tmp_path, "c").tag_updates()["n"] == {f"k{i}": str(i) for i in range(40)}

@@ -165,6 +165,11 @@ class Host:
             except TimeoutError as e:
                 # Hypercore's spawn query times out with no answer from the host.
                 raise HostError(errors.NO_RESPONSE) from e
+            if self._closing:
+                # shutdown() began while this one started: it would never see the workload.
+                await entry.process.terminate(STOP_GRACE_S)
+                self._remove(entry)
+                raise HostError(errors.NO_RESPONSE)
             self._workloads[entry.id] = entry
         logger.info("spawned %s (%s) at %s", entry.id, request.image_ref, entry.address)
         return proto.VmSpawnResponse(id=entry.id, url=f"{entry.id}.{self._base_url}")
@@ -229,6 +234,9 @@ class Host:
         for entry in list(self._workloads.values()):
             if entry.process.exited and not entry.stopping:
                 logger.info("workload %s exited: respawning it under a new id", entry.id)
+                # Claimed before the await: a Stop meanwhile must not succeed on a workload
+                # that is about to come back under a new id.
+                entry.stopping = True
                 await entry.process.terminate(0.0)  # the rest of its tree goes with it
                 self._remove(entry)
                 task = asyncio.create_task(self._respawn(entry.request))
@@ -304,11 +312,13 @@ class Host:
             raise HostError(errors.LOGS_NO_FILE.format(path=path)) from e
 
     async def shutdown(self) -> None:
-        """Stops every workload (SIGTERM, 5 s, SIGKILL), all at once."""
+        """Stops every workload (SIGTERM, 5 s, SIGKILL), all at once, after any Spawn in flight
+        (which, seeing the host closing, stops the workload it started and fails)."""
         self._closing = True
-        for task in list(self._respawns):
-            task.cancel()
-        entries = list(self._workloads.values())
+        # Not cancelled: a respawn cancelled inside its start could leave its process behind.
+        await asyncio.gather(*list(self._respawns), return_exceptions=True)
+        async with self._spawn_lock:
+            entries = list(self._workloads.values())
         await asyncio.gather(*(e.process.terminate(STOP_GRACE_S) for e in entries))
         for entry in entries:
             self._remove(entry)
