@@ -99,7 +99,14 @@ def _run_emulator(args: argparse.Namespace) -> int:
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ValidationError as e:
+        names = {"redis_url": "HYPERFLEET_REDIS_URL"}
+        for error in e.errors(include_url=False):
+            where = names.get(str(error["loc"][0]), str(error["loc"][0]))
+            print(f"hyperfleet up: {where}: {error['msg']}", file=sys.stderr)
+        return 2
     try:
         info = stack.up(
             settings, args.port, args.emulator_port, args.ray_port, redis_port=args.redis_port

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
 class Settings(BaseModel):
@@ -26,7 +26,7 @@ class Settings(BaseModel):
     anthropic_base_url: str | None = None
     # An external Redis for admission and the session store; else the stack starts a local
     # redis-server when one is installed, unless HYPERFLEET_REDIS=off.
-    redis_url: str | None = None
+    redis_url: str | None = Field(default=None, pattern=r"^rediss?://[^\s]+$")
     local_redis: bool = True
 
     @classmethod

@@ -245,13 +245,16 @@ class RedisGate:
         route = await self._route(session_id)
         if route is None or route["owner"] != user["id"]:
             return out
+        budget = user["quotas"].get("tokens_per_day")
+        if budget is None:  # nothing to hold the turn against: skip the round trip
+            out.update(route=route, reservation=None)
+            return out
         day = today()
         tokens = int(route["max_tokens"])
-        budget = user["quotas"].get("tokens_per_day")
         now = time.time()
         member = f"{uuid.uuid4().hex}:{tokens}"
         key = _reserved_key(user["id"], day)
-        args = [tokens, -1 if budget is None else int(budget), now, now + RESERVATION_TTL_S]
+        args = [tokens, int(budget), now, now + RESERVATION_TTL_S]
         async with _redis_errors():
             admitted, used, reserved = await self._reserve(
                 keys=[used_key(user["id"], day), key], args=[*args, member, DAY_KEY_TTL_S]

@@ -69,7 +69,7 @@ def admin(redis_api: ApiServer) -> Iterator[Client]:
 def test_conversation_and_usage_mirror(
     admin: Client, redis_api: ApiServer, redis_server: RedisServer
 ) -> None:
-    alice = _user(admin, redis_api)
+    alice = _user(admin, redis_api, tokens_per_day=10**9)  # so each turn takes a reservation
     agent = alice.ok("POST", "/v1/agents", 201, json={"tools": ["bash"]})
     try:
         sid = _session(alice, agent["id"])

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from cluster import Settings, stack
 from cluster.cli import build_parser, main
 
 SUBCOMMANDS = ["emulator", "up", "down", "status"]
@@ -29,3 +32,26 @@ def test_bad_emulator_settings_are_explained(capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit) as info:
         main(["emulator", "--port", "many"])
     assert info.value.code == 2
+
+
+def test_a_bad_redis_url_is_explained_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HYPERFLEET_HOME", str(tmp_path))
+    monkeypatch.setenv("HYPERFLEET_REDIS_URL", "localhost:6379")
+    assert main(["up"]) == 2
+    assert "HYPERFLEET_REDIS_URL" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing was started or written
+
+
+def test_up_without_redis_says_why_and_uses_the_sqlite_stores(tmp_path: Path) -> None:
+    said: list[str] = []
+    off = Settings.from_env({"HYPERFLEET_HOME": str(tmp_path), "HYPERFLEET_REDIS": "off"})
+    assert stack._redis(off, stack._daemons(off), 6390, said.append) is None
+    assert "SQLite stores" in said[-1]
+    given = Settings.from_env(
+        {"HYPERFLEET_HOME": str(tmp_path), "HYPERFLEET_REDIS_URL": "redis://:pw@10.0.0.9:6379/0"}
+    )
+    url = stack._redis(given, stack._daemons(given), 6390, said.append)
+    assert url == "redis://:pw@10.0.0.9:6379/0" and "pw" not in said[-1]
+    assert not (tmp_path / "run").exists()  # no local redis-server was started
