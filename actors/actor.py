@@ -15,10 +15,8 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
-import httpx2
 import ray
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
@@ -26,9 +24,13 @@ from .breaker import CircuitBreaker
 from .errors import InvalidRequestError
 from .host import SessionHost
 from .loop import AgentLoop, LoopConfig
+from .model_client import PendingClient
 from .spec import AgentSpec, placement_options
 from .store import TurnRecord, open_store
 from .tools import Sandbox, build_tools
+
+if TYPE_CHECKING:
+    import anthropic
 
 NAMESPACE = "hyperfleet"
 CONTROL_ACTOR_NAME = "control-store"  # serve_app's control store, where usage is metered
@@ -74,6 +76,19 @@ def _key_from_environment() -> SecretStr:
     return SecretStr(key)
 
 
+def _build_client(key: SecretStr, runtime: RuntimeConfig) -> anthropic.AsyncAnthropic:
+    """Runs on ``PendingClient``'s thread: the SDK import is the slow part of a replica's start."""
+    import anthropic
+    import httpx2
+
+    return anthropic.AsyncAnthropic(
+        api_key=key.get_secret_value(),
+        base_url=runtime.anthropic_base_url,
+        max_retries=runtime.max_retries,
+        timeout=httpx2.Timeout(runtime.request_timeout_s, connect=10.0),
+    )
+
+
 def replica_name(agent_id: str, index: int) -> str:
     return f"agent-{agent_id}-{index}"
 
@@ -83,13 +98,7 @@ class AgentActor:
     def __init__(self, agent_id: str, index: int, spec: AgentSpec, runtime: RuntimeConfig) -> None:
         self.name = replica_name(agent_id, index)
         key = spec.anthropic_api_key or runtime.anthropic_api_key or _key_from_environment()
-        timeout = httpx2.Timeout(runtime.request_timeout_s, connect=10.0)
-        self._client = anthropic.AsyncAnthropic(
-            api_key=key.get_secret_value(),
-            base_url=runtime.anthropic_base_url,
-            max_retries=runtime.max_retries,
-            timeout=timeout,
-        )
+        self._client = PendingClient(lambda: _build_client(key, runtime), self.name)
         tools = build_tools(
             spec.tools, Sandbox(egress=spec.egress), spec.tool_timeout_s, runtime.custom_tools
         )
@@ -189,6 +198,7 @@ class AgentActor:
             "replica": self.name,
             "node_id": context.get_node_id(),
             "pid": os.getpid(),
+            "model_client": self._client.state,
             "resources": context.get_assigned_resources(),  # type: ignore[no-untyped-call]
         }
 

@@ -22,16 +22,17 @@ import copy
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
-
-import anthropic
-import httpx2
+from typing import TYPE_CHECKING, Any
 
 from .breaker import CircuitBreaker
 from .errors import UpstreamError
 from .events import Emit, TextCoalescer
+from .model_client import PendingClient
 from .pricing import Usage
 from .tools import Tool, ToolResult, Workspace
+
+if TYPE_CHECKING:
+    import anthropic
 
 logger = logging.getLogger(__name__)
 STREAM_ATTEMPTS = 3
@@ -64,7 +65,7 @@ class TurnOutcome:
 class AgentLoop:
     def __init__(
         self,
-        client: anthropic.AsyncAnthropic,
+        client: anthropic.AsyncAnthropic | PendingClient,
         config: LoopConfig,
         tools: dict[str, Tool],
         breaker: CircuitBreaker,
@@ -165,6 +166,13 @@ class AgentLoop:
         return params
 
     async def _call(self, messages: list[dict[str, Any]], emit: Emit) -> Any:
+        if isinstance(self.client, PendingClient):
+            self.client = await self.client.get()
+        # Imported here, not at the top: a replica imports the SDK on a thread (model_client.py),
+        # and by now it has.
+        import anthropic
+        import httpx2
+
         params = self._params(messages)
         last_error: Exception | None = None
         for attempt in range(self.config.stream_attempts):

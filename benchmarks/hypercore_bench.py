@@ -4,7 +4,9 @@
 1. Spawn -> Ray node alive: from the stand-in's "spawned" log line (Spawn is synchronous, so that
    is when Hypercore answered the autoscaler's Spawn) to the node first seen alive in Ray's node
    table (polled every 0.1 s), for each node the autoscaler adds.
-2. Agent-replica start, from ``spawn_replica`` to its first ``health`` answer:
+2. Agent-replica start, from ``spawn_replica`` to its first ``health`` answer (the replica hosts
+   sessions from then on), and to its first turn done (its model client, which it builds on a
+   thread, is up by then):
    - on a new node: no VM slot is free, so the autoscaler Spawns a node for it;
    - on a warm node: a node with a free VM slot is already in the cluster;
    - for scale, a bare actor with the same placement on the warm node (Ray's own actor start:
@@ -108,13 +110,20 @@ def bare_start_s(spec: AgentSpec) -> float:
     return elapsed
 
 
-def replica_start_s(agent_id: str, spec: AgentSpec, runtime: RuntimeConfig) -> tuple[float, str]:
+def replica_start_s(
+    agent_id: str, spec: AgentSpec, runtime: RuntimeConfig
+) -> tuple[float, float, str]:
+    """Seconds from ``spawn_replica`` to its first ``health`` answer, and to its first turn done
+    (a session opened and one message answered: the model client must be up by then)."""
     start = time.monotonic()
     handle = spawn_replica(agent_id, 0, spec, runtime)
     ray.get(handle.health.remote(), timeout=START_TIMEOUT_S)
-    elapsed = time.monotonic() - start
+    ready = time.monotonic() - start
+    session = ray.get(handle.open_session.remote("bench"), timeout=START_TIMEOUT_S)
+    ray.get(handle.send.remote(session["id"], "Hello"), timeout=START_TIMEOUT_S)
+    first_turn = time.monotonic() - start
     stats = ray.get(handle.stats.remote(), timeout=60)
-    return elapsed, stats["node_id"]
+    return ready, first_turn, stats["node_id"]
 
 
 def main() -> None:
@@ -148,25 +157,29 @@ def main() -> None:
         spec = AgentSpec(tools=("bash",), resources=Resources(cores=0.5, memory_mb=256))
 
         cold: list[float] = []
+        cold_turn: list[float] = []
         cold_agents = []
         for i in range(args.cold):
             agent_id = f"cold{i}"
-            elapsed, _ = replica_start_s(agent_id, spec, runtime)  # holds its node's only slot
+            elapsed, turn, _ = replica_start_s(agent_id, spec, runtime)  # holds its node's slot
             cold.append(elapsed)
+            cold_turn.append(turn)
             cold_agents.append(agent_id)
-            print(f"replica on a new node #{i + 1}: {elapsed:.2f} s", flush=True)
+            print(f"replica on a new node #{i + 1}: {elapsed:.2f} s, turn {turn:.2f} s", flush=True)
 
         # Warm: free one node's slot, then start replicas on it again and again.
         ray.kill(ray.get_actor(f"agent-{cold_agents[0]}-0"), no_restart=True)
         warm: list[float] = []
+        warm_turn: list[float] = []
         bare: list[float] = []
         for i in range(args.warm):
             bare.append(bare_start_s(spec))
             time.sleep(1.0)
             agent_id = f"warm{i}"
-            elapsed, _ = replica_start_s(agent_id, spec, runtime)
+            elapsed, turn, _ = replica_start_s(agent_id, spec, runtime)
             warm.append(elapsed)
-            print(f"replica on a warm node #{i + 1}: {elapsed:.2f} s", flush=True)
+            warm_turn.append(turn)
+            print(f"replica on a warm node #{i + 1}: {elapsed:.2f} s, turn {turn:.2f} s")
             ray.kill(ray.get_actor(f"agent-{agent_id}-0"), no_restart=True)
             time.sleep(1.0)  # let the slot be released before the next start
 
@@ -192,7 +205,9 @@ def main() -> None:
             )
         for label, times, target in (
             ("replica start on a new node", cold, "<= 10 s"),
+            ("... and its first turn done", cold_turn, ""),
             ("replica start on a warm node", warm, "<= 1 s"),
+            ("... and its first turn done", warm_turn, ""),
             ("bare actor start on a warm node", bare, ""),
         ):
             print(

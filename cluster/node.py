@@ -75,6 +75,10 @@ PARK_AFTER_RAY_EXIT_S = 3600.0
 OBJECT_STORE_FRACTION = 0.3  # Ray's own default share of memory
 OBJECT_STORE_MIN_MB = 128  # Ray refuses less than 75 MiB
 MIB = 1024 * 1024
+# Ray's autoscaler sleeps 5 s between updates, and a pending replica waits for up to two of them
+# (one to Spawn, one to see the node); at 1 s, the provider's List cache (1 s) bounds the cost to
+# one List a second. The operator's own AUTOSCALER_UPDATE_INTERVAL_S wins.
+AUTOSCALER_UPDATE_INTERVAL_S = 1
 # Where a head without HYPERFLEET_NODE_IP looks for its outward address (no packet is sent).
 ROUTE_PROBE = ("8.8.8.8", 53)
 NODE_TYPE_LABEL = "hyperfleet/node-type"
@@ -136,6 +140,7 @@ def ray_start_command(
         if settings.autoscaling_config is not None:
             argv.append(f"--autoscaling-config={settings.autoscaling_config}")
             env["RAY_enable_autoscaler_v2"] = "1"
+            env.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", str(AUTOSCALER_UPDATE_INTERVAL_S))
     else:
         assert settings.head_address is not None
         argv.append(f"--address={settings.head_address}")

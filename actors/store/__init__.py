@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .base import SessionRecord, SessionStore, TurnRecord
-from .redis import RedisSessionStore
 from .sqlite import SqliteSessionStore
+
+if TYPE_CHECKING:
+    from .redis import RedisSessionStore
 
 __all__ = [
     "RedisSessionStore",
@@ -16,6 +19,15 @@ __all__ = [
     "TurnRecord",
     "open_store",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The redis client costs a replica 0.1 s to import; only Redis-backed replicas pay it.
+    if name == "RedisSessionStore":
+        from .redis import RedisSessionStore
+
+        return RedisSessionStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_store(url: str) -> SessionStore:
@@ -28,5 +40,7 @@ def open_store(url: str) -> SessionStore:
     if url.startswith("sqlite://"):
         return SqliteSessionStore(Path(url.removeprefix("sqlite://")))
     if url.startswith(("redis://", "rediss://", "unix://")):
+        from .redis import RedisSessionStore
+
         return RedisSessionStore(url)
     raise ValueError(f"unknown session store URL {url!r}: use ray://, sqlite:// or redis://")

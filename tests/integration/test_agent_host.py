@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from actors import (
     StaleSessionError,
     UpstreamError,
 )
+from actors.model_client import PendingClient
 from actors.tools import Sandbox, build_tools
 from cluster.processes import stop
 
@@ -76,6 +78,36 @@ def _model_calls(emulator: EmulatorServer) -> int:
 
 def _text(turn: dict[str, Any]) -> str:
     return "".join(b.get("text", "") for b in turn["content"])
+
+
+async def test_sessions_open_while_the_model_client_starts(
+    emulator: EmulatorServer, tmp_path: Path, workspaces_root: Path
+) -> None:
+    release = threading.Event()
+
+    def build() -> anthropic.AsyncAnthropic:
+        assert release.wait(30)
+        return anthropic.AsyncAnthropic(base_url=emulator.base_url, api_key=emulator.api_key)
+
+    pending = PendingClient(build, "a1-0")
+    spec = AgentSpec()
+    config = LoopConfig(spec.model, spec.system, spec.max_tokens, spec.max_turns)
+    store = SqliteSessionStore(tmp_path / "sessions.db")
+    host = SessionHost(
+        "a1", spec, store, AgentLoop(pending, config, {}, CircuitBreaker()), workspaces_root
+    )
+    try:
+        sid = (await host.open_session("alice"))["id"]  # served before the client exists
+        turn = asyncio.create_task(host.send(sid, "Hello"))
+        await asyncio.sleep(0.2)
+        assert not turn.done() and pending.state == "loading"
+        release.set()
+        assert _text(await asyncio.wait_for(turn, 30)).startswith("You said: Hello")
+        assert [t["index"] for t in (await host.transcript(sid))["turns"]] == [1]
+    finally:
+        release.set()
+        await pending.close()
+        store.close()
 
 
 async def test_multi_turn_conversation_with_parallel_tools(make_host: HostFactory) -> None:

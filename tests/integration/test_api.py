@@ -57,7 +57,9 @@ def _user(admin: Client, api_server: ApiServer, **quotas: Any) -> Client:
 
 @pytest.fixture(scope="module")
 def alice(admin: Client, api_server: ApiServer) -> Client:
-    return _user(admin, api_server)
+    # Not the default 100 a minute: this module's tests make more than that, as fast as replicas
+    # start. Rate limits have their own user (test_rate_limit_holds_across_two_ingress_replicas).
+    return _user(admin, api_server, requests_per_minute=2_000)
 
 
 @pytest.fixture(scope="module")

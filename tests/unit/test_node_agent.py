@@ -134,6 +134,9 @@ def test_head_with_an_autoscaling_config_runs_autoscaler_v2(tmp_path: Path) -> N
     command = command_for(head_env(HYPERFLEET_AUTOSCALING_CONFIG=str(config)), head=services)
     assert f"--autoscaling-config={config}" in command.argv
     assert command.env["RAY_enable_autoscaler_v2"] == "1"
+    assert command.env["AUTOSCALER_UPDATE_INTERVAL_S"] == "1"  # not Ray's 5 s
+    env = head_env(HYPERFLEET_AUTOSCALING_CONFIG=str(config), AUTOSCALER_UPDATE_INTERVAL_S="3")
+    assert command_for(env, head=services).env["AUTOSCALER_UPDATE_INTERVAL_S"] == "3"
 
 
 def test_mig_node_command() -> None:
