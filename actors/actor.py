@@ -24,6 +24,7 @@ from .breaker import CircuitBreaker
 from .errors import InvalidRequestError
 from .host import SessionHost
 from .loop import AgentLoop, LoopConfig
+from .meter import UsageMeter, UsageRecord
 from .model_client import PendingClient
 from .spec import AgentSpec, placement_options
 from .store import TurnRecord, open_store
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 NAMESPACE = "hyperfleet"
 CONTROL_ACTOR_NAME = "control-store"  # serve_app's control store, where usage is metered
+METER_CALL_TIMEOUT_S = 30.0
+METER_FLUSH_S = 10.0
 logger = logging.getLogger(__name__)
 
 
@@ -89,6 +92,11 @@ def _build_client(key: SecretStr, runtime: RuntimeConfig) -> anthropic.AsyncAnth
     )
 
 
+def _meter_retryable(error: Exception) -> bool:
+    """The control store is restarting or slow: the batch may not have arrived."""
+    return isinstance(error, (TimeoutError, ray.exceptions.RayActorError))
+
+
 def replica_name(agent_id: str, index: int) -> str:
     return f"agent-{agent_id}-{index}"
 
@@ -116,7 +124,8 @@ class AgentActor:
         )
         workspaces = Path(runtime.workspaces) if runtime.workspaces else default_workspaces()
         self.agent_id = agent_id
-        self._meter: Any = None
+        self._control: Any = None
+        self._usage = UsageMeter(self._send_usage, self.name, _meter_retryable)
         self.host = SessionHost(
             agent_id,
             spec,
@@ -130,16 +139,19 @@ class AgentActor:
 
     def _record_usage(self, owner: str, turn: TurnRecord, reservation: Any) -> None:
         """Meters a committed turn in the control store (when the HTTP API runs with it)."""
-        if self._meter is None:
+        self._usage.add(
+            (turn.turn_id, owner, self.agent_id, turn.usage, turn.cost_usd, reservation)
+        )
+
+    async def _send_usage(self, batch: list[UsageRecord]) -> None:
+        if self._control is None:
             try:
-                self._meter = ray.get_actor(CONTROL_ACTOR_NAME, namespace=NAMESPACE)
-            except ValueError:
-                logger.warning(
-                    "%s: no control store; turn %s is not metered", self.name, turn.turn_id
-                )
+                self._control = ray.get_actor(CONTROL_ACTOR_NAME, namespace=NAMESPACE)
+            except ValueError:  # batch jobs without the HTTP API: there is nothing to meter to
+                logger.warning("%s: no control store; %d turns not metered", self.name, len(batch))
                 return
-        self._meter.call.remote(
-            "record_usage", owner, self.agent_id, turn.usage, turn.cost_usd, reservation
+        await asyncio.wait_for(
+            self._control.call.remote("record_usages", batch), METER_CALL_TIMEOUT_S
         )
 
     def _ensure_sweeper(self) -> None:
@@ -207,20 +219,28 @@ class AgentActor:
         return "ok"
 
     async def drain(self, deadline_s: float = 30.0) -> list[str]:
-        return await self.host.drain(deadline_s)
+        handed = await self.host.drain(deadline_s)
+        await self._flush_usage()
+        return handed
 
     async def retire(self, deadline_s: float = 30.0) -> list[str]:
         """Drains, then removes the agent's workspace files on this node: the agent is being
         deleted. Returns the sessions handed back to the store."""
         handed = await self.host.drain(deadline_s)
+        await self._flush_usage()
         await self.host.purge()
         return handed
+
+    async def _flush_usage(self) -> None:
+        if not await self._usage.flush(METER_FLUSH_S):
+            logger.error("%s: %d turns not metered yet", self.name, self._usage.pending)
 
     async def __ray_shutdown__(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        await self._flush_usage()
         await self._client.close()
 
 

@@ -62,6 +62,7 @@ _METHODS = frozenset(
         "reserve",
         "release",
         "record_usage",
+        "record_usages",
         "usage",
     }
 )
@@ -80,12 +81,13 @@ class ControlStoreActor:
 
             client = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
 
-            def mirror(user_id: str, day: str, used: int, reservation: Any) -> None:
+            def mirror(user_id: str, day: str, used: int, reservations: list[Any]) -> None:
                 try:
                     with client.pipeline(transaction=True) as pipe:
                         pipe.set(used_key(user_id, day), used, ex=DAY_KEY_TTL_S)
-                        if isinstance(reservation, RedisReservation):
-                            pipe.zrem(reservation.key, reservation.member)
+                        for reservation in reservations:
+                            if isinstance(reservation, RedisReservation):
+                                pipe.zrem(reservation.key, reservation.member)
                         pipe.execute()
                 except RedisError:
                     logger.warning("could not mirror %s's usage to Redis", user_id, exc_info=True)

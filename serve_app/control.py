@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS usage (
     cache_creation_input_tokens INTEGER NOT NULL DEFAULT 0,
     cost_usd REAL NOT NULL DEFAULT 0, turns INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, agent_id, day));
+CREATE TABLE IF NOT EXISTS metered_turns (turn_id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS metered_turns_at ON metered_turns(at);
 CREATE TABLE IF NOT EXISTS reservations (
     id INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, day TEXT NOT NULL,
     tokens INTEGER NOT NULL, created_at REAL NOT NULL);
@@ -53,6 +55,19 @@ TOKEN_FIELDS = (
     "cache_creation_input_tokens",
 )
 MAX_AGENTS_LISTED = 1_000
+# A replica resends a batch within seconds; turn ids are kept far longer than that.
+METERED_TURNS_KEPT_S = 2 * 86_400.0
+PRUNE_METERED_EVERY = 1_000  # batches
+_ADD_USAGE = (
+    "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) "
+    "ON CONFLICT (user_id, agent_id, day) DO UPDATE SET "
+    "input_tokens = input_tokens + excluded.input_tokens, "
+    "output_tokens = output_tokens + excluded.output_tokens, "
+    "cache_read_input_tokens = cache_read_input_tokens + excluded.cache_read_input_tokens, "
+    "cache_creation_input_tokens = cache_creation_input_tokens + "
+    "excluded.cache_creation_input_tokens, "
+    "cost_usd = cost_usd + excluded.cost_usd, turns = turns + 1"
+)
 RESERVATION_TTL_S = 3_900.0  # longer than any turn: a reservation never released stops counting
 
 
@@ -65,7 +80,7 @@ class ControlStore:
     the database on first start (mode 0600) and never leaves this process."""
 
     def __init__(
-        self, path: Path, used_mirror: Callable[[str, str, int, Any], None] | None = None
+        self, path: Path, used_mirror: Callable[[str, str, int, list[Any]], None] | None = None
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         secret_path = path.with_suffix(".secret")
@@ -77,6 +92,7 @@ class ControlStore:
         self._max_tokens: dict[str, int] = {}  # per agent; a spec never changes
         # (user, day, tokens used, the turn's reservation): where RedisGate reads budgets.
         self._used_mirror = used_mirror
+        self._metered_batches = 0
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
@@ -333,29 +349,51 @@ class ControlStore:
         usage: dict[str, int],
         cost_usd: float,
         reservation: Any = None,
+        turn_id: str | None = None,
     ) -> None:
-        """Adds a committed turn's usage to its user's and agent's day. Called by the replica at
-        the commit, so a turn is metered whether its caller stayed (HTTP, stream or not) or
-        went away, and batch jobs' turns are metered too. The turn's ``reservation`` (when the API
-        admitted it) ends in the same call, so the day's budget never counts neither."""
-        values = [int(usage.get(f, 0)) for f in TOKEN_FIELDS]
-        self._db.execute(
-            "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) "
-            "ON CONFLICT (user_id, agent_id, day) DO UPDATE SET "
-            "input_tokens = input_tokens + excluded.input_tokens, "
-            "output_tokens = output_tokens + excluded.output_tokens, "
-            "cache_read_input_tokens = cache_read_input_tokens + "
-            "excluded.cache_read_input_tokens, "
-            "cache_creation_input_tokens = cache_creation_input_tokens + "
-            "excluded.cache_creation_input_tokens, "
-            "cost_usd = cost_usd + excluded.cost_usd, turns = turns + 1",
-            (user_id, agent_id, today(), *values, cost_usd),
-        )
-        if isinstance(reservation, int):
-            self.release(reservation)
+        """Adds a committed turn's usage to its user's and agent's day (``record_usages`` for
+        one turn)."""
+        self.record_usages([(turn_id or "", user_id, agent_id, usage, cost_usd, reservation)])
+
+    def record_usages(self, records: list[tuple[str, str, str, dict[str, int], float, Any]]) -> int:
+        """Meters committed turns, ``(turn_id, user_id, agent_id, usage, cost_usd, reservation)``
+        each, in one transaction; returns how many were new.
+
+        Called by replicas at the commit (in batches, ``actors/meter.py``), so a turn is metered
+        whether its caller stayed (HTTP, stream or not) or went away, and batch jobs' turns are
+        metered too. A turn id metered before is skipped, so a batch sent again after a lost
+        reply counts once. Each turn's ``reservation`` (when the API admitted it) ends in the
+        same transaction, so the day's budget never counts neither."""
+        day = today()
+        now = time.time()
+        db = self._db
+        metered: dict[str, list[Any]] = {}
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for turn_id, user_id, agent_id, usage, cost_usd, reservation in records:
+                if (
+                    turn_id
+                    and not db.execute(
+                        "INSERT OR IGNORE INTO metered_turns VALUES (?, ?)", (turn_id, now)
+                    ).rowcount
+                ):
+                    continue
+                values = [int(usage.get(f, 0)) for f in TOKEN_FIELDS]
+                db.execute(_ADD_USAGE, (user_id, agent_id, day, *values, float(cost_usd)))
+                if isinstance(reservation, int):
+                    db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
+                metered.setdefault(user_id, []).append(reservation)
+            self._metered_batches += 1
+            if self._metered_batches % PRUNE_METERED_EVERY == 0:
+                db.execute("DELETE FROM metered_turns WHERE at < ?", (now - METERED_TURNS_KEPT_S,))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
         if self._used_mirror is not None:
-            day = today()
-            self._used_mirror(user_id, day, self._used(user_id, day), reservation)
+            for user_id, reservations in metered.items():
+                self._used_mirror(user_id, day, self._used(user_id, day), reservations)
+        return sum(len(r) for r in metered.values())
 
     def usage(self, user_id: str) -> list[dict[str, Any]]:
         rows = self._db.execute(
