@@ -29,6 +29,7 @@ from .errors import UpstreamError
 from .events import Emit, TextCoalescer
 from .model_client import PendingClient
 from .pricing import Usage
+from .reply import IncompleteReplyError, ModelReply, ReplyAccumulator
 from .tools import Tool, ToolResult, Workspace
 
 if TYPE_CHECKING:
@@ -101,8 +102,8 @@ class AgentLoop:
         while calls < self.config.max_turns:
             calls += 1
             message = await self._call([*history, *added], emit)
-            usage += _usage(message.usage)
-            content = [_block(b) for b in message.content]
+            usage += message.usage
+            content = message.content
             added.append({"role": "assistant", "content": content})
             if message.stop_reason != "tool_use":
                 stop_reason = message.stop_reason or "end_turn"
@@ -165,9 +166,10 @@ class AgentLoop:
             params["temperature"] = self.config.temperature
         return params
 
-    async def _call(self, messages: list[dict[str, Any]], emit: Emit) -> Any:
+    async def _call(self, messages: list[dict[str, Any]], emit: Emit) -> ModelReply:
         if isinstance(self.client, PendingClient):
             self.client = await self.client.get()
+        client = self.client
         # Imported here, not at the top: a replica imports the SDK on a thread (model_client.py),
         # and by now it has.
         import anthropic
@@ -178,15 +180,15 @@ class AgentLoop:
         for attempt in range(self.config.stream_attempts):
             self.breaker.check()
             coalescer = TextCoalescer(emit)
-            started = False
+            reply = ReplyAccumulator()
             try:
-                async with self.client.messages.stream(**params) as stream:
+                stream = await client.messages.create(**params, stream=True)
+                async with stream:
                     async for event in stream:
-                        if event.type == "content_block_start":
-                            started = True
-                        elif event.type == "text":
-                            await coalescer.add(event.text)
-                    message = await stream.get_final_message()
+                        text = reply.add(event)
+                        if text:
+                            await coalescer.add(text)
+                message = reply.result()
                 await coalescer.flush()
                 self.breaker.record_success()
                 return message
@@ -197,9 +199,10 @@ class AgentLoop:
                 if e.response.status_code != 200:  # the SDK already retried this one
                     raise UpstreamError(f"the model API failed: {e.message}") from e
                 last_error = e
-            except (anthropic.APIConnectionError, httpx2.TransportError) as e:
+            except (anthropic.APIConnectionError, httpx2.TransportError, IncompleteReplyError) as e:
                 self.breaker.record_failure()
                 last_error = e
+            started = reply.started
             await coalescer.flush()
             if started:
                 raise UpstreamError(
@@ -209,21 +212,3 @@ class AgentLoop:
         raise UpstreamError(
             f"the model stream failed {self.config.stream_attempts} times: {last_error}"
         ) from last_error
-
-
-def _block(block: Any) -> dict[str, Any]:
-    data: dict[str, Any] = block.model_dump(mode="json", exclude_none=True)
-    data.pop("parsed_output", None)
-    return data
-
-
-def _usage(usage: Any) -> Usage:
-    creation = usage.cache_creation
-    one_hour = getattr(creation, "ephemeral_1h_input_tokens", 0) if creation else 0
-    return Usage(
-        usage.input_tokens or 0,
-        usage.output_tokens or 0,
-        usage.cache_read_input_tokens or 0,
-        usage.cache_creation_input_tokens or 0,
-        one_hour or 0,
-    )
