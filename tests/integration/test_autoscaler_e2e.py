@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -86,6 +88,39 @@ def eventually(check: Callable[[], T | None], what: str, head: Head) -> T:
         f"timed out after {STEP_TIMEOUT_S:.0f} s waiting for {what} (last: {result});"
         f" the head's log ends:\n{head.logs()[-4000:]}"
     )
+
+
+_PROBE = "import ray, sys; ray.init(address=sys.argv[1]); print('CONNECTED', ray.nodes())"
+
+
+def _connect(head: Head, **auth: str) -> subprocess.CompletedProcess[str]:
+    """A separate driver process connecting to the cluster with the given Ray auth settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return subprocess.run(
+        [sys.executable, "-c", _PROBE, head.gcs_address],
+        env={**env, **auth},
+        capture_output=True,
+        text=True,
+        timeout=CALL_TIMEOUT_S * 2,
+        check=False,
+    )
+
+
+def test_the_cluster_refuses_a_driver_without_its_token(
+    cluster: tuple[StandinHandle, Head, Driver, str], tmp_path: Path
+) -> None:
+    _, head, _, _ = cluster
+    no_token = _connect(head)
+    assert no_token.returncode != 0 and "CONNECTED" not in no_token.stdout, no_token.stdout
+    assert "AuthenticationError" in no_token.stderr, no_token.stderr[-3000:]
+    forged = tmp_path / "token"
+    forged.write_text("0" * 64)
+    forged.chmod(0o600)
+    wrong = _connect(head, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(forged))
+    assert wrong.returncode != 0 and "CONNECTED" not in wrong.stdout, wrong.stdout
+    assert "AuthenticationError" in wrong.stderr, wrong.stderr[-3000:]
+    good = _connect(head, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(head.token_path))
+    assert good.returncode == 0 and "CONNECTED" in good.stdout, good.stderr[-3000:]
 
 
 @pytest.mark.timeout(900)
