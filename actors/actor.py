@@ -150,9 +150,15 @@ class AgentActor:
             except ValueError:  # batch jobs without the HTTP API: there is nothing to meter to
                 logger.warning("%s: no control store; %d turns not metered", self.name, len(batch))
                 return
-        await asyncio.wait_for(
-            self._control.call.remote("record_usages", batch), METER_CALL_TIMEOUT_S
-        )
+        try:
+            await asyncio.wait_for(
+                self._control.call.remote("record_usages", batch), METER_CALL_TIMEOUT_S
+            )
+        except ray.exceptions.RayActorError:
+            # Look the name up again on the retry: a control store started anew (``hyperfleet
+            # down`` then ``up``) is another actor, and this handle's would never come back.
+            self._control = None
+            raise
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None:

@@ -61,7 +61,6 @@ _METHODS = frozenset(
         "session_route",
         "reserve",
         "release",
-        "record_usage",
         "record_usages",
         "usage",
     }
@@ -142,6 +141,8 @@ class Control:
         except (TimeoutError, GetTimeoutError, RayActorError, ValueError) as e:
             if isinstance(e, ValueError) and "Failed to look up actor" not in str(e):
                 raise
+            if isinstance(e, RayActorError):
+                self._handle = None  # a control store started anew is another actor: look again
             raise _unavailable("the control store", e) from e
 
     def fire(self, method: str, *args: Any) -> None:

@@ -90,7 +90,7 @@ class ControlStore:
         self._secret = secret_path.read_bytes()
         self._limiter = RateLimiter()
         self._max_tokens: dict[str, int] = {}  # per agent; a spec never changes
-        # (user, day, tokens used, the turn's reservation): where RedisGate reads budgets.
+        # (user, day, tokens used, the metered turns' reservations): where RedisGate reads budgets.
         self._used_mirror = used_mirror
         self._metered_batches = 0
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -342,19 +342,6 @@ class ControlStore:
         """Ends a turn's reservation (its usage is recorded by the replica that committed it)."""
         self._db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
 
-    def record_usage(
-        self,
-        user_id: str,
-        agent_id: str,
-        usage: dict[str, int],
-        cost_usd: float,
-        reservation: Any = None,
-        turn_id: str | None = None,
-    ) -> None:
-        """Adds a committed turn's usage to its user's and agent's day (``record_usages`` for
-        one turn)."""
-        self.record_usages([(turn_id or "", user_id, agent_id, usage, cost_usd, reservation)])
-
     def record_usages(self, records: list[tuple[str, str, str, dict[str, int], float, Any]]) -> int:
         """Meters committed turns, ``(turn_id, user_id, agent_id, usage, cost_usd, reservation)``
         each, in one transaction; returns how many were new.
@@ -381,7 +368,7 @@ class ControlStore:
                 values = [int(usage.get(f, 0)) for f in TOKEN_FIELDS]
                 db.execute(_ADD_USAGE, (user_id, agent_id, day, *values, float(cost_usd)))
                 if isinstance(reservation, int):
-                    db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
+                    self.release(reservation)
                 metered.setdefault(user_id, []).append(reservation)
             self._metered_batches += 1
             if self._metered_batches % PRUNE_METERED_EVERY == 0:

@@ -23,7 +23,7 @@ from serve_app.control import today
 from serve_app.errors import ApiError
 
 from .conftest import ApiServer, RedisServer
-from .test_api import Client, _session, _user, check_rate_limit
+from .test_api import Client, _session, _usage_row, _user, check_rate_limit
 
 SWAP_TIMEOUT_S = 120.0
 
@@ -104,6 +104,24 @@ def test_conversation_and_usage_mirror(
         assert redis.zcard(reserved) == 0
         # The session's turns are in the Redis session store.
         assert redis.exists(f"hf:s:{sid}") == 1
+    finally:
+        alice.ok("DELETE", f"/v1/agents/{agent['id']}")
+
+
+def test_a_replica_meters_into_a_control_store_started_anew(
+    admin: Client, redis_api: ApiServer, redis_server: RedisServer
+) -> None:
+    alice = _user(admin, redis_api)
+    agent = alice.ok("POST", "/v1/agents", 201, json={"tools": ["bash"]})
+    try:
+        sid = _session(alice, agent["id"])
+        alice.ok("POST", f"/v1/sessions/{sid}/messages", json={"content": "before"})
+        _usage_row(alice, agent["id"], turns=1)
+        # A new control actor on the same database (as after `hyperfleet down` and `up`): the
+        # replica, which outlives it, must find the new one by name and meter its next turn.
+        _swap(redis_api, redis_server.url)
+        alice.ok("POST", f"/v1/sessions/{sid}/messages", json={"content": "after"})
+        _usage_row(alice, agent["id"], turns=2)
     finally:
         alice.ok("DELETE", f"/v1/agents/{agent['id']}")
 
