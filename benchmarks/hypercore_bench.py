@@ -8,7 +8,9 @@
    sessions from then on), and to its first turn done (its model client, which it builds on a
    thread, is up by then):
    - on a new node: no VM slot is free, so the autoscaler Spawns a node for it;
-   - on a warm node: a node with a free VM slot is already in the cluster;
+   - on a warm node: a node with a free VM slot is already in the cluster, and its node agent
+     has a spare Ray worker started (``cluster/warm_workers.py``): before each start the bench
+     waits for one and reports those waits (each comes 1 s after the start that used the last);
    - for scale, a bare actor with the same placement on the warm node (Ray's own actor start:
      a new worker process).
 
@@ -49,6 +51,7 @@ from actors import (  # noqa: E402
     start_store_actor,
 )
 from cluster.processes import free_port, reap_leftovers, start_emulator, stop  # noqa: E402
+from cluster.warm_workers import RayletClient  # noqa: E402
 from tests.integration.autoscaling_cluster import (  # noqa: E402
     autoscaling_config,
     cluster_processes,
@@ -59,6 +62,7 @@ from tests.integration.autoscaling_cluster import (  # noqa: E402
 INSTANCE_LABEL = "hyperfleet/instance-id"
 POLL_S = 0.1
 START_TIMEOUT_S = 180.0
+SPARE_TIMEOUT_S = 20.0
 _SPAWNED = re.compile(r"^(\S+ \S+) INFO \S+: spawned (\S+) ")
 
 
@@ -99,6 +103,18 @@ def spawned_at(standin_log: Path, workload_to_node: dict[str, str]) -> dict[str,
 class Bare:
     def ping(self) -> str:
         return "ok"
+
+
+def spare_wait_s(raylet: RayletClient) -> float:
+    """Seconds until the node has a spare worker (its agent starts one after one is used); the
+    bench goes on without one after ``SPARE_TIMEOUT_S`` (a node with HYPERFLEET_WARM_WORKERS=0)."""
+    start = time.monotonic()
+    while not any(w.is_spare for w in raylet.workers()):
+        if time.monotonic() - start > SPARE_TIMEOUT_S:
+            print(f"no spare worker on the warm node within {SPARE_TIMEOUT_S} s", flush=True)
+            break
+        time.sleep(POLL_S)
+    return time.monotonic() - start
 
 
 def bare_start_s(spec: AgentSpec) -> float:
@@ -159,22 +175,32 @@ def main() -> None:
         cold: list[float] = []
         cold_turn: list[float] = []
         cold_agents = []
+        cold_nodes = []
         for i in range(args.cold):
             agent_id = f"cold{i}"
-            elapsed, turn, _ = replica_start_s(agent_id, spec, runtime)  # holds its node's slot
+            elapsed, turn, node_id = replica_start_s(agent_id, spec, runtime)  # holds the slot
             cold.append(elapsed)
             cold_turn.append(turn)
             cold_agents.append(agent_id)
+            cold_nodes.append(node_id)
             print(f"replica on a new node #{i + 1}: {elapsed:.2f} s, turn {turn:.2f} s", flush=True)
 
         # Warm: free one node's slot, then start replicas on it again and again.
         ray.kill(ray.get_actor(f"agent-{cold_agents[0]}-0"), no_restart=True)
+        node = next(n for n in ray.nodes() if n["NodeID"] == cold_nodes[0])
+        raylet = RayletClient(
+            f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}",
+            Path(os.environ["RAY_AUTH_TOKEN_PATH"]),
+        )
         warm: list[float] = []
         warm_turn: list[float] = []
         bare: list[float] = []
+        refill: list[float] = []
         for i in range(args.warm):
+            refill.append(spare_wait_s(raylet))
             bare.append(bare_start_s(spec))
             time.sleep(1.0)
+            refill.append(spare_wait_s(raylet))
             agent_id = f"warm{i}"
             elapsed, turn, _ = replica_start_s(agent_id, spec, runtime)
             warm.append(elapsed)
@@ -195,6 +221,7 @@ def main() -> None:
             for node, at in spawned.items()
             if node in watcher.first_alive and node != head.instance_id
         ]
+        raylet.close()
         print()
         print("| measurement | result | target |")
         print("|---|---|---|")
@@ -209,6 +236,7 @@ def main() -> None:
             ("replica start on a warm node", warm, "<= 1 s"),
             ("... and its first turn done", warm_turn, ""),
             ("bare actor start on a warm node", bare, ""),
+            ("wait for the node's next spare worker", refill, ""),
         ):
             print(
                 f"| {label} ({len(times)}) | median "

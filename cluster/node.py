@@ -57,6 +57,7 @@ from .node_join import (
 )
 from .node_settings import NodeRole, NodeSettings, NodeSettingsError, is_label_value
 from .processes import descendants, reap_leftovers
+from .warm_workers import RayletClient, WarmWorkerKeeper
 
 logger = logging.getLogger("hyperfleet.node")
 
@@ -102,6 +103,7 @@ def ray_start_command(
     base_env: Mapping[str, str],
     ray_executable: str,
     head: HeadServices | None = None,
+    node_manager_port: int = 0,
 ) -> RayStart:
     """The ``ray start --block`` command for this node; pure, so it is tested on its own.
 
@@ -113,6 +115,8 @@ def ray_start_command(
         base_env: the environment to extend (the agent's own, normally).
         ray_executable: the ``ray`` CLI.
         head: the head's join service, exported for the autoscaler's provider (head only).
+        node_manager_port: the raylet's port (0: Ray picks one); the agent names one so that
+            it can reach its raylet to keep spare workers.
     """
     env = {k: v for k, v in base_env.items() if k not in SCRUBBED_ENV}
     env.update(gpu.env)
@@ -147,6 +151,8 @@ def ray_start_command(
     # 0: Ray picks a free port. Its default, 52365, is bound on 127.0.0.1 too by every node whose
     # address is not 127.0.0.1 (ray/dashboard/http_server_agent.py): nodes sharing a host collide.
     argv.append("--dashboard-agent-listen-port=0")
+    if node_manager_port:
+        argv.append(f"--node-manager-port={node_manager_port}")
     if settings.num_cpus is not None:
         argv.append(f"--num-cpus={settings.num_cpus}")
     argv.append(f"--num-gpus={gpu.num_gpus}")
@@ -190,6 +196,16 @@ def node_ip_of(settings: NodeSettings) -> str:
         raise NodeSettingsError(
             f"HYPERFLEET_NODE_IP: unset, and no route toward {target[0]} to find it ({e})"
         ) from e
+
+
+def free_port_on(ip: str) -> int:
+    """A TCP port free on every address of ``ip``'s family now, for a Ray port: Ray may bind
+    it on all addresses, and other nodes on this machine hold ports on their own addresses."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def write_secret(path: Path, value: str) -> None:
@@ -352,6 +368,8 @@ class NodeAgent:
             token_path = settings.home / TOKEN_FILE
             write_secret(token_path, token)
             logger.info("joined: the head gave this node the cluster's token")
+        keeper: WarmWorkerKeeper | None = None
+        raylet_port = free_port_on(node_ip)
         try:
             if self._stopping.is_set():
                 return EXIT_STOPPED
@@ -363,10 +381,20 @@ class NodeAgent:
                 self._env,
                 str(Path(sys.executable).parent / "ray"),
                 join.endpoints if join else None,
+                raylet_port,
             )
             logger.info("starting: %s", " ".join(command.argv))
-            return self._supervise(spawn(command.argv, command.env), join)
+            ray = spawn(command.argv, command.env)
+            if settings.warm_workers:
+                keeper = WarmWorkerKeeper(
+                    RayletClient(host_port(node_ip, raylet_port), token_path),
+                    settings.warm_workers,
+                )
+                keeper.start()
+            return self._supervise(ray, join)
         finally:
+            if keeper is not None:
+                keeper.stop()
             if join is not None:
                 join.stop()
 

@@ -33,6 +33,8 @@ from actors.errors import HyperfleetError
 DEFAULT_RAY_PORT = 6385  # as `hyperfleet up`; not 6379, Redis's port
 DEFAULT_DRAIN_TIMEOUT_S = 30.0  # Ray's RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S default
 DEFAULT_JOIN_TIMEOUT_S = 180.0
+DEFAULT_WARM_WORKERS = 1  # spare Ray worker processes per node (warm_workers.py)
+MAX_WARM_WORKERS = 8
 MIN_MEMORY_MB = 512
 MAX_INSTANCE_ID_CHARS = 256
 MAX_LABEL_CHARS = 63
@@ -135,9 +137,10 @@ class NodeSettings(BaseModel):
     Field aliases are the variable names, so validation errors name the variable. Beyond the
     contract, optional: ``HYPERFLEET_JOIN_PORT`` (head; default: any free port, exported to Ray as
     ``HYPERFLEET_JOIN_URL``), ``HYPERFLEET_JOIN_TIMEOUT_S`` (worker; how long to keep trying the
-    head) and ``HYPERFLEET_AUTOSCALING_CONFIG_JSON`` (head; the autoscaler config inline, as the
-    provider passes it to a head that ``ray up`` creates). ``HYPERFLEET_TAGS`` is the provider's
-    and is ignored.
+    head), ``HYPERFLEET_WARM_WORKERS`` (spare Ray workers kept started, 0 to 8, default 1; see
+    ``warm_workers.py``) and ``HYPERFLEET_AUTOSCALING_CONFIG_JSON`` (head; the autoscaler config
+    inline, as the provider passes it to a head that ``ray up`` creates). ``HYPERFLEET_TAGS`` is
+    the provider's and is ignored.
     ``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S`` is Ray's own setting, read here too because the
     node agent waits that long (plus teardown) for ``ray start`` after forwarding SIGTERM.
     """
@@ -168,6 +171,9 @@ class NodeSettings(BaseModel):
     autoscaling_config: Path | None = Field(default=None, alias="HYPERFLEET_AUTOSCALING_CONFIG")
     autoscaling_config_json: Json[dict[str, Any]] | None = Field(
         default=None, alias="HYPERFLEET_AUTOSCALING_CONFIG_JSON"
+    )
+    warm_workers: int = Field(
+        default=DEFAULT_WARM_WORKERS, ge=0, le=MAX_WARM_WORKERS, alias="HYPERFLEET_WARM_WORKERS"
     )
     drain_timeout_s: float = Field(
         default=DEFAULT_DRAIN_TIMEOUT_S, ge=0, alias="RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"

@@ -57,6 +57,37 @@ liveness = GcsLiveness(sys.argv[1])
 print(" ".join(liveness(i).value for i in sys.argv[2:]))
 """
 
+# A driver of this head: waits for a spare worker on the node with instance id argv[3], starts an
+# actor there the way a replica is placed, and prints the spares before and after and the actor's
+# pid, as JSON.
+SPARE_TAKEN = """
+import json, os, sys, time
+from pathlib import Path
+import ray
+from cluster.warm_workers import RayletClient
+ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], log_to_driver=False)
+instance = sys.argv[3]
+node = next(n for n in ray.nodes()
+            if n["Alive"] and n["Labels"].get("hyperfleet/instance-id") == instance)
+raylet = RayletClient(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}",
+                      Path(os.environ["RAY_AUTH_TOKEN_PATH"]))
+def spares(deadline_s=60):
+    deadline = time.monotonic() + deadline_s
+    while not (found := {w.pid for w in raylet.workers() if w.is_spare}):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return sorted(found)
+before = spares()
+@ray.remote(num_cpus=1, resources={"hyperfleet_vm_slot": 1})
+class Replica:
+    def pid(self):
+        return os.getpid()
+replica = Replica.options(label_selector={"hyperfleet/instance-id": instance}).remote()
+pid = ray.get(replica.pid.remote(), timeout=60)
+print(json.dumps({"before": before, "actor": pid, "after": spares()}))
+"""
+
 
 @dataclass
 class Head:
@@ -89,6 +120,19 @@ class Head:
             return None
         found = [n for n in table if n["instance_id"] == instance_id and n["state"] == state]
         return found[0] if found else None
+
+    def take_spare(self, instance_id: str) -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, "-c", SPARE_TAKEN, self.gcs_address, self.ip, instance_id],
+            env=self.env(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        result: dict[str, Any] = json.loads(out.stdout.splitlines()[-1])
+        return result
 
     def liveness(self, *instance_ids: str) -> list[str]:
         out = subprocess.run(
@@ -236,6 +280,26 @@ def test_head_keeps_its_token_and_exports_the_join_service(head: Head) -> None:
     assert env["HYPERFLEET_HEAD_ADDRESS"] == head.gcs_address
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == str(token)
     assert env["RAY_CLOUD_INSTANCE_ID"] == "hf-head"
+
+
+@pytest.mark.timeout(240)
+def test_a_replica_takes_the_spare_worker_and_another_is_started(
+    head: Head, subnet: str, tmp_path: Path
+) -> None:
+    book = TicketBook(head.home / "join.db")
+    home = tmp_path / "w2"
+    worker = _worker(head, f"{subnet}.21", "hf-w2", book.mint("hf-w2", ttl_s=600), home)
+    try:
+        _wait_for("the worker did not join", lambda: head.node("hf-w2"), [home / "agent.log"])
+        taken = head.take_spare("hf-w2")
+        # The actor ran in the spare the agent had Ray start (no new process to wait for)...
+        assert len(taken["before"]) == 1 and taken["actor"] == taken["before"][0]
+        # ...and the agent had the next spare started.
+        assert len(taken["after"]) == 1 and taken["after"] != taken["before"]
+        assert "prestarting 1 spare" in (home / "agent.log").read_text()
+    finally:
+        stop(worker, timeout_s=STOP_DEADLINE_S)
+        book.close()
 
 
 @pytest.mark.timeout(240)

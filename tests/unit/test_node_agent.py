@@ -115,6 +115,15 @@ def test_worker_command() -> None:
     assert "RAY_enable_autoscaler_v2" not in env and "HYPERFLEET_JOIN_DB" not in env
 
 
+def test_the_agent_can_name_the_raylet_port_and_keeps_spares_by_default() -> None:
+    settings = NodeSettings.from_env(worker_env())
+    assert settings.warm_workers == 1
+    assert NodeSettings.from_env(worker_env(HYPERFLEET_WARM_WORKERS="0")).warm_workers == 0
+    command = ray_start_command(settings, CPU_NODE, "10.88.0.7", TOKEN, {}, RAY, None, 40123)
+    assert "--node-manager-port=40123" in command.argv
+    assert not any(a.startswith("--node-manager-port") for a in command_for(worker_env()).argv)
+
+
 def test_head_command_exports_the_join_service(tmp_path: Path) -> None:
     services = HeadServices(join_db=tmp_path / "join.db", join_url="http://10.88.0.2:8571")
     command = command_for(head_env(), head=services)
@@ -203,6 +212,8 @@ def _flag(command: RayStart, name: str) -> str:
         ({"HYPERFLEET_AUTOSCALING_CONFIG": "/etc/x.yaml"}, "HYPERFLEET_AUTOSCALING_CONFIG"),
         ({"HYPERFLEET_AUTOSCALING_CONFIG_JSON": "{}"}, "HYPERFLEET_AUTOSCALING_CONFIG_JSON"),
         ({"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "-1"}, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"),
+        ({"HYPERFLEET_WARM_WORKERS": "9"}, "HYPERFLEET_WARM_WORKERS"),
+        ({"HYPERFLEET_WARM_WORKERS": "-1"}, "HYPERFLEET_WARM_WORKERS"),
     ],
 )
 def test_bad_env_is_named_and_exits_2(
