@@ -21,7 +21,10 @@ Hypercore starts the image with env only (no command override), so everything co
 Several nodes may share one machine (the local Hypercore stand-in gives each its own 127.x
 address), so every Ray port but the head's GCS port is left to Ray to pick or bound to the node's
 own address (the Ray Client server's 10001), and the object store is sized from
-``HYPERFLEET_MEMORY_MB`` rather than from the whole machine's memory.
+``HYPERFLEET_MEMORY_MB`` rather than from the whole machine's memory. The exception is the
+raylet's port when the agent keeps spare workers (``warm_workers.py``): the agent picks a free
+one, which another process could take in the second before the raylet binds it (then Ray fails
+to start, as for any other start failure).
 
 Exit codes: 0 stopped on request, 1 Ray failed or died, 2 invalid settings, 3 could not join.
 """
@@ -331,6 +334,7 @@ class NodeAgent:
         self.settings = settings
         self._env = env
         self._stopping = StopFlag()
+        self._keeper: WarmWorkerKeeper | None = None
 
     def request_stop(self, signum: int, frame: FrameType | None = None) -> None:
         self._stopping.set()
@@ -368,11 +372,11 @@ class NodeAgent:
             token_path = settings.home / TOKEN_FILE
             write_secret(token_path, token)
             logger.info("joined: the head gave this node the cluster's token")
-        keeper: WarmWorkerKeeper | None = None
-        raylet_port = free_port_on(node_ip)
         try:
             if self._stopping.is_set():
                 return EXIT_STOPPED
+            # The keeper needs to know where the raylet listens; without it Ray picks the port.
+            raylet_port = free_port_on(node_ip) if settings.warm_workers else 0
             command = ray_start_command(
                 settings,
                 gpu,
@@ -385,18 +389,24 @@ class NodeAgent:
             )
             logger.info("starting: %s", " ".join(command.argv))
             ray = spawn(command.argv, command.env)
-            if settings.warm_workers:
-                keeper = WarmWorkerKeeper(
-                    RayletClient(host_port(node_ip, raylet_port), token_path),
-                    settings.warm_workers,
+            if raylet_port:
+                raylet_address = host_port(node_ip, raylet_port)
+                self._keeper = WarmWorkerKeeper(
+                    lambda: RayletClient(raylet_address, token_path), settings.warm_workers
                 )
-                keeper.start()
+                self._keeper.start()
             return self._supervise(ray, join)
         finally:
-            if keeper is not None:
-                keeper.stop()
+            self._stop_keeper()
             if join is not None:
                 join.stop()
+
+    def _stop_keeper(self) -> None:
+        # Once Ray stops or drains, a spare is of no use, and the raylet's port may soon be
+        # another process's: the token must not be sent there.
+        if self._keeper is not None:
+            self._keeper.stop()
+            self._keeper = None
 
     def _supervise(self, ray: subprocess.Popen[bytes], join: JoinService | None) -> int:
         is_init = os.getpid() == 1
@@ -405,6 +415,7 @@ class NodeAgent:
                 reap_orphans({ray.pid} | ({join.process.pid} if join else set()))
             code = ray.poll()
             if code is not None:
+                self._stop_keeper()
                 logger.error("ray start exited unexpectedly (status %s)", code)
                 # Whatever it left behind in its process group (if it was killed) goes too.
                 with contextlib.suppress(ProcessLookupError):
@@ -418,6 +429,7 @@ class NodeAgent:
                 except NodeAgentError:
                     _stop_process(ray, self.settings.drain_timeout_s + STOP_GRACE_S)
                     raise
+        self._stop_keeper()
         logger.info(
             "asked to stop: draining the node (up to %.0f s)", self.settings.drain_timeout_s
         )

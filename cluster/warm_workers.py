@@ -12,11 +12,13 @@ asks its own raylet, over the raylet's gRPC API with the cluster's token, for th
 there are fewer spares than the target, it asks the raylet to start the difference
 (``PrestartWorkers``, the call Ray's core worker makes for its task backlog), with no job and an
 empty runtime env, which is what an agent replica asks for: any job's actor can then take them.
-A spare costs an idle Python process (about 60 MB) and no Ray resources, so it neither blocks
-scheduling nor keeps an idle node from being scaled down.
+A spare costs an idle Python process (about 80 MB resident) and no Ray resources, so it neither
+blocks scheduling nor keeps an idle node from being scaled down (the autoscaler test drains such
+a node).
 
 Both RPCs are Ray's internal API (``ray.core.generated``), pinned by the ``ray`` version in
-``pyproject.toml``; if the raylet refuses them the node runs as before, with a warning logged.
+``pyproject.toml``; if they fail (the raylet refuses them, the token file is unreadable) the node
+runs as before, without spares, with a warning logged.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 logger = logging.getLogger("hyperfleet.node")
 
@@ -38,11 +40,12 @@ POLL_S = 1.0
 STARTUP_POLL_S = 0.2
 RPC_TIMEOUT_S = 5.0
 # A requested worker counts as on its way for this long (Ray's own start takes 0.5-2 s here);
-# after that a missing one is requested again. Errs toward too few spares, never too many.
+# after that a missing one is requested again.
 START_WINDOW_S = 10.0
 # How long the raylet keeps a spare even when its idle workers exceed its soft limit (its CPU
-# count); the keeper asks again once one is gone.
-KEEP_ALIVE_S = 3600
+# count); after that it may reap it, and the keeper asks for another. It also bounds how long a
+# spare too many (see ``decide``) lives.
+KEEP_ALIVE_S = 600
 _NIL_BYTE = 0xFF  # Ray's nil ids are all 0xff bytes
 
 
@@ -57,12 +60,18 @@ class WorkerInfo:
 
     @property
     def is_spare(self) -> bool:
-        """Never assigned: no job and no actor, so an actor of any job can take it."""
-        return self.is_plain_worker and _is_nil(self.job_id) and _is_nil(self.actor_id)
+        """Never assigned: no job and no actor, so an actor of any job can take it. (The raylet
+        reports a worker whose stats call failed as an empty entry: never a spare.)"""
+        return (
+            self.pid > 0
+            and self.is_plain_worker
+            and _is_nil(self.job_id)
+            and _is_nil(self.actor_id)
+        )
 
 
 def _is_nil(ray_id: bytes) -> bool:
-    return all(b == _NIL_BYTE for b in ray_id)
+    return bool(ray_id) and all(b == _NIL_BYTE for b in ray_id)
 
 
 @dataclass(frozen=True)
@@ -87,8 +96,9 @@ def decide(
     A requested worker counts as coming until a new worker shows up (as a spare, or already
     taken by an actor between two rounds) or ``START_WINDOW_S`` passes: a slow start is not
     requested twice, and a spare taken at once is replaced on the next round. A worker Ray
-    started on its own in the meantime can be mistaken for ours; then one spare too many is
-    started, which the next rounds never add to.
+    started on its own meanwhile (for a replica that found no spare) can be mistaken for ours:
+    each such one may add a spare too many, which the raylet may reap once its
+    ``KEEP_ALIVE_S`` ends; rounds never start more while the spares reach the target.
     """
     workers = list(workers)
     spares = sum(1 for w in workers if w.is_spare)
@@ -160,21 +170,38 @@ class RayletClient:
         self._channel.close()
 
 
+class Raylet(Protocol):
+    """What the keeper needs of a raylet; ``RayletClient`` is the real one. Each call is bounded
+    by ``RPC_TIMEOUT_S`` and raises on failure."""
+
+    def workers(self) -> list[WorkerInfo]: ...
+
+    def prestart(self, count: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class WarmWorkerKeeper:
-    """A thread that keeps ``target`` spare workers on one node; see the module docstring."""
+    """A thread that keeps ``target`` spare workers on one node; see the module docstring.
+
+    The raylet client is built on the keeper's thread (``connect``), so importing gRPC and Ray's
+    generated modules neither delays the node agent nor can fail it: the keeper's own failures
+    leave the node without spares, logged, and nothing else.
+    """
 
     def __init__(
         self,
-        raylet: RayletClient,
+        connect: Callable[[], Raylet],
         target: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._raylet = raylet
+        self._connect = connect
+        self._raylet: Raylet | None = None
         self._target = target
         self._clock = clock
         self._state = WarmState()
         self._stop = threading.Event()
-        self._problem: str | None = "not reached yet"
+        self._problem: str | None = None
         self._reached = False
         self._thread = threading.Thread(target=self._run, name="warm-workers", daemon=True)
 
@@ -182,12 +209,15 @@ class WarmWorkerKeeper:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stops the thread (the client is closed there, never under a call in flight)."""
         self._stop.set()
-        self._thread.join(RPC_TIMEOUT_S * 2 + POLL_S)
-        self._raylet.close()
+        if self._thread.is_alive():
+            self._thread.join(RPC_TIMEOUT_S * 2 + POLL_S)
 
     def step(self) -> int:
         """One round: asks the raylet for its workers and prestarts what is missing."""
+        if self._raylet is None:
+            self._raylet = self._connect()
         start, self._state = decide(
             self._target, self._raylet.workers(), self._state, self._clock()
         )
@@ -196,22 +226,29 @@ class WarmWorkerKeeper:
             logger.info("prestarting %d spare Ray worker(s) for the next replica", start)
         return start
 
-    def _run(self) -> None:
-        import grpc
+    def round(self) -> bool:
+        """``step``, with its failures logged once per kind; True when the raylet answered."""
+        try:
+            self.step()
+        except Exception as e:  # noqa: BLE001 - the keeper must never die; see the class doc
+            # Until the raylet is up (and while it stops) it refuses connections: expected, so
+            # not logged. Anything else is logged when it first appears, not every round.
+            code = getattr(e, "code", None)
+            problem = f"{type(e).__name__}: {code() if callable(code) else e}"
+            if problem != self._problem and "UNAVAILABLE" not in problem:
+                logger.warning("spare workers: %s (the node runs on without them)", problem)
+            self._problem = problem
+            return False
+        if not self._reached or self._problem is not None:
+            logger.info("spare workers: keeping %d on this node", self._target)
+        self._problem = None
+        self._reached = True
+        return True
 
-        while not self._stop.wait(POLL_S if self._reached else STARTUP_POLL_S):
-            try:
-                self.step()
-            except grpc.RpcError as e:
-                # Until the raylet is up (and while it stops) it is unavailable; a raylet that
-                # refuses the calls leaves the node without spares, which is only slower. Logged
-                # once per change, not every round.
-                problem = str(e.code()) if isinstance(e, grpc.Call) else repr(e)
-                if problem != self._problem and problem != str(grpc.StatusCode.UNAVAILABLE):
-                    logger.warning("spare workers: the raylet answered %s", problem)
-                self._problem = problem
-                continue
-            if self._problem is not None:
-                logger.info("spare workers: keeping %d on this node", self._target)
-                self._problem = None
-            self._reached = True
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(POLL_S if self._reached else STARTUP_POLL_S):
+                self.round()
+        finally:
+            if self._raylet is not None:
+                self._raylet.close()

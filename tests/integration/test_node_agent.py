@@ -292,10 +292,11 @@ def test_a_replica_takes_the_spare_worker_and_another_is_started(
     try:
         _wait_for("the worker did not join", lambda: head.node("hf-w2"), [home / "agent.log"])
         taken = head.take_spare("hf-w2")
-        # The actor ran in the spare the agent had Ray start (no new process to wait for)...
-        assert len(taken["before"]) == 1 and taken["actor"] == taken["before"][0]
-        # ...and the agent had the next spare started.
-        assert len(taken["after"]) == 1 and taken["after"] != taken["before"]
+        # The actor ran in a spare the agent had Ray start (no new process to wait for)...
+        assert taken["before"] and taken["actor"] in taken["before"]
+        # ...and the agent had the next spare started. (More than one only if a start took
+        # longer than the keeper's window on a loaded machine: then it asked again.)
+        assert taken["after"] and taken["actor"] not in taken["after"]
         assert "prestarting 1 spare" in (home / "agent.log").read_text()
     finally:
         stop(worker, timeout_s=STOP_DEADLINE_S)

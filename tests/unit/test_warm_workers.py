@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from cluster.warm_workers import START_WINDOW_S, WarmState, WorkerInfo, decide
+import logging
+import time
+
+import pytest
+
+from cluster.warm_workers import START_WINDOW_S, WarmState, WarmWorkerKeeper, WorkerInfo, decide
 
 NIL_JOB = b"\xff" * 4
 NIL_ACTOR = b"\xff" * 16
@@ -61,3 +66,68 @@ def test_spares_over_the_target_start_nothing() -> None:
     assert start == 0
     start, _ = decide(0, [], WarmState(), now=0.0)
     assert start == 0
+
+
+def test_an_entry_for_a_worker_whose_stats_failed_is_no_spare() -> None:
+    assert not WorkerInfo(pid=0, is_plain_worker=True, job_id=b"", actor_id=b"").is_spare
+    assert not WorkerInfo(pid=7, is_plain_worker=True, job_id=b"", actor_id=b"").is_spare
+
+
+class FakeRaylet:
+    """A raylet whose answers the test scripts: a list of worker lists, or exceptions."""
+
+    def __init__(self, answers: list[list[WorkerInfo] | Exception]) -> None:
+        self.answers = answers
+        self.prestarted: list[int] = []
+        self.closed = False
+
+    def workers(self) -> list[WorkerInfo]:
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def prestart(self, count: int) -> None:
+        self.prestarted.append(count)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_keeper_survives_failures_logs_each_kind_once_and_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    unreadable = PermissionError(13, "Permission denied")
+    raylet = FakeRaylet([unreadable, unreadable, [], [spare(3)]])
+    keeper = WarmWorkerKeeper(lambda: raylet, target=1)
+    caplog.set_level(logging.INFO, logger="hyperfleet.node")
+    assert keeper.round() is False
+    assert keeper.round() is False
+    assert [r.getMessage() for r in caplog.records].count(
+        "spare workers: PermissionError: [Errno 13] Permission denied (the node runs on without"
+        " them)"
+    ) == 1
+    # The token became readable: the keeper asks for the missing spare, then sees it.
+    assert keeper.round() is True
+    assert raylet.prestarted == [1]
+    assert keeper.round() is True
+    assert raylet.prestarted == [1]
+
+
+def test_a_keeper_that_cannot_build_its_client_leaves_the_node_alone() -> None:
+    def connect() -> FakeRaylet:
+        raise ImportError("no module named ray.core.generated")
+
+    keeper = WarmWorkerKeeper(connect, target=1)
+    assert keeper.round() is False
+
+
+def test_the_keeper_thread_closes_its_client_when_stopped() -> None:
+    raylet = FakeRaylet([[spare(1)] for _ in range(100)])
+    keeper = WarmWorkerKeeper(lambda: raylet, target=1)
+    keeper.start()
+    deadline = time.monotonic() + 10
+    while len(raylet.answers) == 100 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    keeper.stop()
+    assert raylet.closed and raylet.prestarted == []
