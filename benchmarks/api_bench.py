@@ -293,6 +293,8 @@ def main() -> None:
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1 or args.clients < 1 or args.seconds <= 0:
+        parser.error("--rounds and --clients must be at least 1, --seconds above 0")
     if args.worker:
         _worker_main(
             args.worker,

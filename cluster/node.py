@@ -211,6 +211,18 @@ def free_port_on(ip: str) -> int:
         return port
 
 
+def raylet_port_for(settings: NodeSettings, node_ip: str) -> int:
+    """The port to give the raylet: one the spare-worker keeper can reach it on, or 0 (Ray picks)
+    when the node keeps no spares or no port could be found (then it keeps none)."""
+    if not settings.warm_workers:
+        return 0
+    try:
+        return free_port_on(node_ip)
+    except OSError as e:
+        logger.warning("spare workers: no free port for the raylet (%s); keeping none", e)
+        return 0
+
+
 def write_secret(path: Path, value: str) -> None:
     """Writes ``value`` to ``path`` with mode 0600 from the start (never readable by others)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -375,8 +387,7 @@ class NodeAgent:
         try:
             if self._stopping.is_set():
                 return EXIT_STOPPED
-            # The keeper needs to know where the raylet listens; without it Ray picks the port.
-            raylet_port = free_port_on(node_ip) if settings.warm_workers else 0
+            raylet_port = raylet_port_for(settings, node_ip)
             command = ray_start_command(
                 settings,
                 gpu,

@@ -124,6 +124,22 @@ def test_the_agent_can_name_the_raylet_port_and_keeps_spares_by_default() -> Non
     assert not any(a.startswith("--node-manager-port") for a in command_for(worker_env()).argv)
 
 
+def test_no_port_for_the_raylet_means_no_spares_not_a_failed_node(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = NodeSettings.from_env(worker_env())
+    assert 1024 <= node.raylet_port_for(settings, "127.0.0.1") <= 65535
+
+    def no_port(ip: str) -> int:
+        raise OSError(97, "Address family not supported by protocol")
+
+    monkeypatch.setattr(node, "free_port_on", no_port)
+    assert node.raylet_port_for(settings, "::1") == 0
+    assert "keeping none" in caplog.text
+    off = NodeSettings.from_env(worker_env(HYPERFLEET_WARM_WORKERS="0"))
+    assert node.raylet_port_for(off, "127.0.0.1") == 0
+
+
 def test_head_command_exports_the_join_service(tmp_path: Path) -> None:
     services = HeadServices(join_db=tmp_path / "join.db", join_url="http://10.88.0.2:8571")
     command = command_for(head_env(), head=services)
