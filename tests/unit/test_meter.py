@@ -44,9 +44,33 @@ async def _no_sleep(_: float) -> None:
 
 
 def _meter(receiver: Receiver, **kwargs: Any) -> UsageMeter:
+    kwargs.setdefault("linger_s", 0.0)
     return UsageMeter(
         receiver.send, "r0", lambda e: isinstance(e, Flaky), sleep=_no_sleep, **kwargs
     )
+
+
+async def test_turns_committed_within_the_linger_go_in_one_call_after_it() -> None:
+    receiver = Receiver()
+    lingered: list[float] = []
+    wake = asyncio.Event()
+
+    async def linger(delay_s: float) -> None:
+        lingered.append(delay_s)
+        await wake.wait()
+
+    meter = UsageMeter(receiver.send, "r0", lambda e: False, sleep=linger, linger_s=0.05)
+    meter.add(_record(0))
+    await asyncio.sleep(0)
+    meter.add(_record(1))
+    meter.add(_record(2))
+    await asyncio.sleep(0)
+    # Nothing is sent while the first turn's reply may still be leaving the replica.
+    assert receiver.batches == [] and meter.pending == 3
+    wake.set()
+    assert await meter.flush(5.0)
+    assert [[r[0] for r in b] for b in receiver.batches] == [["turn-0", "turn-1", "turn-2"]]
+    assert lingered == [0.05]
 
 
 async def test_turns_committed_during_a_call_go_together_in_the_next() -> None:
