@@ -5,12 +5,19 @@ Two gates behind one protocol, picked by the deployment's config:
 - ``ControlGate`` (the default, no Redis): one call to the control-store actor does it all, exact
   across ingress replicas because that actor is the only place the state lives. It costs a Ray
   hop (about 1-3 ms here) on every request.
-- ``RedisGate`` (a ``redis_url`` is configured): the hot path stays in the ingress process.
-  ``limits``' moving window runs in Redis, so limits are exact across replicas; a turn's
-  reservation is checked and taken by one Lua script against the day's used-token counter, which
-  the control store mirrors into Redis each time it meters a commit. Keys and session routes are
-  cached per ingress replica: a revoked key stops working at once on the replica that revoked
-  it and within ``AUTH_CACHE_TTL_S`` on the others; a quota change applies within the same time.
+- ``RedisGate`` (a ``redis_url`` is configured): the hot path stays in the ingress process, and
+  a request costs one Redis round trip. One Lua script (``_ADMIT``) runs the IP's and the key's
+  moving windows and, for a turn, takes its reservation against the day's used-token counter,
+  which the control store mirrors into Redis each time it meters a commit; so limits and
+  budgets are exact across replicas. Keys and session routes are cached per ingress replica: a
+  revoked key stops working at once on the replica that revoked it and within
+  ``AUTH_CACHE_TTL_S`` on the others; a quota change applies within the same time.
+
+Why a script of our own and not ``limits``' Redis storage, which the control actor's in-process
+limiter uses: ``limits`` checks one window per call and reports a window's remaining count in a
+second call, so the IP, the key and their headers took three round trips, 1.9 ms of the 7.4 ms a
+turn added over a bare Serve forward (benchmarks/api_bench.py). The windows are the same moving
+windows: at most ``limit`` requests in any 60 s.
 
 Reservations expire after ``RESERVATION_TTL_S`` (longer than any turn may run), so an ingress
 replica that dies between taking a reservation and releasing it cannot hold a user's budget.
@@ -25,13 +32,10 @@ import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from limits import RateLimitItemPerMinute
-from limits.aio.storage import RedisStorage
-from limits.aio.strategies import MovingWindowRateLimiter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -45,6 +49,7 @@ ROUTE_CACHE_TTL_S = 5.0
 CACHE_ENTRIES_MAX = 10_000
 RESERVATION_TTL_S = 3_900.0  # a turn's wall-clock limit is at most an hour
 REDIS_TIMEOUT_S = 2.0
+WINDOW_MS = 60_000  # the rate limits' window: requests per minute
 DAY_KEY_TTL_S = 3 * 86_400
 
 
@@ -128,24 +133,60 @@ class _TtlCache:
             del self._entries[key]
 
 
-# Reservations are members "<id>:<tokens>" of a per-user-and-day sorted set scored by their
-# expiry. KEYS: used counter, reservation set. ARGV: tokens, budget (-1: none), now, expiry,
-# member, key ttl. Returns {admitted, used, reserved}.
-_RESERVE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+# One round trip admits a request: its moving windows (the client IP's, then the key's) and, for
+# a turn of a user with a daily budget, its token reservation. A window is a sorted set of
+# request ids scored by arrival (Redis's own clock, so ingress replicas on hosts whose clocks
+# differ share one timeline); a request refused by a window is not recorded in it or in any
+# window after it. Reservations are members "<id>:<tokens>" of a per-user-and-day sorted set
+# scored by their expiry.
+# KEYS: n windows, then (optional) the day's used counter and reservation set.
+# ARGV: member, window_ms, n, n limits, then (with a reservation) tokens, budget (-1: none),
+# reservation ttl ms, day key ttl s.
+# Returns {refused, limit, remaining, reset_ms, used, reserved}: refused is 0, the 1-based window
+# that refused, or n + 1 for the budget; limit, remaining and reset_ms are the last window's.
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local member = ARGV[1]
+local window_ms = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local limit, remaining, reset = 0, 0, 0
+for i = 1, n do
+  local key = KEYS[i]
+  limit = tonumber(ARGV[3 + i])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window_ms)
+  local count = redis.call('ZCARD', key)
+  local admitted = count < limit
+  if admitted then
+    redis.call('ZADD', key, now, member)
+    redis.call('PEXPIRE', key, window_ms)
+    count = count + 1
+  end
+  remaining = math.max(0, limit - count)
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  reset = oldest[2] and (tonumber(oldest[2]) + window_ms - now) or 0
+  if not admitted then
+    return {i, limit, remaining, reset, 0, 0}
+  end
+end
+if #KEYS == n then
+  return {0, limit, remaining, reset, 0, 0}
+end
+local used_key, reserved_key = KEYS[n + 1], KEYS[n + 2]
+local tokens = tonumber(ARGV[4 + n])
+local budget = tonumber(ARGV[5 + n])
+redis.call('ZREMRANGEBYSCORE', reserved_key, '-inf', now)
+local used = tonumber(redis.call('GET', used_key) or '0')
 local reserved = 0
-for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  reserved = reserved + tonumber(string.match(member, ':(%d+)$'))
+for _, held in ipairs(redis.call('ZRANGE', reserved_key, 0, -1)) do
+  reserved = reserved + tonumber(string.match(held, ':(%d+)$'))
 end
-local tokens = tonumber(ARGV[1])
-local budget = tonumber(ARGV[2])
 if budget >= 0 and used + reserved + tokens > budget then
-  return {0, used, reserved}
+  return {n + 1, limit, remaining, reset, used, reserved}
 end
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[6])
-return {1, used, reserved}
+redis.call('ZADD', reserved_key, now + tonumber(ARGV[6 + n]), member .. ':' .. tokens)
+redis.call('EXPIRE', reserved_key, ARGV[7 + n])
+return {0, limit, remaining, reset, used, reserved}
 """
 
 
@@ -178,54 +219,90 @@ class RedisReservation:
 
 
 class RedisGate:
-    """Admission in the ingress process, with its shared state in Redis."""
+    """Admission in the ingress process, with its shared state in Redis: one round trip (the
+    ``_ADMIT`` script) for a caller whose key and session route this replica has cached; a
+    first request also asks the control store for them, after its IP's window admitted it."""
 
     def __init__(self, control: Control, redis_url: str) -> None:
         self._control = control
         self._redis = Redis.from_url(
             redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
         )
-        storage = RedisStorage(
-            "async+" + redis_url,
-            implementation="redispy",
-            socket_timeout=REDIS_TIMEOUT_S,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-        )
-        self._limiter = MovingWindowRateLimiter(storage)
-        self._reserve = self._redis.register_script(_RESERVE)
+        self._admit = self._redis.register_script(_ADMIT)
         self._users = _TtlCache(AUTH_CACHE_TTL_S)
         self._routes = _TtlCache(ROUTE_CACHE_TTL_S)
         self._background: set[asyncio.Task[Any]] = set()
 
-    async def _hit(self, key: str, per_minute: int, stats: bool) -> Decision:
-        item = RateLimitItemPerMinute(per_minute)
+    async def _run(
+        self, windows: list[tuple[str, int]], member: str, reservation: list[Any] | None = None
+    ) -> tuple[int, Decision, int, int]:
+        """Runs ``_ADMIT``: (the refusing step or 0, the last window's decision, used, reserved);
+        ``reservation`` is [used key, reservation set, tokens, budget]."""
+        keys = [key for key, _ in windows]
+        args: list[Any] = [member, WINDOW_MS, len(windows), *(limit for _, limit in windows)]
+        if reservation is not None:
+            used_at, reserved_at, tokens, budget = reservation
+            keys += [used_at, reserved_at]
+            args += [tokens, budget, int(RESERVATION_TTL_S * 1000), DAY_KEY_TTL_S]
         async with _redis_errors():
-            allowed = await self._limiter.hit(item, key)
-            if not stats and allowed:
-                return Decision(True, per_minute, per_minute, 0)
-            reset_at, remaining = await self._limiter.get_window_stats(item, key)
-        reset_s = max(0, math.ceil(reset_at - time.time()))
-        return Decision(allowed, per_minute, max(0, remaining), reset_s)
+            refused, limit, remaining, reset_ms, used, reserved = await self._admit(
+                keys=keys, args=args
+            )
+        allowed = refused == 0 or refused == len(windows) + 1
+        decision = Decision(allowed, int(limit), int(remaining), math.ceil(int(reset_ms) / 1000))
+        return int(refused), decision, int(used), int(reserved)
+
+    def _cached_user(self, api_key: str | None) -> tuple[bool, dict[str, Any] | None]:
+        if api_key is None:
+            return True, None
+        found, user = self._users.get(_digest(api_key))
+        return found, user
 
     async def _user(self, api_key: str) -> dict[str, Any] | None:
-        digest = hashlib.sha256(api_key.encode()).hexdigest()  # never keep plaintext keys
-        found, user = self._users.get(digest)
-        if not found:
-            user = await self._control.call("authenticate", api_key)
-            self._users.put(digest, user)
-        return user  # type: ignore[no-any-return]
+        user: dict[str, Any] | None = await self._control.call("authenticate", api_key)
+        self._users.put(_digest(api_key), user)
+        return user
+
+    async def _admitted(
+        self,
+        api_key: str | None,
+        client_ip: str,
+        ip_per_minute: int,
+        member: str,
+        reservation: Callable[[dict[str, Any]], list[Any] | None],
+    ) -> tuple[dict[str, Any] | None, Decision, tuple[int, int] | None]:
+        """The IP's window, the key, the key's window and ``reservation(user)``'s tokens: (user or
+        None, decision, (used, reserved) when the budget refused the reservation, else None)."""
+        ip = ("hf:rl:ip:" + client_ip, ip_per_minute)
+        found, user = self._cached_user(api_key)
+        if not found or user is None:
+            # The key is not known here yet: the IP's window first, so an unknown key's
+            # requests are limited before they reach the control store.
+            refused, decision, _, _ = await self._run([ip], member)
+            if refused or api_key is None:
+                return None, decision, None
+            user = await self._user(api_key) if not found else None
+            if user is None:
+                return None, decision, None
+            windows = [_key_window(user)]
+        else:
+            windows = [ip, _key_window(user)]
+        held = reservation(user)
+        refused, decision, used, reserved = await self._run(windows, member, held)
+        if len(windows) == 2 and refused == 1:
+            return None, decision, None  # the IP's window refused it
+        if refused == len(windows) + 1:
+            return user, decision, (used, reserved)
+        return user, decision, None
 
     async def admit(
         self, api_key: str | None, client_ip: str, ip_per_minute: int
     ) -> tuple[dict[str, Any] | None, Decision]:
-        by_ip = await self._hit("ip:" + client_ip, ip_per_minute, stats=False)
-        if not by_ip.allowed:
-            return None, by_ip
-        user = await self._user(api_key) if api_key else None
-        if user is None:
-            return None, by_ip
-        per_key = int(user["quotas"].get("requests_per_minute", 100))
-        return user, await self._hit("key:" + user["key_prefix"], per_key, stats=True)
+        member = uuid.uuid4().hex
+        user, decision, _ = await self._admitted(
+            api_key, client_ip, ip_per_minute, member, _nothing
+        )
+        return user, decision
 
     async def _route(self, session_id: str) -> dict[str, Any] | None:
         found, route = self._routes.get(session_id)
@@ -238,33 +315,47 @@ class RedisGate:
     async def begin_message(
         self, api_key: str | None, client_ip: str, ip_per_minute: int, session_id: str
     ) -> dict[str, Any]:
-        user, decision = await self.admit(api_key, client_ip, ip_per_minute)
+        day = today()
+        member = uuid.uuid4().hex
+        cached, route = self._routes.get(session_id)
+        taken: list[RedisReservation] = []
+
+        def reserve(user: dict[str, Any]) -> list[Any] | None:
+            # With the route cached, the reservation rides in the limits' round trip.
+            budget = user["quotas"].get("tokens_per_day")
+            if not cached or budget is None or route["owner"] != user["id"]:
+                return None
+            tokens = int(route["max_tokens"])
+            taken.append(RedisReservation(_reserved_key(user["id"], day), f"{member}:{tokens}"))
+            return [used_key(user["id"], day), taken[0].key, tokens, budget]
+
+        user, decision, over = await self._admitted(
+            api_key, client_ip, ip_per_minute, member, reserve
+        )
         out: dict[str, Any] = {"user": user, "decision": decision, "route": None}
         if user is None or not decision.allowed:
             return out
-        route = await self._route(session_id)
+        if not cached:
+            route = await self._route(session_id)
         if route is None or route["owner"] != user["id"]:
             return out
         budget = user["quotas"].get("tokens_per_day")
-        if budget is None:  # nothing to hold the turn against: skip the round trip
+        if budget is None:  # nothing to hold the turn against
             out.update(route=route, reservation=None)
             return out
-        day = today()
         tokens = int(route["max_tokens"])
-        now = time.time()
-        member = f"{uuid.uuid4().hex}:{tokens}"
-        key = _reserved_key(user["id"], day)
-        args = [tokens, int(budget), now, now + RESERVATION_TTL_S]
-        async with _redis_errors():
-            admitted, used, reserved = await self._reserve(
-                keys=[used_key(user["id"], day), key], args=[*args, member, DAY_KEY_TTL_S]
-            )
-        if not admitted:
+        if not taken:  # the route was not cached: a round trip for the reservation alone
+            held = [used_key(user["id"], day), _reserved_key(user["id"], day), tokens, budget]
+            refused, _, used, reserved = await self._run([], member, held)
+            over = (used, reserved) if refused else None
+            taken.append(RedisReservation(held[1], f"{member}:{tokens}"))
+        if over is not None:
+            used, reserved = over
             raise QuotaExceededError(
                 f"this turn may use {tokens} tokens; {used} used and {reserved} reserved "
                 f"today of your {budget} tokens per day"
             )
-        out.update(route=route, reservation=RedisReservation(key, member))
+        out.update(route=route, reservation=taken[0])
         return out
 
     def release(self, reservation: Any) -> None:
@@ -280,3 +371,15 @@ class RedisGate:
 
     def forget_key(self, prefix: str) -> None:
         self._users.drop_where(lambda user: user is not None and user["key_prefix"] == prefix)
+
+
+def _digest(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()  # never keep plaintext keys
+
+
+def _key_window(user: dict[str, Any]) -> tuple[str, int]:
+    return "hf:rl:key:" + user["key_prefix"], int(user["quotas"].get("requests_per_minute", 100))
+
+
+def _nothing(user: dict[str, Any]) -> None:
+    return None

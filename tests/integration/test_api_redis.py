@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -20,7 +21,7 @@ from serve_app import APP_NAME, build, start_control_actor
 from serve_app.admission import RedisGate, used_key
 from serve_app.backend import Control
 from serve_app.control import today
-from serve_app.errors import ApiError
+from serve_app.errors import ApiError, QuotaExceededError
 
 from .conftest import ApiServer, RedisServer
 from .test_api import Client, _session, _usage_row, _user, check_rate_limit
@@ -187,3 +188,52 @@ def test_unreachable_redis_is_503_not_500() -> None:
     with pytest.raises(ApiError) as raised:
         asyncio.run(admit())
     assert raised.value.status_code == 503 and raised.value.retry_after_s
+
+
+def test_admission_is_one_round_trip_once_the_key_and_route_are_known(
+    admin: Client, redis_api: ApiServer, redis_server: RedisServer
+) -> None:
+    user = _user(admin, redis_api, tokens_per_day=9_000, requests_per_minute=3)
+    agent = user.ok("POST", "/v1/agents", 201, json={"max_tokens": 4000})
+    try:
+        sid = _session(user, agent["id"])
+        # A second key, from the admin: its own window, untouched by the requests above (and
+        # the user's first key keeps one request of its three for the cleanup).
+        user_id = user.user_id  # type: ignore[attr-defined]
+        key = admin.ok("POST", f"/v1/users/{user_id}/keys", 201)["api_key"]
+        redis = Redis.from_url(redis_server.url)
+        gate = RedisGate(Control(), redis_server.url)
+        ip = "198.51.100.7"  # a documentation address: only a window's name here
+
+        def evalsha_calls() -> int:
+            stats = redis.info("commandstats").get("cmdstat_evalsha", {})
+            return int(stats.get("calls", 0))
+
+        async def scenario() -> tuple[int, Any, Any]:
+            await gate.begin_message(key, ip, 100, sid)  # learns the key and the route
+            before = evalsha_calls()
+            second = await gate.begin_message(key, ip, 100, sid)
+            trips = evalsha_calls() - before
+            assert second["decision"].allowed and second["reservation"] is not None
+            # Windows pass (3 of 3), the budget does not: 8,000 held of 9,000.
+            with pytest.raises(QuotaExceededError):
+                await gate.begin_message(key, ip, 100, sid)
+            fourth = await gate.begin_message(key, ip, 100, sid)
+            held = redis.zcard(f"hf:reserved:{user.user_id}:{today()}")  # type: ignore[attr-defined]
+            gate.release(second["reservation"])
+            await asyncio.sleep(0.2)
+            return trips, fourth, held
+
+        trips, fourth, held = asyncio.run(scenario())
+        assert trips == 1
+        decision = fourth["decision"]
+        assert not decision.allowed and decision.limit == 3 and decision.remaining == 0
+        assert 1 <= decision.reset_s <= 60
+        assert held == 2
+        assert redis.zcard(f"hf:reserved:{user.user_id}:{today()}") == 1  # type: ignore[attr-defined]
+        # A request a window refused is not counted in it: 3 in the key's, 4 in the IP's.
+        prefix = key.split("_")[1]
+        assert redis.zcard(f"hf:rl:key:{prefix}") == 3
+        assert redis.zcard(f"hf:rl:ip:{ip}") == 4
+    finally:
+        user.ok("DELETE", f"/v1/agents/{agent['id']}")
