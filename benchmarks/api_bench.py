@@ -5,7 +5,9 @@ For each proxy mode it starts a fresh Ray head (HAProxy mode: ``RAY_SERVE_ENABLE
 keep-alive clients for D seconds each:
 - ``echo``: a bare deployment answering a constant (the proxy's own ceiling);
 - ``baseline``: a bare deployment forwarding to one actor that calls the emulator (streaming,
-  reading the raw events as the agent loop does), no auth, no session, no commit;
+  reading the raw events as the agent loop does), no auth, no session, no commit. Its clients
+  hold their conversations and send each whole, as a bare Messages API's callers do, so the
+  model reads the same prompts on both paths and the difference is the platform's own work;
 - ``full``: ``POST /v1/sessions/{id}/messages`` through Hyperfleet's ingress (auth, rate limits,
   quota reservation, routing, the replica's session and loop, the fenced commit, usage), once
   with each admission gate: ``actor`` (the control-store actor and the SQLite session-store
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -72,6 +75,30 @@ def _cpu_by_group() -> dict[str, float]:
     return used
 
 
+class Conversations:
+    """The baseline's conversations, held by its clients as a bare Messages API's callers hold
+    theirs: each turn sends the whole history, as the full path's replica does for a session.
+    Keyed as ``full``'s session pools are, so both paths send the same conversations."""
+
+    def __init__(self, turns: int) -> None:
+        self._turns = turns
+        self._history: dict[tuple[int, int], list[dict[str, Any]]] = {}
+
+    def _key(self, client: int, i: int) -> tuple[int, int]:
+        return client, (i // self._turns) % SESSIONS_PER_CLIENT
+
+    def ask(self, client: int, i: int) -> list[dict[str, Any]]:
+        history = self._history.setdefault(self._key(client, i), [])
+        return [*history, {"role": "user", "content": BODY["content"]}]
+
+    def answered(self, client: int, i: int, content: list[dict[str, Any]]) -> None:
+        history = self._history.setdefault(self._key(client, i), [])
+        history += [
+            {"role": "user", "content": BODY["content"]},
+            {"role": "assistant", "content": content},
+        ]
+
+
 def _worker_main(
     mode: str, clients: int, seconds: float, turns: int, rounds: int, cpu: bool, work: str
 ) -> None:
@@ -107,14 +134,14 @@ def _worker_main(
             def __init__(self) -> None:
                 self.client = anthropic.AsyncAnthropic(base_url=emulator_url, api_key=KEY)
 
-            async def call(self, text: str) -> dict[str, Any]:
+            async def call(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
                 # The raw event stream, as the agent loop reads it (actors/reply.py): the SDK's
                 # messages.stream helper would cost this baseline ~2.5 ms more CPU per call and
                 # flatter the full path.
                 stream = await self.client.messages.create(
                     model="claude-sonnet-5-5",
-                    max_tokens=1024,
-                    messages=[{"role": "user", "content": text}],
+                    max_tokens=4096,  # an agent's default, as the full path's agent has
+                    messages=messages,
                     stream=True,
                 )
                 text_parts: list[str] = []
@@ -135,7 +162,7 @@ def _worker_main(
 
             async def __call__(self, request: Request) -> JSONResponse:
                 body = await request.json()
-                return JSONResponse(await self.caller.call.remote(body["content"]))
+                return JSONResponse(await self.caller.call.remote(body["messages"]))
 
         @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0.25})
         class Echo:
@@ -182,8 +209,15 @@ def _worker_main(
         class Measured:
             """One measured path: its latencies and timed seconds, pooled over its rounds."""
 
-            def __init__(self, name: str, path_of: Any, headers: dict[str, str] | None) -> None:
+            def __init__(
+                self,
+                name: str,
+                path_of: Any,
+                headers: dict[str, str] | None,
+                conversations: Conversations | None = None,
+            ) -> None:
                 self.name, self.path_of, self.headers = name, path_of, headers
+                self.conversations = conversations
                 self.latencies: list[float] = []
                 self.elapsed_s = 0.0
                 self.errors = 0
@@ -215,17 +249,23 @@ def _worker_main(
             connector = aiohttp.TCPConnector(limit=clients)
             async with aiohttp.ClientSession(base, connector=connector, headers=path.headers) as s:
 
+                async def turn(n: int, i: int) -> int:
+                    talk = path.conversations
+                    body = BODY if talk is None else {"messages": talk.ask(n, i)}
+                    async with s.post(path.path_of(n, i), json=body) as response:
+                        reply = await response.read()
+                    if talk is not None and response.status == 200:
+                        talk.answered(n, i, json.loads(reply)["content"])
+                    return response.status
+
                 async def warm(n: int) -> None:
-                    async with s.post(path.path_of(n, 0), json=BODY) as response:
-                        await response.read()
+                    await turn(n, 0)
 
                 async def worker(n: int) -> None:
                     done = 1
                     while time.monotonic() < stop_at:
                         started = time.perf_counter()
-                        async with s.post(path.path_of(n, done), json=BODY) as response:
-                            await response.read()
-                            path.errors += response.status != 200
+                        path.errors += await turn(n, done) != 200
                         path.latencies.append(time.perf_counter() - started)
                         done += 1
 
@@ -255,7 +295,8 @@ def _worker_main(
 
                 # Interleaved rounds: the machine's speed drifts (other tenants, the disk), and
                 # measuring the baseline once before both gates let that drift decide the ratio.
-                baseline = Measured("baseline", lambda n, i: "/baseline", None)
+                talk = Conversations(turns)
+                baseline = Measured("baseline", lambda n, i: "/baseline", None, talk)
                 full = Measured(f"full/{gate}", path_of, headers)
                 for r in range(rounds):
                     for path in (baseline, full) if r % 2 == 0 else (full, baseline):
