@@ -29,6 +29,7 @@ from pathlib import Path
 
 # Another process may hold the write lock briefly; wait rather than fail.
 BUSY_TIMEOUT_S = 10.0
+WAL_RETRY_S = 0.01
 # A tombstone is dropped once List has not shown its node for this many of the provider's refreshes
 # and for this long (many of Hypercore's ~5 s refreshes), and in any case after the hard bound.
 TOMBSTONE_UNSEEN_REFRESHES = 3
@@ -57,8 +58,7 @@ class ProviderState:
         state_dir.mkdir(parents=True, exist_ok=True)
         self._path = state_dir / "provider.db"
         self._cluster = cluster_name
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
+        self._enable_wal()
         # In one write transaction: several providers may open the same new file at once.
         with self._write() as db:
             for statement in _SCHEMA.split(";"):
@@ -68,6 +68,22 @@ class ProviderState:
             for column, declaration in _TOMBSTONE_COLUMNS.items():
                 if column not in have:
                     db.execute(f"ALTER TABLE tombstones ADD COLUMN {column} {declaration}")
+
+    def _enable_wal(self) -> None:
+        """WAL, once set, stays with the file. Setting it needs the file to itself, and SQLite
+        answers a concurrent switch with "database is locked" at once, without waiting out its
+        busy timeout (seen when providers on several threads open a new file): so wait here."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                with self._connect() as db:
+                    if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                        db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(WAL_RETRY_S)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
