@@ -16,14 +16,16 @@ keep-alive clients for D seconds each:
 Each ``full`` path is measured in ``--rounds`` slices alternating with the baseline's (ABBA...),
 and both are pooled over their slices: on a shared 2-core machine the speed drifts within a
 run, and one baseline measured before everything else let the drift set the ratio (the same
-code gave 55 % to 100 % of the baseline across runs). The emulator has zero latency, so the
-numbers are the platform's own costs. Each client holds conversations of ``--turns-per-session``
-turns (then moves to its next session): a session's history is resent on every turn, so one
-endless conversation would measure the emulator's cost of ever longer prompts rather than the
-platform's.
+code gave 55 % to 100 % of the baseline across runs). The emulator has zero latency by default,
+so the numbers are the platform's own costs, and 8 clients keep the 2 cores busy: p50 is then
+mostly queueing, clients / throughput. ``--ttft-ms`` gives the model a time to first token, as
+a real one has, and measures the latency added at that concurrency without a saturated CPU.
+Each client holds conversations of ``--turns-per-session`` turns (then moves to its next
+session): a session's history is resent on every turn, so one endless conversation would
+measure the emulator's cost of ever longer prompts rather than the platform's.
 
     python -m benchmarks.api_bench [--clients 8] [--seconds 10] [--modes default,haproxy]
-                                   [--turns-per-session 5] [--rounds 4] [--cpu]
+                                   [--turns-per-session 5] [--rounds 4] [--cpu] [--ttft-ms 0]
 """
 
 from __future__ import annotations
@@ -100,7 +102,14 @@ class Conversations:
 
 
 def _worker_main(
-    mode: str, clients: int, seconds: float, turns: int, rounds: int, cpu: bool, work: str
+    mode: str,
+    clients: int,
+    seconds: float,
+    turns: int,
+    rounds: int,
+    cpu: bool,
+    ttft_ms: float,
+    work: str,
 ) -> None:
     """Runs in a fresh process per proxy mode: Ray reads the HAProxy flags at start."""
     import aiohttp
@@ -117,7 +126,8 @@ def _worker_main(
 
     work_dir = Path(work)
     emulator_port, ray_port, http_port, redis_port = (free_port() for _ in range(4))
-    processes = [start_emulator(emulator_port, KEY, work_dir / f"emu-{mode}.log")]
+    latency = ["--ttft-ms", str(ttft_ms)]
+    processes = [start_emulator(emulator_port, KEY, work_dir / f"emu-{mode}.log", *latency)]
     redis_dir = work_dir / f"redis-{mode}"
     redis_dir.mkdir()
     processes.append(start_redis(redis_port, redis_dir))
@@ -332,10 +342,18 @@ def main() -> None:
     parser.add_argument(
         "--cpu", action="store_true", help="also print each path's CPU per turn, by process"
     )
+    parser.add_argument(
+        "--ttft-ms",
+        type=float,
+        default=0.0,
+        help="the emulated model's time to first token (0: none, the platform's costs alone)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1 or args.clients < 1 or args.seconds <= 0:
         parser.error("--rounds and --clients must be at least 1, --seconds above 0")
+    if not 0 <= args.ttft_ms <= 60_000:
+        parser.error("--ttft-ms must be between 0 and 60000")
     if args.worker:
         _worker_main(
             args.worker,
@@ -344,6 +362,7 @@ def main() -> None:
             args.turns_per_session,
             args.rounds,
             args.cpu,
+            args.ttft_ms,
             os.environ["HF_BENCH_WORK"],
         )
         return
@@ -360,6 +379,7 @@ def main() -> None:
             argv += ["--clients", str(args.clients), "--seconds", str(args.seconds)]
             argv += ["--turns-per-session", str(args.turns_per_session)]
             argv += ["--rounds", str(args.rounds)] + (["--cpu"] if args.cpu else [])
+            argv += ["--ttft-ms", str(args.ttft_ms)]
             subprocess.run(argv, env=env, check=True, timeout=900)
     finally:
         shutil.rmtree(work, ignore_errors=True)
