@@ -137,13 +137,16 @@ class _TtlCache:
 # a turn of a user with a daily budget, its token reservation. A window is a sorted set of
 # request ids scored by arrival (Redis's own clock, so ingress replicas on hosts whose clocks
 # differ share one timeline); a request refused by a window is not recorded in it or in any
-# window after it. Reservations are members "<id>:<tokens>" of a per-user-and-day sorted set
-# scored by their expiry.
+# window after it. A refused request's reset is when enough entries have left for one more (a
+# window may hold more than its limit after the limit was lowered). Reservations are members
+# "<id>:<tokens>" of a per-user-and-day sorted set scored by their expiry in seconds (the format
+# the ingress had before this script, so replicas of both versions share a budget in a rollout).
 # KEYS: n windows, then (optional) the day's used counter and reservation set.
 # ARGV: member, window_ms, n, n limits, then (with a reservation) tokens, budget (-1: none),
-# reservation ttl ms, day key ttl s.
+# reservation member, reservation ttl s, day key ttl s.
 # Returns {refused, limit, remaining, reset_ms, used, reserved}: refused is 0, the 1-based window
 # that refused, or n + 1 for the budget; limit, remaining and reset_ms are the last window's.
+# Every key a call names must live on one Redis server (a Redis Cluster would need hash tags).
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -156,18 +159,15 @@ for i = 1, n do
   limit = tonumber(ARGV[3 + i])
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window_ms)
   local count = redis.call('ZCARD', key)
-  local admitted = count < limit
-  if admitted then
-    redis.call('ZADD', key, now, member)
-    redis.call('PEXPIRE', key, window_ms)
-    count = count + 1
+  if count >= limit then
+    local frees = redis.call('ZRANGE', key, count - limit, count - limit, 'WITHSCORES')
+    return {i, limit, 0, tonumber(frees[2]) + window_ms - now, 0, 0}
   end
-  remaining = math.max(0, limit - count)
+  redis.call('ZADD', key, now, member)
+  redis.call('PEXPIRE', key, window_ms)
+  remaining = limit - count - 1
   local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-  reset = oldest[2] and (tonumber(oldest[2]) + window_ms - now) or 0
-  if not admitted then
-    return {i, limit, remaining, reset, 0, 0}
-  end
+  reset = tonumber(oldest[2]) + window_ms - now
 end
 if #KEYS == n then
   return {0, limit, remaining, reset, 0, 0}
@@ -175,7 +175,8 @@ end
 local used_key, reserved_key = KEYS[n + 1], KEYS[n + 2]
 local tokens = tonumber(ARGV[4 + n])
 local budget = tonumber(ARGV[5 + n])
-redis.call('ZREMRANGEBYSCORE', reserved_key, '-inf', now)
+local now_s = now / 1000
+redis.call('ZREMRANGEBYSCORE', reserved_key, '-inf', now_s)
 local used = tonumber(redis.call('GET', used_key) or '0')
 local reserved = 0
 for _, held in ipairs(redis.call('ZRANGE', reserved_key, 0, -1)) do
@@ -184,8 +185,8 @@ end
 if budget >= 0 and used + reserved + tokens > budget then
   return {n + 1, limit, remaining, reset, used, reserved}
 end
-redis.call('ZADD', reserved_key, now + tonumber(ARGV[6 + n]), member .. ':' .. tokens)
-redis.call('EXPIRE', reserved_key, ARGV[7 + n])
+redis.call('ZADD', reserved_key, now_s + tonumber(ARGV[7 + n]), ARGV[6 + n])
+redis.call('EXPIRE', reserved_key, ARGV[8 + n])
 return {0, limit, remaining, reset, used, reserved}
 """
 
@@ -223,13 +224,21 @@ class RedisGate:
     ``_ADMIT`` script) for a caller whose key and session route this replica has cached; a
     first request also asks the control store for them, after its IP's window admitted it."""
 
-    def __init__(self, control: Control, redis_url: str) -> None:
+    def __init__(
+        self,
+        control: Control,
+        redis_url: str,
+        *,
+        client: Redis | None = None,
+        auth_cache_ttl_s: float = AUTH_CACHE_TTL_S,
+    ) -> None:
+        """``client`` (default: one for ``redis_url``) is where admission's state lives."""
         self._control = control
-        self._redis = Redis.from_url(
+        self._redis = client or Redis.from_url(
             redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
         )
         self._admit = self._redis.register_script(_ADMIT)
-        self._users = _TtlCache(AUTH_CACHE_TTL_S)
+        self._users = _TtlCache(auth_cache_ttl_s)
         self._routes = _TtlCache(ROUTE_CACHE_TTL_S)
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -243,7 +252,7 @@ class RedisGate:
         if reservation is not None:
             used_at, reserved_at, tokens, budget = reservation
             keys += [used_at, reserved_at]
-            args += [tokens, budget, int(RESERVATION_TTL_S * 1000), DAY_KEY_TTL_S]
+            args += [tokens, budget, f"{member}:{tokens}", RESERVATION_TTL_S, DAY_KEY_TTL_S]
         async with _redis_errors():
             refused, limit, remaining, reset_ms, used, reserved = await self._admit(
                 keys=keys, args=args
@@ -298,7 +307,7 @@ class RedisGate:
     async def admit(
         self, api_key: str | None, client_ip: str, ip_per_minute: int
     ) -> tuple[dict[str, Any] | None, Decision]:
-        member = uuid.uuid4().hex
+        member = _request_id()
         user, decision, _ = await self._admitted(
             api_key, client_ip, ip_per_minute, member, _nothing
         )
@@ -316,7 +325,7 @@ class RedisGate:
         self, api_key: str | None, client_ip: str, ip_per_minute: int, session_id: str
     ) -> dict[str, Any]:
         day = today()
-        member = uuid.uuid4().hex
+        member = _request_id()
         cached, route = self._routes.get(session_id)
         taken: list[RedisReservation] = []
 
@@ -371,6 +380,11 @@ class RedisGate:
 
     def forget_key(self, prefix: str) -> None:
         self._users.drop_where(lambda user: user is not None and user["key_prefix"] == prefix)
+
+
+def _request_id() -> str:
+    """A window's member: 64 random bits (a window holds up to its limit of them)."""
+    return uuid.uuid4().hex[:16]
 
 
 def _digest(api_key: str) -> str:

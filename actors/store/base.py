@@ -52,8 +52,9 @@ class TurnRecord:
     content: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
-        # vars(), not asdict(): asdict deep-copies every message only to serialize it (0.055 ms
-        # against 0.011 ms for a short turn here, on a turn's critical path).
+        # vars(), not asdict(): every field is JSON data already, and asdict deep-copies every
+        # message only to serialize it (0.055 ms against 0.011 ms for a short turn here, on a
+        # turn's critical path).
         return json.dumps(vars(self), separators=(",", ":"))
 
     @classmethod

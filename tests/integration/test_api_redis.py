@@ -16,6 +16,7 @@ import httpx
 import pytest
 import ray
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from serve_app import APP_NAME, build, start_control_actor
 from serve_app.admission import RedisGate, used_key
@@ -190,6 +191,28 @@ def test_unreachable_redis_is_503_not_500() -> None:
     assert raised.value.status_code == 503 and raised.value.retry_after_s
 
 
+class _CountingRedis(AsyncRedis):
+    """A real client that counts the commands it sends (each one a round trip)."""
+
+    sent = 0
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.sent += 1
+        return await super().execute_command(*args, **options)
+
+
+class _CountingControl(Control):
+    """The real control-store client, recording which calls reach the control actor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    async def call(self, method: str, *args: Any) -> Any:
+        self.calls.append(method)
+        return await super().call(method, *args)
+
+
 def test_admission_is_one_round_trip_once_the_key_and_route_are_known(
     admin: Client, redis_api: ApiServer, redis_server: RedisServer
 ) -> None:
@@ -202,38 +225,78 @@ def test_admission_is_one_round_trip_once_the_key_and_route_are_known(
         user_id = user.user_id  # type: ignore[attr-defined]
         key = admin.ok("POST", f"/v1/users/{user_id}/keys", 201)["api_key"]
         redis = Redis.from_url(redis_server.url)
-        gate = RedisGate(Control(), redis_server.url)
+        client = _CountingRedis.from_url(redis_server.url)
+        control = _CountingControl()
+        # The auth cache outlives the scenario, however slow the control actor is today.
+        gate = RedisGate(control, redis_server.url, client=client, auth_cache_ttl_s=600)
         ip = "198.51.100.7"  # a documentation address: only a window's name here
+        reserved_set = f"hf:reserved:{user_id}:{today()}"
 
-        def evalsha_calls() -> int:
-            stats = redis.info("commandstats").get("cmdstat_evalsha", {})
-            return int(stats.get("calls", 0))
-
-        async def scenario() -> tuple[int, Any, Any]:
-            await gate.begin_message(key, ip, 100, sid)  # learns the key and the route
-            before = evalsha_calls()
+        async def scenario() -> dict[str, Any]:
+            first = await gate.begin_message(key, ip, 100, sid)  # learns the key and the route
+            learned = list(control.calls)
+            sent_before = client.sent
             second = await gate.begin_message(key, ip, 100, sid)
-            trips = evalsha_calls() - before
-            assert second["decision"].allowed and second["reservation"] is not None
+            sent, calls = client.sent - sent_before, control.calls[len(learned) :]
+            assert second["decision"].allowed and second["decision"].remaining == 1
             # Windows pass (3 of 3), the budget does not: 8,000 held of 9,000.
             with pytest.raises(QuotaExceededError):
                 await gate.begin_message(key, ip, 100, sid)
             fourth = await gate.begin_message(key, ip, 100, sid)
-            held = redis.zcard(f"hf:reserved:{user.user_id}:{today()}")  # type: ignore[attr-defined]
+            held = redis.zcard(reserved_set)
+            gate.release(first["reservation"])
             gate.release(second["reservation"])
             await asyncio.sleep(0.2)
-            return trips, fourth, held
+            return {
+                "learned": learned,
+                "sent": sent,
+                "calls": calls,
+                "fourth": fourth,
+                "held": held,
+            }
 
-        trips, fourth, held = asyncio.run(scenario())
-        assert trips == 1
-        decision = fourth["decision"]
+        seen = asyncio.run(scenario())
+        assert seen["learned"] == ["authenticate", "session_route"]
+        assert seen["sent"] == 1 and seen["calls"] == []  # one round trip, no control call
+        decision = seen["fourth"]["decision"]
         assert not decision.allowed and decision.limit == 3 and decision.remaining == 0
         assert 1 <= decision.reset_s <= 60
-        assert held == 2
-        assert redis.zcard(f"hf:reserved:{user.user_id}:{today()}") == 1  # type: ignore[attr-defined]
+        assert seen["held"] == 2 and redis.zcard(reserved_set) == 0
         # A request a window refused is not counted in it: 3 in the key's, 4 in the IP's.
         prefix = key.split("_")[1]
         assert redis.zcard(f"hf:rl:key:{prefix}") == 3
         assert redis.zcard(f"hf:rl:ip:{ip}") == 4
     finally:
         user.ok("DELETE", f"/v1/agents/{agent['id']}")
+
+
+def test_an_ip_over_its_limit_is_refused_before_its_keys_are_looked_up(
+    redis_api: ApiServer, redis_server: RedisServer
+) -> None:
+    control = _CountingControl()
+    gate = RedisGate(control, redis_server.url)
+    ip = "198.51.100.8"
+
+    async def scenario() -> list[Any]:
+        return [await gate.admit(f"hf_guess{n}_secret", ip, 1) for n in range(3)]
+
+    (first_user, first), (_, second), (_, third) = asyncio.run(scenario())
+    assert first_user is None and first.allowed  # a 401: the key was looked up, and is unknown
+    assert not second.allowed and not third.allowed and second.remaining == 0
+    assert 1 <= second.reset_s <= 60
+    assert control.calls == ["authenticate"]  # the refused guesses never reached the store
+
+
+def test_a_lowered_limit_tells_when_the_window_has_room_again(
+    redis_api: ApiServer, redis_server: RedisServer
+) -> None:
+    redis = Redis.from_url(redis_server.url)
+    window = "hf:rl:ip:198.51.100.9"
+    seconds, micros = redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    # Five requests 50, 40, 30, 20 and 10 s ago, admitted under a limit since lowered to 2.
+    redis.zadd(window, {f"r{age}": now_ms - age * 1000 for age in (50, 40, 30, 20, 10)})
+    gate = RedisGate(Control(), redis_server.url)
+    _, decision = asyncio.run(gate.admit(None, "198.51.100.9", 2))
+    # Room for one more once four have left the window: the one from 20 s ago, in 40 s.
+    assert not decision.allowed and 39 <= decision.reset_s <= 41
