@@ -45,7 +45,11 @@ from .errors import ApiError, QuotaExceededError
 from .ratelimit import Decision
 
 AUTH_CACHE_TTL_S = 2.0
-ROUTE_CACHE_TTL_S = 5.0
+# A route never moves (a session stays on its replica index) and a closed session's replica
+# refuses it, so a route is cached long: at 5 s, a person's next message in a conversation
+# missed the cache and cost a control-store call. The ingress forgets a route when it closes the
+# session, deletes the agent, or cannot reach the replica (a deleted agent's, on another ingress).
+ROUTE_CACHE_TTL_S = 300.0
 CACHE_ENTRIES_MAX = 10_000
 RESERVATION_TTL_S = 3_900.0  # a turn's wall-clock limit is at most an hour
 REDIS_TIMEOUT_S = 2.0
@@ -78,6 +82,11 @@ class Gate(Protocol):
         """Drops a revoked key from any cache, so it stops working here at once."""
         ...
 
+    def forget_routes(self, session_id: str | None = None, agent_id: str | None = None) -> None:
+        """Drops a session's cached route, or every one of an agent's: the next request reads
+        it from the control store again."""
+        ...
+
 
 class ControlGate:
     """Everything in the control-store actor, one call per request."""
@@ -105,6 +114,9 @@ class ControlGate:
     def forget_key(self, prefix: str) -> None:
         return None
 
+    def forget_routes(self, session_id: str | None = None, agent_id: str | None = None) -> None:
+        return None
+
 
 class _TtlCache:
     """A bounded LRU whose entries expire; per ingress replica, so only for data that may be
@@ -127,6 +139,9 @@ class _TtlCache:
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        self._entries.pop(key, None)
 
     def drop_where(self, predicate: Any) -> None:
         for key in [k for k, (_, v) in self._entries.items() if predicate(v)]:
@@ -380,6 +395,12 @@ class RedisGate:
 
     def forget_key(self, prefix: str) -> None:
         self._users.drop_where(lambda user: user is not None and user["key_prefix"] == prefix)
+
+    def forget_routes(self, session_id: str | None = None, agent_id: str | None = None) -> None:
+        if session_id is not None:
+            self._routes.drop(session_id)
+        if agent_id is not None:
+            self._routes.drop_where(lambda route: route["agent_id"] == agent_id)
 
 
 def _request_id() -> str:

@@ -307,6 +307,7 @@ class Api:
         await self.replicas.remove(agent["id"], agent["replicas"], DRAIN_S)
         await self.control.call("set_agent_status", agent["id"], "deleted")
         self._specs.pop(agent["id"], None)
+        self.gate.forget_routes(agent_id=agent["id"])
         return JSONResponse({"id": agent["id"], "status": "deleted"}, headers=headers)
 
     async def agent_stats(self, request: Request) -> Response:
@@ -367,6 +368,7 @@ class Api:
             route["agent_id"], route["replica"], "close_session", route["id"], user["id"]
         )
         await self.control.call("close_route", route["id"])
+        self.gate.forget_routes(session_id=route["id"])
         return JSONResponse({"id": route["id"], "deleted": True}, headers=headers)
 
     async def transcript(self, request: Request) -> Response:
@@ -410,8 +412,9 @@ class Api:
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         try:
             turn = await self.replicas.call(route["agent_id"], route["replica"], "send", *args)
-        except BaseException:
+        except BaseException as e:
             self.gate.release(reservation)
+            self._unreachable(e, session_id)
             raise
         if turn.get("replayed"):
             self.gate.release(reservation)
@@ -427,6 +430,7 @@ class Api:
                     committed = True
                 yield _sse(event)
         except HyperfleetError as e:
+            self._unreachable(e, route["id"])
             error = {"status_code": e.status_code, **e.to_json()}
             yield _sse({"type": "error", "seq": 0, "data": error})
         except GeneratorExit:
@@ -437,6 +441,12 @@ class Api:
         finally:
             if not committed:
                 self.gate.release(reservation)
+
+    def _unreachable(self, error: BaseException, session_id: str) -> None:
+        """A replica that cannot be reached may be a deleted agent's: the session's next request
+        reads its route again (and is a 404 if the agent is gone) instead of a cached one."""
+        if isinstance(error, ApiError) and error.error_type == "unavailable":
+            self.gate.forget_routes(session_id=session_id)
 
     # Usage ----------------------------------------------------------------------------------
 

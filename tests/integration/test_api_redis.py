@@ -300,3 +300,20 @@ def test_a_lowered_limit_tells_when_the_window_has_room_again(
     _, decision = asyncio.run(gate.admit(None, "198.51.100.9", 2))
     # Room for one more once four have left the window: the one from 20 s ago, in 40 s.
     assert not decision.allowed and 39 <= decision.reset_s <= 41
+
+
+def test_a_deleted_agents_session_is_404_on_every_ingress_replica(
+    admin: Client, redis_api: ApiServer
+) -> None:
+    user = _user(admin, redis_api)
+    agent = user.ok("POST", "/v1/agents", 201, json={})
+    sid = _session(user, agent["id"])
+    path = f"/v1/sessions/{sid}/messages"
+    for _ in range(6):  # both ingress replicas answer some, and cache the session's route
+        user.ok("POST", path, json={"content": "hello"})
+    user.ok("DELETE", f"/v1/agents/{agent['id']}")
+    statuses = [user.request("POST", path, json={"content": "hi"}).status_code for _ in range(10)]
+    # The replica that deleted it forgot the route; the other finds the replica gone once (a
+    # 503 to retry) and reads the route again: 404 from then on, not 503 until the cache expires.
+    assert statuses.count(503) <= 1 and statuses.count(404) + statuses.count(503) == 10, statuses
+    assert statuses[-1] == 404
