@@ -157,7 +157,8 @@ class _TtlCache:
 # "<id>:<tokens>" of a per-user-and-day sorted set scored by their expiry in seconds (the format
 # the ingress had before this script, so replicas of both versions share a budget in a rollout).
 # KEYS: n windows, then (optional) the day's used counter and reservation set.
-# ARGV: member, window_ms, n, n limits, then (with a reservation) tokens, budget (-1: none),
+# ARGV: member, window_ms, n, n limits, then (with a reservation) tokens, budget (-1: none;
+# the ingress skips the reservation then),
 # reservation member, reservation ttl s, day key ttl s.
 # Returns {refused, limit, remaining, reset_ms, used, reserved}: refused is 0, the 1-based window
 # that refused, or n + 1 for the budget; limit, remaining and reset_ms are the last window's.
