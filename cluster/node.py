@@ -16,7 +16,9 @@ Hypercore starts the image with env only (no command override), so everything co
    the workload. On a worker it parks instead (``after_ray_exit``): the likely cause is the
    autoscaler draining an idle node before its provider terminates the workload, and a
    respawned agent would rejoin in between. It waits for SIGTERM/SIGINT (exit 0), at most
-   ``PARK_AFTER_RAY_EXIT_S`` (then exit 1).
+   ``PARK_AFTER_RAY_EXIT_S`` (then exit 1). Unless the GCS shows that the node never registered:
+   then nothing drained it, the autoscaler is still waiting for Ray on the instance, and the
+   agent starts Ray again, ``RAY_START_ATTEMPTS`` times in all (then exit 1).
 
 Several nodes may share one machine (the local Hypercore stand-in gives each its own 127.x
 address), so every Ray port but the head's GCS port is left to Ray to pick or bound to the node's
@@ -33,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
+import importlib
 import json
 import logging
 import os
@@ -42,7 +46,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -76,9 +80,20 @@ STOP_GRACE_S = 20.0
 POLL_S = 0.2
 # A worker whose `ray start` exited waits this long for the provider to terminate it.
 PARK_AFTER_RAY_EXIT_S = 3600.0
+# A worker whose Ray exits before its node registered starts it again, this many times in all,
+# waiting RAY_START_BACKOFF_S times the attempt's number in between.
+RAY_START_ATTEMPTS = 3
+RAY_START_BACKOFF_S = 5.0
+# The GCS's answer to "did this node register?", asked once Ray has exited.
+GCS_PROBE_TIMEOUT_S = 10.0
 OBJECT_STORE_FRACTION = 0.3  # Ray's own default share of memory
 OBJECT_STORE_MIN_MB = 128  # Ray refuses less than 75 MiB
 MIB = 1024 * 1024
+# Autoscaler v2 waits this long (Ray's default: an hour) for Ray to run on an instance it allocated
+# before it terminates the instance and launches another; until then the instance counts as
+# coming up, so the demand it was for waits too. Starting a node takes seconds to a few minutes
+# (the agent's own retries included). The operator's own value wins.
+AUTOSCALER_ALLOCATE_TIMEOUT_S = 600
 # Ray's autoscaler sleeps 5 s between updates, and a pending replica waits for up to two of them
 # (one to Spawn, one to see the node); at 1 s, the provider's List cache (1 s) bounds the cost to
 # one List a second. The operator's own AUTOSCALER_UPDATE_INTERVAL_S wins.
@@ -148,6 +163,10 @@ def ray_start_command(
             argv.append(f"--autoscaling-config={settings.autoscaling_config}")
             env["RAY_enable_autoscaler_v2"] = "1"
             env.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", str(AUTOSCALER_UPDATE_INTERVAL_S))
+            env.setdefault(
+                "RAY_AUTOSCALER_RECONCILE_ALLOCATE_STATUS_TIMEOUT_S",
+                str(AUTOSCALER_ALLOCATE_TIMEOUT_S),
+            )
     else:
         assert settings.head_address is not None
         argv.append(f"--address={settings.head_address}")
@@ -156,6 +175,11 @@ def ray_start_command(
     argv.append("--dashboard-agent-listen-port=0")
     if node_manager_port:
         argv.append(f"--node-manager-port={node_manager_port}")
+    # This machine's own temp dir, as Ray picks the head's. Without it a worker uses the head's
+    # path, and nodes sharing one host share a session directory: Ray names each node's sockets
+    # by the first index free there and creates them only later, so two nodes starting at once
+    # pick the same names and the second raylet dies on bind before it registers.
+    argv.append(f"--temp-dir={ray_temp_dir(base_env)}")
     if settings.num_cpus is not None:
         argv.append(f"--num-cpus={settings.num_cpus}")
     argv.append(f"--num-gpus={gpu.num_gpus}")
@@ -176,6 +200,13 @@ def ray_start_command(
             labels[key] = value
     argv.append("--labels=" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())))
     return RayStart(tuple(argv), env)
+
+
+def ray_temp_dir(env: Mapping[str, str]) -> str:
+    """Ray's default temp dir for a head on this machine (``RAY_TMPDIR``, else ``TMPDIR``,
+    else /tmp, then ``ray``), as ``ray._common.utils.get_default_ray_temp_dir`` finds it."""
+    root = env.get("RAY_TMPDIR") or env.get("TMPDIR") or "/tmp"  # noqa: S108 (Ray's default)
+    return os.path.join(root, "ray")
 
 
 def detect_node_ip(toward: tuple[str, int]) -> str:
@@ -221,6 +252,40 @@ def raylet_port_for(settings: NodeSettings, node_ip: str) -> int:
     except OSError as e:
         logger.warning("spare workers: no free port for the raylet (%s); keeping none", e)
         return 0
+
+
+def ray_nodes_at(
+    gcs_address: str, token_path: Path, node_ip: str, instance_id: str
+) -> frozenset[bytes] | None:
+    """The ids of the nodes, alive or dead, that the GCS at ``gcs_address`` lists at
+    ``node_ip`` for ``instance_id``; None if the GCS did not answer.
+
+    A node that registered once stays listed after it died, so a ``ray start`` whose node is not
+    among them after it exited never registered.
+    """
+    import grpc
+
+    gcs_service_pb2 = importlib.import_module("ray.core.generated.gcs_service_pb2")
+    gcs_service_pb2_grpc = importlib.import_module("ray.core.generated.gcs_service_pb2_grpc")
+    selector = gcs_service_pb2.GetAllNodeInfoRequest.NodeSelector(node_ip_address=node_ip)
+    request = gcs_service_pb2.GetAllNodeInfoRequest(node_selectors=[selector])
+    try:
+        token = token_path.read_text().strip()
+        with grpc.insecure_channel(gcs_address) as channel:
+            reply = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetAllNodeInfo(
+                request,
+                timeout=GCS_PROBE_TIMEOUT_S,
+                metadata=(("authorization", f"Bearer {token}"),),
+            )
+    except (grpc.RpcError, OSError) as e:
+        logger.warning("cannot ask the GCS at %s for this node: %s", gcs_address, e)
+        return None
+    if reply.status.code != 0:
+        logger.warning("the GCS at %s refused: %s", gcs_address, reply.status.message)
+        return None
+    return frozenset(
+        node.node_id for node in reply.node_info_list if node.instance_id == instance_id
+    )
 
 
 def write_secret(path: Path, value: str) -> None:
@@ -297,6 +362,18 @@ def reap_orphans(own_pids: Collection[int]) -> list[int]:
                 os.waitpid(int(entry.name), os.WNOHANG)
                 reaped.append(int(entry.name))
     return reaped
+
+
+def _registered_since(
+    nodes_at: Callable[[], frozenset[bytes] | None], before: frozenset[bytes]
+) -> bool | None:
+    """Whether ``nodes_at`` lists a node that ``before`` did not; None if it cannot tell."""
+    after = nodes_at()
+    return None if after is None else bool(after - before)
+
+
+class RayNeverRegistered(NodeAgentError):
+    """A worker's ``ray start`` exited before its node registered with the GCS."""
 
 
 class AfterRayExit(enum.Enum):
@@ -385,8 +462,51 @@ class NodeAgent:
             write_secret(token_path, token)
             logger.info("joined: the head gave this node the cluster's token")
         try:
-            if self._stopping.is_set():
-                return EXIT_STOPPED
+            for attempt in range(1, RAY_START_ATTEMPTS + 1):
+                if self._stopping.is_set():
+                    return EXIT_STOPPED
+                try:
+                    return self._run_ray(settings, gpu, node_ip, token_path, join)
+                except RayNeverRegistered:
+                    if attempt == RAY_START_ATTEMPTS:
+                        logger.error(
+                            "Ray exited before this node registered, %d times: giving up", attempt
+                        )
+                        return EXIT_RAY_FAILED
+                    wait_s = RAY_START_BACKOFF_S * attempt
+                    logger.warning(
+                        "Ray exited before this node registered (attempt %d of %d): starting it"
+                        " again in %.0f s",
+                        attempt,
+                        RAY_START_ATTEMPTS,
+                        wait_s,
+                    )
+                    if self._stopping.wait(wait_s):
+                        return EXIT_STOPPED
+            raise AssertionError("unreachable: the last attempt returns")
+        finally:
+            if join is not None:
+                join.stop()
+
+    def _run_ray(
+        self,
+        settings: NodeSettings,
+        gpu: gpus.RayGpuOptions,
+        node_ip: str,
+        token_path: Path,
+        join: JoinService | None,
+    ) -> int:
+        """One ``ray start --block``, supervised until it ends; raises ``RayNeverRegistered`` if
+        a worker's Ray exited before its node registered."""
+        registered: Callable[[], bool | None] | None = None
+        if settings.role is NodeRole.WORKER and settings.head_address is not None:
+            nodes_at = functools.partial(
+                ray_nodes_at, settings.head_address, token_path, node_ip, settings.instance_id
+            )
+            before = nodes_at()
+            if before is not None:
+                registered = functools.partial(_registered_since, nodes_at, before)
+        try:
             raylet_port = raylet_port_for(settings, node_ip)
             command = ray_start_command(
                 settings,
@@ -406,11 +526,9 @@ class NodeAgent:
                     lambda: RayletClient(raylet_address, token_path), settings.warm_workers
                 )
                 self._keeper.start()
-            return self._supervise(ray, join)
+            return self._supervise(ray, join, registered)
         finally:
             self._stop_keeper()
-            if join is not None:
-                join.stop()
 
     def _stop_keeper(self) -> None:
         # Once Ray stops or drains, a spare is of no use, and the raylet's port may soon be
@@ -419,7 +537,14 @@ class NodeAgent:
             self._keeper.stop()
             self._keeper = None
 
-    def _supervise(self, ray: subprocess.Popen[bytes], join: JoinService | None) -> int:
+    def _supervise(
+        self,
+        ray: subprocess.Popen[bytes],
+        join: JoinService | None,
+        registered: Callable[[], bool | None] | None = None,
+    ) -> int:
+        """Waits for a stop request or for Ray to exit; ``registered`` says, once a worker's Ray
+        exited, whether its node had registered (None: unknown, taken as yes)."""
         is_init = os.getpid() == 1
         while not self._stopping.wait(POLL_S):
             if is_init:
@@ -432,6 +557,10 @@ class NodeAgent:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(ray.pid, signal.SIGKILL)
                 if after_ray_exit(self.settings.role) is AfterRayExit.PARK:
+                    # Parking is for a node the autoscaler drained; one that never registered
+                    # is unknown to it (its instance waits for Ray), so Ray is started again.
+                    if registered is not None and registered() is False:
+                        raise RayNeverRegistered(f"ray start exited with status {code}")
                     return self._park({join.process.pid} if join else set())
                 return code if code > 0 else EXIT_RAY_FAILED
             if join is not None:

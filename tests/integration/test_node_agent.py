@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -43,7 +45,7 @@ state = gcs_pb2.GcsNodeInfo.GcsNodeState
 nodes = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10).values()
 print(json.dumps([
     {"ip": n.node_manager_address, "state": state.Name(n.state), "instance_id": n.instance_id,
-     "node_type_name": n.node_type_name, "labels": dict(n.labels),
+     "node_type_name": n.node_type_name, "labels": dict(n.labels), "temp_dir": n.temp_dir,
      "resources": dict(n.resources_total)}
     for n in nodes
 ]))
@@ -248,7 +250,7 @@ def head(tmp_path_factory: pytest.TempPathFactory, subnet: str) -> Iterator[Head
 
 
 def _worker(
-    head: Head, ip: str, instance_id: str, ticket: str, home: Path
+    head: Head, ip: str, instance_id: str, ticket: str, home: Path, **extra_env: str
 ) -> subprocess.Popen[bytes]:
     env = {
         "HYPERFLEET_NODE_ROLE": "worker",
@@ -264,6 +266,7 @@ def _worker(
         "HYPERFLEET_RESOURCES": '{"hyperfleet_vm_slot": 1}',
         "HYPERFLEET_LABELS": '{"hyperfleet/pool": "agents"}',
         "HYPERFLEET_HOME": str(home),
+        **extra_env,
     }
     return _agent(env, home / "agent.log")
 
@@ -373,3 +376,77 @@ def test_worker_joins_with_a_ticket_drains_on_sigterm_and_rejoins(
     finally:
         stop(worker, timeout_s=STOP_DEADLINE_S)
         book.close()
+
+
+@dataclass
+class BlockedWorker:
+    """A worker whose TMPDIR is a file: Ray cannot make its temp dir there and exits before its
+    node registers, until the test puts a directory in its place (``unblock``)."""
+
+    agent: subprocess.Popen[bytes]
+    instance_id: str
+    tmpdir: Path
+    log: Path
+
+    def unblock(self) -> None:
+        self.tmpdir.unlink()
+        self.tmpdir.mkdir()
+
+
+@pytest.fixture
+def blocked_worker(
+    head: Head, subnet: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[BlockedWorker]:
+    # A short path: Ray's socket paths below a node's TMPDIR must fit in 107 bytes, which
+    # pytest's tmp_path is too long for.
+    short = Path(tempfile.mkdtemp(prefix="hft-"))
+    (short / "t").write_text("")
+    number = request.param
+    instance_id = f"hf-b{number}"
+    book = TicketBook(head.home / "join.db")
+    home = tmp_path / instance_id
+    ticket = book.mint(instance_id, ttl_s=600)
+    agent = _worker(head, f"{subnet}.{number}", instance_id, ticket, home, TMPDIR=str(short / "t"))
+    try:
+        yield BlockedWorker(agent, instance_id, short / "t", home / "agent.log")
+    finally:
+        stop(agent, timeout_s=STOP_DEADLINE_S)
+        book.close()
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def _logged(log: Path, text: str) -> bool | None:
+    return True if log.exists() and text in log.read_text() else None
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("blocked_worker", [31], indirect=True)
+def test_a_worker_whose_ray_never_registered_starts_it_again(
+    head: Head, subnet: str, blocked_worker: BlockedWorker
+) -> None:
+    # The agent asks the GCS, finds no new node of its own, and starts Ray again rather than
+    # parking (which would hold an instance the autoscaler still waits for).
+    log = blocked_worker.log
+    _wait_for("the agent did not start Ray again", lambda: _logged(log, "again in"), [log])
+    assert "waiting up to" not in log.read_text()
+    blocked_worker.unblock()
+    instance_id = blocked_worker.instance_id
+    node = _wait_for("the worker did not join", lambda: head.node(instance_id), [log])
+    assert node["ip"] == f"{subnet}.31"
+    # Its own temp dir (its machine's), not the head's path.
+    assert node["temp_dir"] == str(blocked_worker.tmpdir / "ray")
+    assert blocked_worker.agent.poll() is None
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("blocked_worker", [41], indirect=True)
+def test_a_worker_whose_ray_never_registers_gives_up_after_its_attempts(
+    head: Head, blocked_worker: BlockedWorker
+) -> None:
+    # Three starts with 5 s and 10 s between them, then exit 1: Hypercore respawns it.
+    assert blocked_worker.agent.wait(READY_TIMEOUT_S) == 1
+    text = blocked_worker.log.read_text()
+    assert text.count("Ray exited before this node registered") == 3
+    assert "3 times: giving up" in text and "waiting up to" not in text
+    assert head.node(blocked_worker.instance_id, "ALIVE") is None
+    assert head.node(blocked_worker.instance_id, "DEAD") is None

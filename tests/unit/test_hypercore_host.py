@@ -6,16 +6,18 @@ tests/integration/test_hypercore_conformance.py.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from cluster.hypercore import Image, ImageCatalog, proto
 from cluster.hypercore.standin import Host, HostError
-from cluster.hypercore.standin.host import AddressPool
+from cluster.hypercore.standin.host import AddressPool, workload_tmp_dir
 from cluster.hypercore.standin.workload import LOG_TAIL_BYTES, _BoundedLog, read_tail, workload_env
 
 SLEEP = ImageCatalog({"sleep:1": Image(("sleep", "60"))})
@@ -36,8 +38,10 @@ def test_workload_env_is_host_basics_then_image_then_request(
 ) -> None:
     monkeypatch.setenv("PATH", "/usr/bin")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/secret")
-    env = workload_env(["A=image", "B=image"], ["B=request", "C=x=y"], tmp_path)
+    monkeypatch.setenv("TMPDIR", "/host-tmp")
+    env = workload_env(["A=image", "B=image"], ["B=request", "C=x=y"], tmp_path, tmp_path / "t")
     assert env["PATH"] == "/usr/bin" and env["HOME"] == str(tmp_path)
+    assert env["TMPDIR"] == str(tmp_path / "t")  # its own, not the host's
     assert (env["A"], env["B"], env["C"]) == ("image", "request", "x=y")
     assert "RAY_AUTH_TOKEN_PATH" not in env  # the host's secrets stay on the host
 
@@ -77,9 +81,40 @@ async def test_the_cache_marks_the_refresh_that_changed_the_workloads(tmp_path: 
     assert not list((tmp_path / "workloads").iterdir())
 
 
-async def test_a_missing_executable_fails_like_a_task_that_cannot_start(tmp_path: Path) -> None:
+# Each workload's own TMPDIR, as a VM's own /tmp: Ray names a node's sockets by the first index
+# free in its temp dir, so two nodes starting at once in a shared one took the same socket.
+TMP_PROBE = ImageCatalog({"tmp:1": Image(("sh", "-c", 'touch "$TMPDIR/x" && exec sleep 60'))})
+
+
+async def test_each_workload_has_its_own_short_tmpdir_removed_with_it(tmp_path: Path) -> None:
+    host = Host(TMP_PROBE, tmp_path, "example.com", cpu_count=2)
+    try:
+        first, second = [
+            await host.spawn(proto.VmSpawnRequest(image_ref="tmp:1")) for _ in range(2)
+        ]
+        tmps = [workload_tmp_dir(w.id) for w in (first, second)]
+        assert tmps[0] != tmps[1]
+        for tmp in tmps:
+            # Room for Ray's socket paths (at most 107 bytes) below it.
+            assert len(str(tmp)) <= 32 and tmp.stat().st_mode & 0o777 == 0o700
+            deadline = asyncio.get_running_loop().time() + 10
+            while not (tmp / "x").exists():
+                assert asyncio.get_running_loop().time() < deadline, "the workload wrote nothing"
+                await asyncio.sleep(0.05)
+        await host.stop(first.id)
+        assert not tmps[0].exists() and tmps[1].exists()
+    finally:
+        await host.shutdown()
+    assert not tmps[1].exists()
+
+
+async def test_a_missing_executable_fails_like_a_task_that_cannot_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     catalog = ImageCatalog({"broken:1": Image((str(tmp_path / "nothing"),))})
     host = Host(catalog, tmp_path, "example.com")
+    (tmp_path / "host-tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "host-tmp"))
     with pytest.raises(HostError) as error:
         await host.spawn(proto.VmSpawnRequest(image_ref="broken:1", cores=1))
     assert error.value.text.startswith(
@@ -87,6 +122,7 @@ async def test_a_missing_executable_fails_like_a_task_that_cannot_start(tmp_path
         "container "
     )
     assert not list((tmp_path / "workloads").iterdir())
+    assert not list((tmp_path / "host-tmp").iterdir())  # nor its TMPDIR
     await host.shutdown()
 
 

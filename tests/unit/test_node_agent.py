@@ -21,6 +21,7 @@ from cluster.node import (
     EXIT_STOPPED,
     AfterRayExit,
     NodeAgent,
+    RayNeverRegistered,
     RayStart,
     StopFlag,
     after_ray_exit,
@@ -96,6 +97,7 @@ def test_worker_command() -> None:
         "--node-ip-address=10.88.0.7",
         "--address=10.88.0.2:6385",
         "--dashboard-agent-listen-port=0",
+        "--temp-dir=/tmp/ray",
         "--num-cpus=2",
         "--num-gpus=0",
         f"--memory={(4096 - 1228) * 1024 * 1024}",
@@ -160,8 +162,30 @@ def test_head_with_an_autoscaling_config_runs_autoscaler_v2(tmp_path: Path) -> N
     assert f"--autoscaling-config={config}" in command.argv
     assert command.env["RAY_enable_autoscaler_v2"] == "1"
     assert command.env["AUTOSCALER_UPDATE_INTERVAL_S"] == "1"  # not Ray's 5 s
-    env = head_env(HYPERFLEET_AUTOSCALING_CONFIG=str(config), AUTOSCALER_UPDATE_INTERVAL_S="3")
-    assert command_for(env, head=services).env["AUTOSCALER_UPDATE_INTERVAL_S"] == "3"
+    # An instance where Ray never runs is replaced after 10 minutes, not Ray's hour.
+    assert command.env["RAY_AUTOSCALER_RECONCILE_ALLOCATE_STATUS_TIMEOUT_S"] == "600"
+    env = head_env(
+        HYPERFLEET_AUTOSCALING_CONFIG=str(config),
+        AUTOSCALER_UPDATE_INTERVAL_S="3",
+        RAY_AUTOSCALER_RECONCILE_ALLOCATE_STATUS_TIMEOUT_S="1800",
+    )
+    own = command_for(env, head=services).env
+    assert own["AUTOSCALER_UPDATE_INTERVAL_S"] == "3"
+    assert own["RAY_AUTOSCALER_RECONCILE_ALLOCATE_STATUS_TIMEOUT_S"] == "1800"
+
+
+def test_every_node_uses_its_own_machines_temp_dir(tmp_path: Path) -> None:
+    # A worker would otherwise take the head's path: nodes sharing a host shared one session
+    # directory and raced for its socket names. Ray's own order: RAY_TMPDIR, TMPDIR, /tmp.
+    for env, expected in (
+        (worker_env(), "/tmp/ray"),
+        (worker_env(TMPDIR="/vm/tmp"), "/vm/tmp/ray"),
+        (worker_env(TMPDIR="/vm/tmp", RAY_TMPDIR="/ray-tmp"), "/ray-tmp/ray"),
+    ):
+        assert f"--temp-dir={expected}" in command_for(env).argv
+    services = HeadServices(join_db=tmp_path / "join.db", join_url="http://10.88.0.2:8571")
+    head = command_for(head_env(TMPDIR="/vm/tmp"), head=services)
+    assert "--temp-dir=/vm/tmp/ray" in head.argv
 
 
 def test_mig_node_command() -> None:
@@ -427,6 +451,25 @@ def test_a_worker_whose_ray_exits_parks_until_sigterm() -> None:
     stopper.start()
     try:
         assert agent._supervise(_ray_that_exits(), None) == EXIT_STOPPED
+    finally:
+        stopper.cancel()
+
+
+def test_a_worker_whose_node_never_registered_is_not_parked() -> None:
+    # The autoscaler is still waiting for Ray on this instance: parking would hold it (and the
+    # demand it was launched for) until the autoscaler gives up on it.
+    agent = NodeAgent(NodeSettings.from_env(worker_env()), worker_env())
+    with pytest.raises(RayNeverRegistered):
+        agent._supervise(_ray_that_exits(), None, lambda: False)
+
+
+@pytest.mark.parametrize("registered", [True, None])
+def test_a_worker_whose_node_registered_or_may_have_parks(registered: bool | None) -> None:
+    agent = NodeAgent(NodeSettings.from_env(worker_env()), worker_env())
+    stopper = threading.Timer(1.0, agent.request_stop, args=(15,))
+    stopper.start()
+    try:
+        assert agent._supervise(_ray_that_exits(), None, lambda: registered) == EXIT_STOPPED
     finally:
         stopper.cancel()
 

@@ -40,6 +40,7 @@ import os
 import secrets
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections import deque
@@ -58,6 +59,7 @@ logger = logging.getLogger(__name__)
 MIN_CAPACITY_CORES = 225  # Hypercore: max(runtime.NumCPU(), 225)
 STOP_GRACE_S = 5.0  # containerd task kill: SIGTERM, 5 s, SIGKILL
 MAX_WORKLOADS = 64
+TMP_DIR_PREFIX = "hcw-"  # each workload's TMPDIR: <host's TMPDIR>/hcw-<its id's first 13 chars>
 MAX_RETAINED_LOGS = 256
 STATE_BATCH_SIZE = 10  # workloads per state-broadcast part
 WORKLOAD_NETWORK = ipaddress.IPv4Network("127.88.0.0/16")
@@ -72,6 +74,12 @@ class HostError(Exception):
     def __init__(self, text: str) -> None:
         super().__init__(text)
         self.text = text
+
+
+def workload_tmp_dir(workload_id: str) -> Path:
+    """A workload's own TMPDIR: short, beside the host's, as Unix socket paths under it (Ray's:
+    ``ray/session_<time>_<pid>/sockets/plasma_store``) have at most 107 bytes."""
+    return Path(tempfile.gettempdir()) / f"{TMP_DIR_PREFIX}{workload_id[:13]}"
 
 
 class AddressPool:
@@ -194,13 +202,16 @@ class Host:
         address = self._addresses.allocate()
         home = self._homes_dir / workload_id
         home.mkdir()
+        tmp = workload_tmp_dir(workload_id)
+        tmp.mkdir(mode=0o700)
         argv, image_env = image.render(workload_ip=address, python=self._python)
-        env = workload_env(image_env, list(request.env), home)
+        env = workload_env(image_env, list(request.env), home, tmp)
         try:
             process = await WorkloadProcess.start(argv, env, home, self._logs_dir / workload_id)
         except OSError as e:
             self._addresses.release(address)
             shutil.rmtree(home, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             raise self._refuse(
                 errors.START_FAILED.format(id=workload_id, reason=e.strerror or str(e))
             ) from e
@@ -225,6 +236,7 @@ class Host:
         self._workloads.pop(entry.id, None)
         self._addresses.release(entry.address)
         shutil.rmtree(self._homes_dir / entry.id, ignore_errors=True)
+        shutil.rmtree(workload_tmp_dir(entry.id), ignore_errors=True)
         self._retained_logs.append(entry.id)
         while len(self._retained_logs) > MAX_RETAINED_LOGS:
             (self._logs_dir / self._retained_logs.popleft()).unlink(missing_ok=True)

@@ -2,7 +2,9 @@
 
 The entrypoint runs in its own session (process group) with only the image's env, the Spawn's env
 and a few host variables (``INHERITED_ENV``): never the stand-in's whole environment, which may
-hold secrets (a Ray token path) that a real workload would not see. Its stdout and stderr go, as
+hold secrets (a Ray token path) that a real workload would not see. As a VM has its own /tmp, it
+gets a ``TMPDIR`` of its own, removed with it: programs that name files there by what they find
+free (Ray names its sockets so) do not collide with other workloads'. Its stdout and stderr go, as
 with Hypercore's log file, to one file per workload, kept to its last ``LOG_TAIL_BYTES``.
 
 Stopping follows containerd's task kill: SIGTERM to the entrypoint alone (so a ``ray start
@@ -30,7 +32,7 @@ READ_CHUNK_BYTES = 64 * 1024
 PUMP_DRAIN_TIMEOUT_S = 2.0
 KILL_WAIT_S = 5.0
 EXIT_POLL_S = 0.05
-INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME", "PYTHONPATH")
+INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "PYTHONPATH")
 
 
 def read_tail(path: Path, limit_bytes: int = LOG_TAIL_BYTES) -> bytes:
@@ -71,13 +73,16 @@ class _BoundedLog:
         self._file.close()
 
 
-def workload_env(image_env: list[str], request_env: list[str], home: Path) -> dict[str, str]:
+def workload_env(
+    image_env: list[str], request_env: list[str], home: Path, tmp: Path
+) -> dict[str, str]:
     """The environment a workload starts with: host basics, then the image's, then the Spawn's.
 
     A later ``K=V`` replaces an earlier ``K``, as containerd applies an image's and a task's env.
     """
     env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
     env["HOME"] = str(home)
+    env["TMPDIR"] = str(tmp)
     for entry in [*image_env, *request_env]:
         key, _, value = entry.partition("=")
         env[key] = value
