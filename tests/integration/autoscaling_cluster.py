@@ -11,6 +11,7 @@ stand-in's workloads share the filesystem, where a real head gets the config in 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -35,6 +36,7 @@ from ray.autoscaler.tags import (
 
 from autoscaling import HypercoreNodeProvider
 from cluster.hypercore import HypercoreClient, StandinHandle, start_standin
+from cluster.hypercore.standin.host import workload_tmp_dir
 from cluster.processes import free_port, stop, tail
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,6 +118,20 @@ class Head:
 
     def logs(self) -> str:
         return self.provider.node_logs(self.instance_id)
+
+    def diagnostics(self) -> str:
+        """For a failed wait: the autoscaler's decisions (its log, in the head workload's own
+        TMPDIR while the head runs), and each node's log (the node agent's and `ray start`'s)."""
+        parts = []
+        for workload_id in self.provider._workload_ids(self.instance_id):
+            monitor = workload_tmp_dir(workload_id) / "ray/session_latest/logs/monitor.log"
+            with contextlib.suppress(OSError):
+                lines = monitor.read_text(errors="replace").splitlines()
+                decisions = [line for line in lines if "legacy field" not in line]
+                parts.append("the autoscaler's log ends:\n" + "\n".join(decisions[-40:]))
+        for node_id in self.provider.non_terminated_nodes({}):
+            parts.append(f"{node_id}'s log ends:\n{self.provider.node_logs(node_id)[-2500:]}")
+        return "\n\n".join(parts)
 
     def stop(self) -> None:
         """Terminates every node of the cluster, workers first (as ``ray down`` does), so that

@@ -85,8 +85,8 @@ def eventually(check: Callable[[], T | None], what: str, head: Head) -> T:
             return result
         time.sleep(1.0)
     raise AssertionError(
-        f"timed out after {STEP_TIMEOUT_S:.0f} s waiting for {what} (last: {result});"
-        f" the head's log ends:\n{head.logs()[-4000:]}"
+        f"timed out after {STEP_TIMEOUT_S:.0f} s waiting for {what} (last: {result});\n"
+        f"{head.diagnostics()}"
     )
 
 
