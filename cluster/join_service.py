@@ -4,7 +4,7 @@ It runs on the head beside ``ray start --head``, in its own process (the node ag
 listening socket, so the port is bound before any worker asks and survives a restart of this
 process). It is the one place a ticket turns into the token, so it is small and strict: a body
 limit, a per-address rate limit, JSON errors in the repository's shape, and the liveness check of
-``TicketBook.redeem`` answered by the GCS node table (``GcsLiveness``), the only Ray call here.
+``TicketBook.redeem`` answered by the GCS node table (``GcsLiveness``), the only call to Ray here.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -28,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .gcs import GCS_TIMEOUT_S, GcsUnavailable, instance_nodes
 from .join import InstanceState, JoinError, LivenessUnknown, TicketBook
 
 logger = logging.getLogger("hyperfleet.join")
@@ -37,7 +37,6 @@ MAX_TICKET_CHARS = 256
 RATE_PER_MIN = 60.0  # a worker retries every few seconds at most; 1 a second is generous
 RATE_BURST = 20.0
 MAX_TRACKED_ADDRESSES = 4096
-GCS_TIMEOUT_S = 5.0
 KEEP_ALIVE_S = 5
 MAX_CONNECTIONS = 64
 
@@ -149,44 +148,32 @@ def build_app(
 
 class GcsLiveness:
     """``liveness(instance_id)``: ALIVE if the GCS lists an ALIVE node with that cloud instance
-    id, DEAD if it lists only DEAD ones, ABSENT if none.
+    id, DEAD if it lists only DEAD ones (a DEAD node is the proof of a respawn that a rejoin
+    needs), ABSENT if none."""
 
-    Ray's raylet reads ``RAY_CLOUD_INSTANCE_ID`` from its env into ``GcsNodeInfo.instance_id``,
-    the field autoscaler v2 matches provider instances on; this asks the same table. The
-    process needs ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` in its env.
-    """
-
-    def __init__(self, gcs_address: str, timeout_s: float = GCS_TIMEOUT_S) -> None:
+    def __init__(
+        self, gcs_address: str, token_path: Path, timeout_s: float = GCS_TIMEOUT_S
+    ) -> None:
         self._gcs_address = gcs_address
+        self._token_path = token_path
         self._timeout_s = timeout_s
-        self._client: Any = None
 
     def __call__(self, instance_id: str) -> InstanceState:
-        # Ray is imported on first use only: a fresh ticket never needs it.
-        import ray.exceptions
-        from ray._raylet import GcsClient  # type: ignore[attr-defined]  # Cython, no stubs
-        from ray.core.generated import gcs_pb2
-
-        alive_state = gcs_pb2.GcsNodeInfo.GcsNodeState.ALIVE  # type: ignore[attr-defined]
         try:
-            if self._client is None:
-                self._client = GcsClient(address=self._gcs_address)
-            # No state filter: a DEAD node is the proof of a respawn that a rejoin needs.
-            nodes = self._client.get_all_node_info(timeout=self._timeout_s)
-        except (ray.exceptions.RayError, OSError) as e:
-            raise LivenessUnknown(
-                f"the GCS at {self._gcs_address} did not answer", retry_after_s=self._timeout_s
-            ) from e
-        states = [info.state for info in nodes.values() if info.instance_id == instance_id]
-        if alive_state in states:
+            nodes = instance_nodes(
+                self._gcs_address, self._token_path, instance_id, timeout_s=self._timeout_s
+            )
+        except GcsUnavailable as e:
+            raise LivenessUnknown(e.message, retry_after_s=self._timeout_s) from e
+        if any(node.alive for node in nodes):
             return InstanceState.ALIVE
-        return InstanceState.DEAD if states else InstanceState.ABSENT
+        return InstanceState.DEAD if nodes else InstanceState.ABSENT
 
 
 def serve(listener: socket.socket, db_path: Path, token_file: Path, gcs_address: str) -> None:
     """Serves the join service on an already listening socket until SIGTERM/SIGINT."""
     book = TicketBook(db_path)
-    app = build_app(book, token_file, GcsLiveness(gcs_address))
+    app = build_app(book, token_file, GcsLiveness(gcs_address, token_file))
     config = uvicorn.Config(
         app,
         fd=listener.fileno(),

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
-import importlib
 import json
 import logging
 import os
@@ -52,6 +51,7 @@ from pathlib import Path
 from types import FrameType
 
 from . import gpus
+from .gcs import GcsUnavailable, instance_nodes
 from .node_join import (
     SCRUBBED_ENV,
     HeadServices,
@@ -257,35 +257,17 @@ def raylet_port_for(settings: NodeSettings, node_ip: str) -> int:
 def ray_nodes_at(
     gcs_address: str, token_path: Path, node_ip: str, instance_id: str
 ) -> frozenset[bytes] | None:
-    """The ids of the nodes, alive or dead, that the GCS at ``gcs_address`` lists at
-    ``node_ip`` for ``instance_id``; None if the GCS did not answer.
-
-    A node that registered once stays listed after it died, so a ``ray start`` whose node is not
-    among them after it exited never registered.
-    """
-    import grpc
-
-    gcs_service_pb2 = importlib.import_module("ray.core.generated.gcs_service_pb2")
-    gcs_service_pb2_grpc = importlib.import_module("ray.core.generated.gcs_service_pb2_grpc")
-    selector = gcs_service_pb2.GetAllNodeInfoRequest.NodeSelector(node_ip_address=node_ip)
-    request = gcs_service_pb2.GetAllNodeInfoRequest(node_selectors=[selector])
+    """The ids of the nodes, alive or dead, that the GCS lists at ``node_ip`` for
+    ``instance_id``; None if it did not answer. A ``ray start`` whose node is not among them
+    after it exited never registered (the GCS keeps its dead nodes)."""
     try:
-        token = token_path.read_text().strip()
-        with grpc.insecure_channel(gcs_address) as channel:
-            reply = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetAllNodeInfo(
-                request,
-                timeout=GCS_PROBE_TIMEOUT_S,
-                metadata=(("authorization", f"Bearer {token}"),),
-            )
-    except (grpc.RpcError, OSError) as e:
-        logger.warning("cannot ask the GCS at %s for this node: %s", gcs_address, e)
+        nodes = instance_nodes(
+            gcs_address, token_path, instance_id, node_ip=node_ip, timeout_s=GCS_PROBE_TIMEOUT_S
+        )
+    except GcsUnavailable as e:
+        logger.warning("cannot tell which nodes this instance has had: %s", e.message)
         return None
-    if reply.status.code != 0:
-        logger.warning("the GCS at %s refused: %s", gcs_address, reply.status.message)
-        return None
-    return frozenset(
-        node.node_id for node in reply.node_info_list if node.instance_id == instance_id
-    )
+    return frozenset(node.node_id for node in nodes)
 
 
 def write_secret(path: Path, value: str) -> None:

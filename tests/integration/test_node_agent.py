@@ -53,9 +53,10 @@ print(json.dumps([
 
 # The join service's liveness check, as the join service runs it (own process, head's token).
 LIVENESS = """
-import sys
+import os, sys
+from pathlib import Path
 from cluster.join_service import GcsLiveness
-liveness = GcsLiveness(sys.argv[1])
+liveness = GcsLiveness(sys.argv[1], Path(os.environ["RAY_AUTH_TOKEN_PATH"]))
 print(" ".join(liveness(i).value for i in sys.argv[2:]))
 """
 
