@@ -19,6 +19,9 @@ from typing import Any
 from actors.errors import HyperfleetError
 
 GCS_TIMEOUT_S = 5.0
+# The whole node table (alive nodes and up to 1000 dead ones, by Ray's default): past gRPC's
+# default 4 MiB on a large cluster. Ray's own clients allow 512 MiB.
+MAX_REPLY_BYTES = 256 * 1024 * 1024
 
 
 class GcsUnavailable(HyperfleetError):
@@ -59,13 +62,14 @@ def instance_nodes(
     request = service_pb2.GetAllNodeInfoRequest(node_selectors=selectors)
     try:
         token = token_path.read_text().strip()
-        with grpc.insecure_channel(gcs_address) as channel:
+        options = [("grpc.max_receive_message_length", MAX_REPLY_BYTES)]
+        with grpc.insecure_channel(gcs_address, options=options) as channel:
             stub = _generated("gcs_service_pb2_grpc").NodeInfoGcsServiceStub(channel)
             reply = stub.GetAllNodeInfo(
                 request, timeout=timeout_s, metadata=(("authorization", f"Bearer {token}"),)
             )
     except (grpc.RpcError, OSError) as e:
-        raise GcsUnavailable(f"the GCS at {gcs_address} did not answer: {e}") from e
+        raise GcsUnavailable(f"no answer from the GCS at {gcs_address}: {e}") from e
     if reply.status.code != 0:
         raise GcsUnavailable(f"the GCS at {gcs_address} refused: {reply.status.message}")
     alive = gcs_pb2.GcsNodeInfo.GcsNodeState.ALIVE

@@ -18,7 +18,8 @@ Hypercore starts the image with env only (no command override), so everything co
    respawned agent would rejoin in between. It waits for SIGTERM/SIGINT (exit 0), at most
    ``PARK_AFTER_RAY_EXIT_S`` (then exit 1). Unless the GCS shows that the node never registered:
    then nothing drained it, the autoscaler is still waiting for Ray on the instance, and the
-   agent starts Ray again, ``RAY_START_ATTEMPTS`` times in all (then exit 1).
+   agent starts Ray again, ``RAY_START_ATTEMPTS`` times in all, then parks; the head's autoscaler
+   terminates an instance that has run no Ray for ``AUTOSCALER_ALLOCATE_TIMEOUT_S``.
 
 Several nodes may share one machine (the local Hypercore stand-in gives each its own 127.x
 address), so every Ray port but the head's GCS port is left to Ray to pick or bound to the node's
@@ -91,8 +92,9 @@ OBJECT_STORE_MIN_MB = 128  # Ray refuses less than 75 MiB
 MIB = 1024 * 1024
 # Autoscaler v2 waits this long (Ray's default: an hour) for Ray to run on an instance it allocated
 # before it terminates the instance and launches another; until then the instance counts as
-# coming up, so the demand it was for waits too. Starting a node takes seconds to a few minutes
-# (the agent's own retries included). The operator's own value wins.
+# coming up, so the demand it was for waits too. Starting a node takes seconds to a few minutes:
+# at most the join deadline (HYPERFLEET_JOIN_TIMEOUT_S, 180 s by default) and three `ray start`s
+# (each up to Ray's 30 s wait to register) 5 s and 10 s apart. The operator's own value wins.
 AUTOSCALER_ALLOCATE_TIMEOUT_S = 600
 # Ray's autoscaler sleeps 5 s between updates, and a pending replica waits for up to two of them
 # (one to Spawn, one to see the node); at 1 s, the provider's List cache (1 s) bounds the cost to
@@ -203,10 +205,13 @@ def ray_start_command(
 
 
 def ray_temp_dir(env: Mapping[str, str]) -> str:
-    """Ray's default temp dir for a head on this machine (``RAY_TMPDIR``, else ``TMPDIR``,
-    else /tmp, then ``ray``), as ``ray._common.utils.get_default_ray_temp_dir`` finds it."""
-    root = env.get("RAY_TMPDIR") or env.get("TMPDIR") or "/tmp"  # noqa: S108 (Ray's default)
-    return os.path.join(root, "ray")
+    """Ray's default temp dir for a head on this (Linux) machine, as
+    ``ray._common.utils.get_default_ray_temp_dir`` finds it: ``RAY_TMPDIR``, else ``TMPDIR``,
+    else /tmp, then ``ray``."""
+    for name in ("RAY_TMPDIR", "TMPDIR"):
+        if name in env:
+            return os.path.join(env[name], "ray")
+    return "/tmp/ray"  # noqa: S108 (Ray's default)
 
 
 def detect_node_ip(toward: tuple[str, int]) -> str:
@@ -451,10 +456,13 @@ class NodeAgent:
                     return self._run_ray(settings, gpu, node_ip, token_path, join)
                 except RayNeverRegistered:
                     if attempt == RAY_START_ATTEMPTS:
+                        # Not an exit: Hypercore's respawn could not rejoin (its ticket was
+                        # redeemed, and no DEAD node proves a respawn). The autoscaler terminates
+                        # an instance that runs no Ray (AUTOSCALER_ALLOCATE_TIMEOUT_S).
                         logger.error(
                             "Ray exited before this node registered, %d times: giving up", attempt
                         )
-                        return EXIT_RAY_FAILED
+                        return self._park({join.process.pid} if join else set())
                     wait_s = RAY_START_BACKOFF_S * attempt
                     logger.warning(
                         "Ray exited before this node registered (attempt %d of %d): starting it"

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# Ray's generated modules import the whole `ray` package: once, here, not inside a timed call.
+import ray.core.generated.gcs_service_pb2_grpc  # noqa: F401
+
 from cluster.gcs import GcsUnavailable, instance_nodes
 from cluster.join import LivenessUnknown
 from cluster.join_service import GcsLiveness
@@ -32,7 +35,7 @@ def _closed_port() -> str:
 
 def test_a_gcs_that_is_down_is_unavailable_within_the_timeout(token: Path) -> None:
     started = time.monotonic()
-    with pytest.raises(GcsUnavailable, match="did not answer"):
+    with pytest.raises(GcsUnavailable, match="no answer from the GCS"):
         instance_nodes(_closed_port(), token, "hf-x", timeout_s=1.0)
     assert time.monotonic() - started < 5.0
 

@@ -10,14 +10,16 @@ import asyncio
 import ipaddress
 import os
 import re
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cluster.hypercore import Image, ImageCatalog, proto
 from cluster.hypercore.standin import Host, HostError
-from cluster.hypercore.standin.host import AddressPool, workload_tmp_dir
+from cluster.hypercore.standin.host import AddressPool, workload_tmp_dir, workload_tmp_root
 from cluster.hypercore.standin.workload import LOG_TAIL_BYTES, _BoundedLog, read_tail, workload_env
 
 SLEEP = ImageCatalog({"sleep:1": Image(("sleep", "60"))})
@@ -108,13 +110,31 @@ async def test_each_workload_has_its_own_short_tmpdir_removed_with_it(tmp_path: 
     assert not tmps[1].exists()
 
 
+def test_a_long_host_tmpdir_is_not_used_for_workloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray's socket paths below a workload's TMPDIR would pass the 107-byte limit.
+    monkeypatch.setattr(tempfile, "tempdir", "/" + "x" * 40)
+    assert workload_tmp_root() == Path("/tmp")
+    assert str(workload_tmp_dir("0123456789abcdef")) == "/tmp/hcw-0123456789abc"
+    monkeypatch.setattr(tempfile, "tempdir", "/var/tmp")
+    assert workload_tmp_root() == Path("/var/tmp")
+
+
+@pytest.fixture
+def host_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The host's own temp dir for one test, short enough to hold workloads' TMPDIRs."""
+    path = tempfile.mkdtemp(prefix="hft-")
+    monkeypatch.setattr(tempfile, "tempdir", path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 async def test_a_missing_executable_fails_like_a_task_that_cannot_start(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, host_tmp: str
 ) -> None:
     catalog = ImageCatalog({"broken:1": Image((str(tmp_path / "nothing"),))})
     host = Host(catalog, tmp_path, "example.com")
-    (tmp_path / "host-tmp").mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "host-tmp"))
     with pytest.raises(HostError) as error:
         await host.spawn(proto.VmSpawnRequest(image_ref="broken:1", cores=1))
     assert error.value.text.startswith(
@@ -122,7 +142,7 @@ async def test_a_missing_executable_fails_like_a_task_that_cannot_start(
         "container "
     )
     assert not list((tmp_path / "workloads").iterdir())
-    assert not list((tmp_path / "host-tmp").iterdir())  # nor its TMPDIR
+    assert os.listdir(host_tmp) == []  # nor its TMPDIR
     await host.shutdown()
 
 

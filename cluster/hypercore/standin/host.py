@@ -60,6 +60,7 @@ MIN_CAPACITY_CORES = 225  # Hypercore: max(runtime.NumCPU(), 225)
 STOP_GRACE_S = 5.0  # containerd task kill: SIGTERM, 5 s, SIGKILL
 MAX_WORKLOADS = 64
 TMP_DIR_PREFIX = "hcw-"  # each workload's TMPDIR: <host's TMPDIR>/hcw-<its id's first 13 chars>
+MAX_TMP_ROOT_CHARS = 18
 MAX_RETAINED_LOGS = 256
 STATE_BATCH_SIZE = 10  # workloads per state-broadcast part
 WORKLOAD_NETWORK = ipaddress.IPv4Network("127.88.0.0/16")
@@ -76,10 +77,18 @@ class HostError(Exception):
         self.text = text
 
 
-def workload_tmp_dir(workload_id: str) -> Path:
-    """A workload's own TMPDIR: short, beside the host's, as Unix socket paths under it (Ray's:
-    ``ray/session_<time>_<pid>/sockets/plasma_store``) have at most 107 bytes."""
-    return Path(tempfile.gettempdir()) / f"{TMP_DIR_PREFIX}{workload_id[:13]}"
+def workload_tmp_root() -> Path:
+    """Where workloads' TMPDIRs go: the host's temp dir when it is short enough for the Unix
+    socket paths Ray makes below a workload's TMPDIR (at most 107 bytes, of which
+    ``hcw-<13>/ray/session_<date>_<time>_<pid>/sockets/plasma_store.<n>`` takes up to 89), else
+    /tmp."""
+    root = tempfile.gettempdir()
+    return Path(root if len(root) <= MAX_TMP_ROOT_CHARS else "/tmp")  # noqa: S108
+
+
+def workload_tmp_dir(workload_id: str, root: Path | None = None) -> Path:
+    """A workload's own TMPDIR, under ``root`` (default: ``workload_tmp_root()``)."""
+    return (root or workload_tmp_root()) / f"{TMP_DIR_PREFIX}{workload_id[:13]}"
 
 
 class AddressPool:
@@ -117,6 +126,7 @@ class _Entry:
     request: Any  # VmSpawnRequest, dry_run cleared: what List echoes and a respawn reuses
     address: str
     process: WorkloadProcess
+    tmp: Path  # its own TMPDIR, removed with it
     stopping: bool = False
 
 
@@ -138,6 +148,7 @@ class Host:
         self._homes_dir = state_dir / "workloads"
         self._logs_dir.mkdir(parents=True, exist_ok=True)
         self._homes_dir.mkdir(parents=True, exist_ok=True)
+        self._tmp_root = workload_tmp_root()
         self._base_url = base_url
         self._cpu_count = cpu_count or os.cpu_count() or 1
         self._python = python
@@ -201,21 +212,23 @@ class Host:
         workload_id = str(uuid.uuid4())
         address = self._addresses.allocate()
         home = self._homes_dir / workload_id
-        home.mkdir()
-        tmp = workload_tmp_dir(workload_id)
-        tmp.mkdir(mode=0o700)
+        tmp = workload_tmp_dir(workload_id, self._tmp_root)
         argv, image_env = image.render(workload_ip=address, python=self._python)
         env = workload_env(image_env, list(request.env), home, tmp)
+        made: list[Path] = []
         try:
+            for directory, mode in ((home, 0o777), (tmp, 0o700)):
+                directory.mkdir(mode=mode)  # fails if it exists: then it is not this one's
+                made.append(directory)
             process = await WorkloadProcess.start(argv, env, home, self._logs_dir / workload_id)
         except OSError as e:
             self._addresses.release(address)
-            shutil.rmtree(home, ignore_errors=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            for directory in made:
+                shutil.rmtree(directory, ignore_errors=True)
             raise self._refuse(
                 errors.START_FAILED.format(id=workload_id, reason=e.strerror or str(e))
             ) from e
-        return _Entry(workload_id, request, address, process)
+        return _Entry(workload_id, request, address, process, tmp)
 
     async def stop(self, workload_id: str) -> Any:
         """Stop: ends the workload and returns the host's ``Node``.
@@ -236,7 +249,7 @@ class Host:
         self._workloads.pop(entry.id, None)
         self._addresses.release(entry.address)
         shutil.rmtree(self._homes_dir / entry.id, ignore_errors=True)
-        shutil.rmtree(workload_tmp_dir(entry.id), ignore_errors=True)
+        shutil.rmtree(entry.tmp, ignore_errors=True)
         self._retained_logs.append(entry.id)
         while len(self._retained_logs) > MAX_RETAINED_LOGS:
             (self._logs_dir / self._retained_logs.popleft()).unlink(missing_ok=True)
