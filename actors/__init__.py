@@ -1,6 +1,6 @@
 """Agent replicas: Ray actors hosting durable, tool-using Claude sessions.
 
-The surface is imported lazily (PEP 562): ``actors.errors`` or ``actors.spec`` alone must not
+The surface is imported lazily (PEP 562): ``actors.spec`` alone must not
 pull in Ray and the Anthropic SDK, because the node agent (a VM's entrypoint) uses them and
 should start in a fraction of a second.
 """
@@ -11,9 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .actor import NAMESPACE, AgentActor, RuntimeConfig, replica_name, spawn_replica
-    from .breaker import CircuitBreaker
-    from .errors import (
+    from hyperfleet.errors import (
         CapacityError,
         CircuitOpenError,
         HyperfleetError,
@@ -25,6 +23,9 @@ if TYPE_CHECKING:
         StoreError,
         UpstreamError,
     )
+
+    from .actor import NAMESPACE, AgentActor, RuntimeConfig, replica_name, spawn_replica
+    from .breaker import CircuitBreaker
     from .host import SessionHost
     from .loop import AgentLoop, LoopConfig
     from .pricing import Usage, price_of
@@ -33,16 +34,16 @@ if TYPE_CHECKING:
     from .store.actor import start_on_head, start_store_actor
 
 _SOURCES = {
-    "CapacityError": ".errors",
-    "CircuitOpenError": ".errors",
-    "HyperfleetError": ".errors",
-    "IdempotencyConflictError": ".errors",
-    "InvalidRequestError": ".errors",
-    "NotFoundError": ".errors",
-    "SessionBusyError": ".errors",
-    "StaleSessionError": ".errors",
-    "StoreError": ".errors",
-    "UpstreamError": ".errors",
+    "CapacityError": "hyperfleet.errors",
+    "CircuitOpenError": "hyperfleet.errors",
+    "HyperfleetError": "hyperfleet.errors",
+    "IdempotencyConflictError": "hyperfleet.errors",
+    "InvalidRequestError": "hyperfleet.errors",
+    "NotFoundError": "hyperfleet.errors",
+    "SessionBusyError": "hyperfleet.errors",
+    "StaleSessionError": "hyperfleet.errors",
+    "StoreError": "hyperfleet.errors",
+    "UpstreamError": "hyperfleet.errors",
     "AgentActor": ".actor",
     "AgentLoop": ".loop",
     "AgentSpec": ".spec",

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 import ray
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from hyperfleet.errors import InvalidRequestError
+
 from .breaker import CircuitBreaker
-from .errors import InvalidRequestError
 from .host import SessionHost
 from .loop import AgentLoop, LoopConfig
 from .meter import UsageMeter, UsageRecord

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-from .errors import CircuitOpenError
+from hyperfleet.errors import CircuitOpenError
 
 FAILURE_THRESHOLD = 5
 COOLDOWN_S = 30.0

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import (
+from hyperfleet.errors import (
     CapacityError,
     HyperfleetError,
     IdempotencyConflictError,
@@ -30,6 +30,7 @@ from .errors import (
     SessionBusyError,
     UpstreamError,
 )
+
 from .events import EventType, event
 from .loop import AgentLoop
 from .session import Session, digest

@@ -24,8 +24,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from hyperfleet.errors import UpstreamError
+
 from .breaker import CircuitBreaker
-from .errors import UpstreamError
 from .events import Emit, TextCoalescer
 from .model_client import PendingClient
 from .pricing import Usage

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .errors import CapacityError, HyperfleetError
+from hyperfleet.errors import CapacityError, HyperfleetError
 
 if TYPE_CHECKING:
     import anthropic

@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UpstreamError
+from hyperfleet.errors import UpstreamError
+
 from .pricing import Usage
 
 

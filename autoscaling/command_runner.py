@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.autoscaler.command_runner import CommandRunnerInterface
 
-from actors.errors import HyperfleetError
+from hyperfleet.errors import HyperfleetError
 
 if TYPE_CHECKING:
     from .provider import HypercoreNodeProvider

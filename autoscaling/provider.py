@@ -58,14 +58,14 @@ from ray.autoscaler.tags import (
     TAG_RAY_USER_NODE_TYPE,
 )
 
-from actors.errors import HyperfleetError
 from cluster.hypercore import (
     HypercoreClient,
     HypercoreError,
     SpawnRequest,
     UnknownWorkload,
 )
-from cluster.join import TicketBook
+from cluster.join.tickets import TicketBook
+from hyperfleet.errors import HyperfleetError
 
 from . import node_env as env_keys
 from .command_runner import HypercoreCommandRunner

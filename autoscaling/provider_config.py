@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from actors.errors import HyperfleetError
+from hyperfleet.errors import HyperfleetError
 
 DEFAULT_IMAGE = "ghcr.io/hyperfleet/node:latest"
 # The local stand-in's default (`hyperfleet hypercore serve`); a real Hypercore listens on 8000.

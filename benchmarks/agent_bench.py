@@ -31,6 +31,9 @@ TOKEN_DIR = Path(tempfile.mkdtemp(prefix="hyperfleet-bench-"))
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(TOKEN_DIR / "token")
 
+from hyperfleet.processes import LOOPBACK_RAY_ENV  # noqa: E402
+
+os.environ.update(LOOPBACK_RAY_ENV)  # Ray on loopback alone
 import anthropic  # noqa: E402
 import ray  # noqa: E402
 
@@ -51,7 +54,7 @@ from actors import (  # noqa: E402
 from actors.store.actor import ActorSessionStore  # noqa: E402
 from actors.store.base import SessionRecord, TurnRecord  # noqa: E402
 from actors.tools import Sandbox, build_tools  # noqa: E402
-from cluster.processes import (  # noqa: E402
+from hyperfleet.processes import (  # noqa: E402
     free_port,
     start_emulator,
     start_ray_head,

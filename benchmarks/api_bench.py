@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hyperfleet.processes import LOOPBACK_RAY_ENV
+
 KEY = "sk-ant-bench"
 SESSIONS_PER_CLIENT = 40
 BODY = {"content": "What is the status of the fleet?"}
@@ -121,7 +123,7 @@ def _worker_main(
     from starlette.responses import JSONResponse
 
     from actors import start_store_actor
-    from cluster.processes import free_port, start_emulator, start_ray_head, start_redis, stop
+    from hyperfleet.processes import free_port, start_emulator, start_ray_head, start_redis, stop
     from serve_app import APP_NAME, build, start_control_actor
 
     work_dir = Path(work)
@@ -373,6 +375,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             env = dict(os.environ, HF_BENCH_WORK=str(work), RAY_AUTH_MODE="token")
             env["RAY_AUTH_TOKEN_PATH"] = str(work / "token")
+            env.update(LOOPBACK_RAY_ENV)  # Ray on loopback alone
             if mode == "haproxy":
                 env.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
             argv = [sys.executable, "-m", "benchmarks.api_bench", "--worker", mode]

@@ -16,7 +16,8 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from ..errors import StoreError
+from hyperfleet.errors import StoreError
+
 from .base import SessionRecord, TurnRecord
 from .sqlite import SqliteSessionStore
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from ..errors import (
+from hyperfleet.errors import (
     ConflictError,
     IdempotencyConflictError,
     NotFoundError,
     StaleSessionError,
     StoreError,
 )
+
 from .base import SessionRecord, TurnRecord
 
 TIMEOUT_S = 5.0

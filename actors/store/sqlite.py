@@ -10,13 +10,14 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from ..errors import (
+from hyperfleet.errors import (
     ConflictError,
     IdempotencyConflictError,
     NotFoundError,
     StaleSessionError,
     StoreError,
 )
+
 from .base import SessionRecord, TurnRecord
 
 BUSY_TIMEOUT_MS = 5_000

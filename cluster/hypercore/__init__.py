@@ -1,7 +1,9 @@
-"""Hypercore: a typed client of its cluster API (gRPC or the HTTP mirror), and a faithful local
-stand-in that runs workloads as local process trees."""
+"""A typed client of Hypercore's cluster API, over gRPC or its HTTP mirror.
 
-from .catalog import CatalogError, Image, ImageCatalog
+The local stand-in that serves the same API lives in `cluster.hypercore_standin`; nothing here
+imports it.
+"""
+
 from .client import DEFAULT_TIMEOUT_S, SPAWN_TIMEOUT_S, HypercoreClient
 from .errors import (
     CapacityExceeded,
@@ -10,7 +12,6 @@ from .errors import (
     InvalidSpawnRequest,
     UnknownWorkload,
 )
-from .launcher import StandinHandle, start_standin
 from .models import HostNode, HostState, Spawned, SpawnRequest, Workload
 from .transports import GrpcTransport, HttpTransport, Transport
 
@@ -18,7 +19,6 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "SPAWN_TIMEOUT_S",
     "CapacityExceeded",
-    "CatalogError",
     "GrpcTransport",
     "HostNode",
     "HostState",
@@ -26,14 +26,10 @@ __all__ = [
     "HypercoreClient",
     "HypercoreError",
     "HypercoreUnavailable",
-    "Image",
-    "ImageCatalog",
     "InvalidSpawnRequest",
     "SpawnRequest",
     "Spawned",
-    "StandinHandle",
     "Transport",
     "UnknownWorkload",
     "Workload",
-    "start_standin",
 ]

@@ -35,9 +35,10 @@ from ray.autoscaler.tags import (
 )
 
 from autoscaling import HypercoreNodeProvider
-from cluster.hypercore import HypercoreClient, StandinHandle, start_standin
-from cluster.hypercore.standin.host import workload_tmp_dir
-from cluster.processes import free_port, stop, tail
+from cluster.hypercore import HypercoreClient
+from cluster.hypercore_standin import StandinHandle, start_standin
+from cluster.hypercore_standin.host import workload_tmp_dir
+from hyperfleet.processes import free_port, stop, tail
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_IMAGE = "ghcr.io/hyperfleet/node:latest"

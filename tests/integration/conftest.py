@@ -1,8 +1,8 @@
 """The integration tier: one real local Ray cluster per test session and real servers on 127.0.0.1.
 
-Everything here is started as a real process (``cluster.processes``) and stopped by its PID (never
-``ray stop``, which would kill other Ray processes on the machine). Ray's GCS gets a free port,
-never 6379.
+Everything here is started as a real process (``hyperfleet.processes``) and stopped by its PID
+(never ``ray stop``, which would kill other Ray processes on the machine). Ray's GCS gets a free
+port, never 6379.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from typing import Any
 
 import pytest
 
-from cluster.processes import (
+from hyperfleet.processes import (
     free_port,
     start_ray_head,
     start_redis,
     stop,
     tail,
 )
-from cluster.processes import (
+from hyperfleet.processes import (
     start_emulator as _start_emulator_process,
 )
 from tests.conftest import RAY_TOKEN_PATH

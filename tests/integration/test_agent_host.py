@@ -29,7 +29,7 @@ from actors import (
 )
 from actors.model_client import PendingClient
 from actors.tools import Sandbox, build_tools
-from cluster.processes import stop
+from hyperfleet.processes import stop
 
 from .conftest import EmulatorServer, start_emulator
 

@@ -179,7 +179,7 @@ def test_revoked_key_stops_working(admin: Client, redis_api: ApiServer) -> None:
 
 
 def test_unreachable_redis_is_503_not_500() -> None:
-    from cluster.processes import free_port
+    from hyperfleet.processes import free_port
 
     gate = RedisGate(Control(), f"redis://127.0.0.1:{free_port()}/0")
 

@@ -26,8 +26,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from cluster.hypercore import HypercoreClient, StandinHandle
-from cluster.processes import reap_leftovers
+from cluster.hypercore import HypercoreClient
+from cluster.hypercore_standin import StandinHandle
+from hyperfleet.processes import reap_leftovers
 
 from .autoscaling_cluster import (
     Driver,

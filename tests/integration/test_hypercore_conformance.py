@@ -31,18 +31,15 @@ from cluster.hypercore import (
     HostState,
     HypercoreClient,
     HypercoreUnavailable,
-    Image,
-    ImageCatalog,
     InvalidSpawnRequest,
     Spawned,
     SpawnRequest,
-    StandinHandle,
     Transport,
     UnknownWorkload,
-    start_standin,
 )
 from cluster.hypercore.proto import METHODS, VmQueryRequest, VmSpawnRequest, VmStopRequest
 from cluster.hypercore.transports import GrpcTransport, HttpTransport
+from cluster.hypercore_standin import Image, ImageCatalog, StandinHandle, start_standin
 
 REFRESH_S = 0.2
 WAIT_S = 20.0
@@ -610,7 +607,7 @@ def test_stopping_the_standin_stops_its_workloads(tmp_path: Path) -> None:
 
 def _in_process_host(tmp_path: Path, *env: str) -> Any:
     from cluster.hypercore import proto
-    from cluster.hypercore.standin.host import Host
+    from cluster.hypercore_standin.host import Host
 
     host = Host(CATALOG, tmp_path / "host", "standin.local")
     request = proto.VmSpawnRequest(
@@ -624,7 +621,7 @@ def test_a_stop_during_the_respawn_of_an_exited_workload_fails(tmp_path: Path) -
     meanwhile succeeded and the workload still came back under a new id."""
     import asyncio
 
-    from cluster.hypercore.standin.host import HostError
+    from cluster.hypercore_standin.host import HostError
 
     async def scenario() -> None:
         host, request = _in_process_host(tmp_path)
@@ -652,7 +649,7 @@ def test_a_stop_during_the_respawn_of_an_exited_workload_fails(tmp_path: Path) -
 def test_shutdown_stops_a_workload_a_concurrent_spawn_started(tmp_path: Path) -> None:
     import asyncio
 
-    from cluster.hypercore.standin.host import HostError
+    from cluster.hypercore_standin.host import HostError
 
     mark = marker()
 

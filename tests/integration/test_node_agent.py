@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from cluster.join import TicketBook
-from cluster.processes import descendants, free_port, stop, tail
+from cluster.join.tickets import TicketBook
+from hyperfleet.processes import descendants, free_port, stop, tail
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 90.0
@@ -55,7 +55,7 @@ print(json.dumps([
 LIVENESS = """
 import os, sys
 from pathlib import Path
-from cluster.join_service import GcsLiveness
+from cluster.join.service import GcsLiveness
 liveness = GcsLiveness(sys.argv[1], Path(os.environ["RAY_AUTH_TOKEN_PATH"]))
 print(" ".join(liveness(i).value for i in sys.argv[2:]))
 """
@@ -67,7 +67,7 @@ SPARE_TAKEN = """
 import json, os, sys, time
 from pathlib import Path
 import ray
-from cluster.warm_workers import RayletClient
+from cluster.node.warm_workers import RayletClient
 ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], log_to_driver=False)
 instance = sys.argv[3]
 node = next(n for n in ray.nodes()

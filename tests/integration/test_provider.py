@@ -40,11 +40,10 @@ from cluster.hypercore import (
     HypercoreClient,
     HypercoreUnavailable,
     SpawnRequest,
-    StandinHandle,
-    start_standin,
 )
-from cluster.join import TicketBook
-from cluster.processes import free_port
+from cluster.hypercore_standin import StandinHandle, start_standin
+from cluster.join.tickets import TicketBook
+from hyperfleet.processes import free_port
 
 SLEEP_IMAGE = "test.local/sleep:latest"
 FAKE_RAY_IMAGE = "test.local/fake-ray:latest"

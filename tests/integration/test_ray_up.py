@@ -22,8 +22,8 @@ from ray.autoscaler.tags import (
 )
 
 from autoscaling import HypercoreNodeProvider
-from cluster.hypercore import StandinHandle, start_standin
-from cluster.processes import free_port
+from cluster.hypercore_standin import StandinHandle, start_standin
+from hyperfleet.processes import free_port
 
 from .autoscaling_cluster import cluster_workloads
 from .test_provider import eventually

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.processes import free_port
+from hyperfleet.processes import free_port
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 TIMEOUT_S = 180

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from actors.errors import (
+from actors.store import RedisSessionStore, SessionStore, SqliteSessionStore
+from actors.store.actor import ActorSessionStore, SessionStoreActor
+from actors.store.base import SessionRecord, TurnRecord
+from hyperfleet.errors import (
     ConflictError,
     IdempotencyConflictError,
     NotFoundError,
     StaleSessionError,
 )
-from actors.store import RedisSessionStore, SessionStore, SqliteSessionStore
-from actors.store.actor import ActorSessionStore, SessionStoreActor
-from actors.store.base import SessionRecord, TurnRecord
 
 from .conftest import RedisServer
 

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster import Settings, stack
-from cluster.cli import build_parser, main
+from cluster.cli import stack
+from cluster.cli.commands import build_parser, main
+from cluster.cli.settings import Settings
 
 SUBCOMMANDS = ["emulator", "up", "down", "status"]
 

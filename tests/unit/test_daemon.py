@@ -5,7 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.daemon import Daemons
+from cluster.cli.daemon import Daemons
 
 
 def test_start_state_stop_a_real_process(tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ def test_a_reused_pid_is_not_signalled(tmp_path: Path) -> None:
 def test_stop_reaps_children_that_left_the_group(tmp_path: Path) -> None:
     import subprocess
 
-    from cluster.processes import stop
+    from hyperfleet.processes import stop
 
     pid_file = tmp_path / "orphan.pid"
     script = (

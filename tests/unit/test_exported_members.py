@@ -7,10 +7,10 @@ import importlib
 import pytest
 
 PACKAGES = [
-    "cluster",
+    "cluster.join",
     "cluster.emulator",
     "cluster.hypercore",
-    "cluster.hypercore.standin",
+    "cluster.hypercore_standin",
     "serve_app",
     "actors",
     "actors.store",

@@ -15,9 +15,9 @@ import pytest
 # Ray's generated modules import the whole `ray` package: once, here, not inside a timed call.
 import ray.core.generated.gcs_service_pb2_grpc  # noqa: F401
 
-from cluster.gcs import GcsUnavailable, instance_nodes
-from cluster.join import LivenessUnknown
-from cluster.join_service import GcsLiveness
+from cluster.join.service import GcsLiveness
+from cluster.join.tickets import LivenessUnknown
+from cluster.node.gcs import GcsUnavailable, instance_nodes
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.gpus import Gpu, Inventory, MigInstance, discover, ray_gpu_options
+from cluster.node.gpus import Gpu, Inventory, MigInstance, discover, ray_gpu_options
 
 H100 = "NVIDIA H100 80GB HBM3"
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.hypercore import CatalogError, Image, ImageCatalog
+from cluster.hypercore_standin import CatalogError, Image, ImageCatalog
 
 NODE_IMAGE = "ghcr.io/hyperfleet/node:latest"
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cluster.cli import build_parser, main
+from cluster.cli.commands import build_parser, main
 from cluster.hypercore import (
     HypercoreClient,
     HypercoreUnavailable,

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.hypercore import Image, ImageCatalog, proto
-from cluster.hypercore.standin import Host, HostError
-from cluster.hypercore.standin.host import AddressPool, workload_tmp_dir, workload_tmp_root
-from cluster.hypercore.standin.workload import LOG_TAIL_BYTES, _BoundedLog, read_tail, workload_env
+from cluster.hypercore import proto
+from cluster.hypercore_standin import Host, HostError, Image, ImageCatalog
+from cluster.hypercore_standin.host import AddressPool, workload_tmp_dir, workload_tmp_root
+from cluster.hypercore_standin.workload import LOG_TAIL_BYTES, _BoundedLog, read_tail, workload_env
 
 SLEEP = ImageCatalog({"sleep:1": Image(("sleep", "60"))})
 

@@ -32,7 +32,7 @@ def _imported_after(module: str, heavy: list[str]) -> list[str]:
     ("module", "heavy"),
     [
         # The node agent (a VM's entrypoint) uses these: it must start in a fraction of a second.
-        ("actors.errors", ["ray", "anthropic"]),
+        ("hyperfleet.errors", ["ray", "anthropic"]),
         ("actors.spec", ["ray", "anthropic"]),
         # Every agent replica loads the control-store actor's class to meter its turns.
         ("serve_app.backend", ["ray.serve", "fastapi", "anthropic"]),

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from cluster.join import (
+from cluster.join.service import MAX_BODY_BYTES, RateLimiter, build_app
+from cluster.join.tickets import (
     KEEP_EXPIRED_S,
     InstanceState,
     LivenessUnknown,
@@ -23,7 +24,6 @@ from cluster.join import (
     UnknownTicket,
     ticket_hash,
 )
-from cluster.join_service import MAX_BODY_BYTES, RateLimiter, build_app
 
 HOLDOFF_S = 20.0
 

@@ -9,8 +9,8 @@ import anthropic
 import pytest
 
 from actors import HyperfleetError
-from actors.errors import CapacityError
 from actors.model_client import PendingClient
+from hyperfleet.errors import CapacityError
 
 BUILD_WAIT_S = 10.0
 

@@ -14,9 +14,9 @@ from typing import ClassVar
 
 import pytest
 
-from cluster import cli, node
-from cluster.gpus import Gpu, Inventory, MigInstance, RayGpuOptions, ray_gpu_options
-from cluster.node import (
+from cluster.cli import commands as cli
+from cluster.node import agent as node
+from cluster.node.agent import (
     EXIT_RAY_FAILED,
     EXIT_STOPPED,
     AfterRayExit,
@@ -30,8 +30,9 @@ from cluster.node import (
     reap_orphans,
     with_autoscaling_config_file,
 )
-from cluster.node_join import HeadServices, JoinFailed, RestartBudget, redeem_ticket
-from cluster.node_settings import NodeRole, NodeSettings, NodeSettingsError
+from cluster.node.gpus import Gpu, Inventory, MigInstance, RayGpuOptions, ray_gpu_options
+from cluster.node.join import HeadServices, JoinFailed, RestartBudget, redeem_ticket
+from cluster.node.settings import NodeRole, NodeSettings, NodeSettingsError
 
 H100 = "NVIDIA H100 80GB HBM3"
 CPU_NODE = ray_gpu_options(Inventory())

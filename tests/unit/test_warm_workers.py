@@ -7,7 +7,13 @@ import time
 
 import pytest
 
-from cluster.warm_workers import START_WINDOW_S, WarmState, WarmWorkerKeeper, WorkerInfo, decide
+from cluster.node.warm_workers import (
+    START_WINDOW_S,
+    WarmState,
+    WarmWorkerKeeper,
+    WorkerInfo,
+    decide,
+)
 
 NIL_JOB = b"\xff" * 4
 NIL_ACTOR = b"\xff" * 16

@@ -11,11 +11,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from cluster.processes import StartError, free_port, stop, tail, wait_port
+from cluster.hypercore.client import DEFAULT_TIMEOUT_S, HypercoreClient
+from hyperfleet.processes import StartError, free_port, stop, tail, wait_port
 
 from .catalog import ImageCatalog
-from .client import DEFAULT_TIMEOUT_S, HypercoreClient
-from .standin.server import DEFAULT_REFRESH_INTERVAL_S
+from .server import DEFAULT_REFRESH_INTERVAL_S
 
 READY_TIMEOUT_S = 60.0
 # The stand-in stops its workloads on SIGTERM, each within 5 s of grace, all at once.

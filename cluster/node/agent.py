@@ -51,9 +51,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from hyperfleet.processes import descendants, reap_leftovers
+
 from . import gpus
 from .gcs import GcsUnavailable, instance_nodes
-from .node_join import (
+from .join import (
     SCRUBBED_ENV,
     HeadServices,
     JoinFailed,
@@ -63,8 +65,7 @@ from .node_join import (
     redeem_ticket,
     spawn,
 )
-from .node_settings import NodeRole, NodeSettings, NodeSettingsError, is_label_value
-from .processes import descendants, reap_leftovers
+from .settings import NodeRole, NodeSettings, NodeSettingsError, is_label_value
 from .warm_workers import RayletClient, WarmWorkerKeeper
 
 logger = logging.getLogger("hyperfleet.node")

@@ -48,10 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import errors, gojson, proto
-from ..catalog import ImageCatalog
-from ..client import SPAWN_TIMEOUT_S
-from ..models import MAX_PORT
+from cluster.hypercore import errors, gojson, proto
+from cluster.hypercore.client import SPAWN_TIMEOUT_S
+from cluster.hypercore.models import MAX_PORT
+
+from .catalog import ImageCatalog
 from .workload import WorkloadProcess, read_tail, workload_env
 
 logger = logging.getLogger(__name__)

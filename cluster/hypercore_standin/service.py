@@ -17,7 +17,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .. import gojson, proto
+from cluster.hypercore import gojson, proto
+
 from .host import Host, HostError
 
 MAX_BODY_BYTES = 1024 * 1024

@@ -13,7 +13,6 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from . import client, stack
-from .emulator import EmulatorConfig, serve
 from .settings import Settings
 
 
@@ -67,6 +66,9 @@ def _emulator_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _run_emulator(args: argparse.Namespace) -> int:
+    # Imported here: uvicorn and the emulator are this command's alone.
+    from cluster.emulator import EmulatorConfig, serve
+
     try:
         config = EmulatorConfig(
             host=args.host,
@@ -167,9 +169,9 @@ def _run_agents(args: argparse.Namespace) -> int:
 
 def _run_node(args: argparse.Namespace) -> int:
     # Imported here: the other commands need none of the node agent.
-    from . import node
+    from cluster.node import agent
 
-    return node.main()
+    return agent.main()
 
 
 # Hypercore listens on 8000 (gRPC) and 8001 (HTTP); 8000 is the Hyperfleet API's port here.
@@ -212,9 +214,8 @@ def _hypercore_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def _run_hypercore(args: argparse.Namespace) -> int:
     # Imported here: grpc and the stand-in are needed by this command only.
-    from .hypercore import CatalogError, ImageCatalog
-    from .hypercore.standin import StandinConfig
-    from .hypercore.standin import serve as serve_standin
+    from cluster.hypercore_standin import CatalogError, ImageCatalog, StandinConfig
+    from cluster.hypercore_standin import serve as serve_standin
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from actors.errors import HyperfleetError
+from hyperfleet.errors import HyperfleetError
 
 DEFAULT_RAY_PORT = 6385  # as `hyperfleet up`; not 6379, Redis's port
 DEFAULT_DRAIN_TIMEOUT_S = 30.0  # Ray's RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S default

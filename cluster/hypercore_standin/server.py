@@ -17,7 +17,7 @@ import grpc
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..catalog import ImageCatalog
+from .catalog import ImageCatalog
 from .host import Host
 from .service import grpc_handler, http_mirror
 

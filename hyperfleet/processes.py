@@ -25,6 +25,14 @@ READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 45.0
 POLL_S = 0.1
 PROBE_TIMEOUT_S = 2.0
+LOOPBACK = "127.0.0.1"
+# A one-machine head (`hyperfleet up`, the tests, the benchmarks) listens on loopback alone.
+# Ray 2.60 turns `--node-ip-address=127.0.0.1`, and a driver's `address="127.0.0.1:PORT"`, into
+# the machine's interface address (`services.resolve_ip_for_localhost`) unless this variable says
+# multi-node clusters are off; with it, the GCS, the raylet and the agents bind 127.0.0.1 only.
+# For such a head and its drivers (set before `ray` is imported, which reads it once): a worker
+# node refuses to start under it, so the node agent scrubs it.
+LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 class StartError(RuntimeError):
@@ -154,19 +162,20 @@ def start_emulator(port: int, api_key: str, log: Path, *flags: str) -> subproces
 def start_ray_head(
     port: int, log: Path, num_cpus: int, resources: dict[str, float] | None = None
 ) -> subprocess.Popen[bytes]:
-    """``ray start --head --block`` on ``port`` (never 6379's Redis), dashboard off."""
+    """``ray start --head --block`` on 127.0.0.1:``port`` (never 6379's Redis), dashboard off."""
     argv = [
         str(Path(sys.executable).parent / "ray"),
         "start",
         "--head",
         f"--port={port}",
+        f"--node-ip-address={LOOPBACK}",
         f"--num-cpus={num_cpus}",
         f"--resources={json.dumps(resources or {})}",
         "--include-dashboard=false",
         "--disable-usage-stats",
         "--block",
     ]
-    process = _spawn(argv, log)
+    process = _spawn(argv, log, dict(os.environ, **LOOPBACK_RAY_ENV))
     if not wait_port(port, READY_TIMEOUT_S, process):
         stop(process)
         raise StartError(f"the Ray head did not start:\n{tail(log)}")

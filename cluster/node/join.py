@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from actors.errors import HyperfleetError
+from hyperfleet.errors import HyperfleetError
+from hyperfleet.processes import stop
 
-from .node_settings import NodeSettings, NodeSettingsError
-from .processes import stop
+from .settings import NodeSettings, NodeSettingsError
 
 logger = logging.getLogger("hyperfleet.node")
 
@@ -48,7 +48,9 @@ JOIN_SERVICE_RESTART_WINDOW_S = 600.0
 JOIN_SERVICE_STOP_S = 10.0
 LISTEN_BACKLOG = 64
 # Never handed to a child: the spent ticket, and a token that would override RAY_AUTH_TOKEN_PATH.
-SCRUBBED_ENV = ("HYPERFLEET_JOIN_TICKET", "RAY_AUTH_TOKEN")
+# The ticket and a token never reach Ray's processes; a one-machine stack's loopback switch
+# (hyperfleet.processes.LOOPBACK_RAY_ENV) would make a worker's `ray start` refuse to run.
+SCRUBBED_ENV = ("HYPERFLEET_JOIN_TICKET", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
 
 
 class NodeAgentError(HyperfleetError):
@@ -201,7 +203,7 @@ class JoinService:
             join_db=settings.home / JOIN_DB_FILE, join_url=f"http://{host_port(node_ip, port)}"
         )
         self._argv = [
-            sys.executable, "-m", "cluster.join_service",
+            sys.executable, "-m", "cluster.join.service",
             f"--fd={self._listener.fileno()}",
             f"--db={self.endpoints.join_db}",
             f"--token-file={token_path}",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.errors import HyperfleetError
+from hyperfleet.errors import HyperfleetError
 
 GCS_TIMEOUT_S = 5.0
 # The whole node table (alive nodes and up to 1000 dead ones, by Ray's default): past gRPC's

@@ -23,7 +23,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from cluster.processes import descendants, reap_leftovers
+from hyperfleet.processes import descendants, reap_leftovers
 
 logger = logging.getLogger(__name__)
 

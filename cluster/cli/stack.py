@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hyperfleet.processes import LOOPBACK, LOOPBACK_RAY_ENV, tail, wait_http_ok, wait_port
+
 from .daemon import Daemons
-from .processes import tail, wait_http_ok, wait_port
 from .settings import Settings
 
 EMULATOR = "emulator"
@@ -72,10 +73,11 @@ def _secret_file(path: Path, make: Callable[[], str]) -> str:
 
 
 def ray_env(settings: Settings) -> dict[str, str]:
-    """Token auth for every Ray process of the stack, with the stack's own token."""
+    """Token auth for every Ray process of the stack, with the stack's own token, and Ray on
+    loopback alone."""
     token_file = settings.home / "ray_auth_token"
     _secret_file(token_file, lambda: secrets.token_hex(32))
-    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), **LOOPBACK_RAY_ENV}
 
 
 def _state_file(settings: Settings) -> Path:
@@ -119,7 +121,9 @@ def up(
 
     progress(f"[3/{STEPS}] Ray head on port {ray_port} (token auth on) ...")
     ray_bin = str(Path(sys.executable).parent / "ray")
-    argv = [ray_bin, "start", "--head", f"--port={ray_port}", f"--num-cpus={LOCAL_CPUS}"]
+    # Loopback only: one machine's stack answers no other host.
+    argv = [ray_bin, "start", "--head", f"--port={ray_port}", f"--node-ip-address={LOOPBACK}"]
+    argv += [f"--num-cpus={LOCAL_CPUS}"]
     argv += [f"--resources={json.dumps({'hyperfleet_vm_slot': LOCAL_VM_SLOTS})}"]
     argv += ["--include-dashboard=false", "--disable-usage-stats", "--block"]
     env = dict(os.environ)

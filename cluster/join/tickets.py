@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.errors import HyperfleetError
+from hyperfleet.errors import HyperfleetError
 
 logger = logging.getLogger("hyperfleet.join")
 

@@ -27,8 +27,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .gcs import GCS_TIMEOUT_S, GcsUnavailable, instance_nodes
-from .join import InstanceState, JoinError, LivenessUnknown, TicketBook
+from cluster.node.gcs import GCS_TIMEOUT_S, GcsUnavailable, instance_nodes
+
+from .tickets import InstanceState, JoinError, LivenessUnknown, TicketBook
 
 logger = logging.getLogger("hyperfleet.join")
 
@@ -191,7 +192,7 @@ def serve(listener: socket.socket, db_path: Path, token_file: Path, gcs_address:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cluster.join_service",
+        prog="python -m cluster.join.service",
         description="The head's join service (started by `hyperfleet node` on the head).",
     )
     parser.add_argument("--fd", type=int, required=True, help="an inherited listening socket")

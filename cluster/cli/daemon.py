@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .processes import descendants, reap_leftovers
+from hyperfleet.processes import descendants, reap_leftovers
 
 STOP_GRACE_S = 10.0
 POLL_S = 0.1
