@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-VM_SLOT_RESOURCE = "hyperfleet_vm_slot"
-MIG_RESOURCE_PREFIX = "hyperfleet_mig_"
+from hyperfleet.resources import MIG_RESOURCE_PREFIX, VM_SLOT_RESOURCE
+
 BUILTIN_TOOLS = ("bash", "read_file", "write_file", "list_files")
 SHELL_TOOLS = frozenset({"bash"})
 _CUSTOM_TOOL = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")

@@ -28,14 +28,11 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ray.autoscaler.command_runner import CommandRunnerInterface
 
 from hyperfleet.errors import HyperfleetError
-
-if TYPE_CHECKING:
-    from .provider import HypercoreNodeProvider
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +58,19 @@ class HeadStartError(HyperfleetError):
     error_type = "head_start_failed"
 
 
+class NodeWatch(Protocol):
+    """What the runner needs of the provider (``HypercoreNodeProvider``): whether a node's
+    workload runs (``refresh``: ask Hypercore now, not the cached List) and its logs."""
+
+    def is_running(self, node_id: str, refresh: bool = False) -> bool: ...
+
+    def node_logs(self, node_id: str) -> str: ...
+
+
 class HypercoreCommandRunner(CommandRunnerInterface):
     """What ``ray up``'s updater can do with one Hypercore node (see the module docstring)."""
 
-    def __init__(
-        self, provider: HypercoreNodeProvider, node_id: str, start_timeout_s: float
-    ) -> None:
+    def __init__(self, provider: NodeWatch, node_id: str, start_timeout_s: float) -> None:
         self._provider = provider
         self._node_id = node_id
         self._start_timeout_s = start_timeout_s

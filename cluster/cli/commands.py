@@ -9,11 +9,26 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+from hyperfleet import ports
 
-from . import client, stack
-from .settings import Settings
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+# Each command imports what it runs when it runs: `hyperfleet node` is a VM's entrypoint, and
+# neither it nor `--help` should pay for pydantic, the API client, or a stand-in.
+
+
+def _print_errors(prog: str, e: ValidationError, names: dict[str, str] | None = None) -> None:
+    """A pydantic error as one line per field, named as the user wrote it (a flag or an env)."""
+    for error in e.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        if names is None:
+            where = "--" + "-".join(str(p) for p in error["loc"]).replace("_", "-")
+        else:
+            where = names.get(field, field)
+        print(f"{prog}: {where}: {error['msg']}", file=sys.stderr)
 
 
 def _emulator_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,7 +43,7 @@ def _emulator_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         ),
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=stack.DEFAULT_EMULATOR_PORT)
+    p.add_argument("--port", type=int, default=ports.EMULATOR_PORT)
     p.add_argument(
         "--api-key",
         default=os.environ.get("HYPERFLEET_EMULATOR_API_KEY"),
@@ -67,6 +82,8 @@ def _emulator_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 def _run_emulator(args: argparse.Namespace) -> int:
     # Imported here: uvicorn and the emulator are this command's alone.
+    from pydantic import ValidationError
+
     from cluster.emulator import EmulatorConfig, serve
 
     try:
@@ -91,9 +108,7 @@ def _run_emulator(args: argparse.Namespace) -> int:
             output_words_max=args.output_words_max,
         )
     except ValidationError as e:
-        for error in e.errors(include_url=False):
-            where = "--" + "-".join(str(p) for p in error["loc"]).replace("_", "-")
-            print(f"hyperfleet emulator: {where}: {error['msg']}", file=sys.stderr)
+        _print_errors("hyperfleet emulator", e)
         return 2
     print(f"Anthropic emulator on http://{config.host}:{config.port}", flush=True)
     serve(config)
@@ -101,13 +116,15 @@ def _run_emulator(args: argparse.Namespace) -> int:
 
 
 def _run_up(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from . import stack
+    from .settings import Settings
+
     try:
         settings = Settings.from_env()
     except ValidationError as e:
-        names = {"redis_url": "HYPERFLEET_REDIS_URL"}
-        for error in e.errors(include_url=False):
-            where = names.get(str(error["loc"][0]), str(error["loc"][0]))
-            print(f"hyperfleet up: {where}: {error['msg']}", file=sys.stderr)
+        _print_errors("hyperfleet up", e, {"redis_url": "HYPERFLEET_REDIS_URL"})
         return 2
     try:
         info = stack.up(
@@ -128,16 +145,25 @@ def _run_up(args: argparse.Namespace) -> int:
 
 
 def _run_down(args: argparse.Namespace) -> int:
+    from . import stack
+    from .settings import Settings
+
     stack.down(Settings.from_env())
     return 0
 
 
 def _run_status(args: argparse.Namespace) -> int:
+    from . import stack
+    from .settings import Settings
+
     print(json.dumps(stack.status(Settings.from_env()), indent=2))
     return 0
 
 
 def _run_chat(args: argparse.Namespace) -> int:
+    from . import client
+    from .settings import Settings
+
     try:
         return client.chat(
             client.ApiClient.from_env(Settings.from_env()), args.agent_id, sys.stdin, sys.stdout
@@ -148,6 +174,9 @@ def _run_chat(args: argparse.Namespace) -> int:
 
 
 def _run_agents(args: argparse.Namespace) -> int:
+    from . import client
+    from .settings import Settings
+
     try:
         api = client.ApiClient.from_env(Settings.from_env())
         if args.action == "create":
@@ -174,11 +203,6 @@ def _run_node(args: argparse.Namespace) -> int:
     return agent.main()
 
 
-# Hypercore listens on 8000 (gRPC) and 8001 (HTTP); 8000 is the Hyperfleet API's port here.
-HYPERCORE_STANDIN_GRPC_BIND_ADDR = "127.0.0.1:8100"
-HYPERCORE_STANDIN_HTTP_BIND_ADDR = "127.0.0.1:8101"
-
-
 def _hypercore_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "hypercore",
@@ -196,8 +220,8 @@ def _hypercore_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
             "every workload. Defaults avoid Hypercore's 8000/8001: 8000 is Hyperfleet's API port."
         ),
     )
-    serve_p.add_argument("--grpc-bind-addr", default=HYPERCORE_STANDIN_GRPC_BIND_ADDR)
-    serve_p.add_argument("--http-bind-addr", default=HYPERCORE_STANDIN_HTTP_BIND_ADDR)
+    serve_p.add_argument("--grpc-bind-addr", default=ports.HYPERCORE_STANDIN_GRPC_BIND_ADDR)
+    serve_p.add_argument("--http-bind-addr", default=ports.HYPERCORE_STANDIN_HTTP_BIND_ADDR)
     serve_p.add_argument(
         "--image-catalog", type=Path, help="JSON or YAML image_ref -> argv/env (default: built in)"
     )
@@ -214,8 +238,12 @@ def _hypercore_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def _run_hypercore(args: argparse.Namespace) -> int:
     # Imported here: grpc and the stand-in are needed by this command only.
+    from pydantic import ValidationError
+
     from cluster.hypercore_standin import CatalogError, ImageCatalog, StandinConfig
     from cluster.hypercore_standin import serve as serve_standin
+
+    from .settings import Settings
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -236,9 +264,7 @@ def _run_hypercore(args: argparse.Namespace) -> int:
         print(f"hyperfleet hypercore serve: {e}", file=sys.stderr)
         return 2
     except ValidationError as e:
-        for error in e.errors(include_url=False):
-            where = "--" + "-".join(str(p) for p in error["loc"]).replace("_", "-")
-            print(f"hyperfleet hypercore serve: {where}: {error['msg']}", file=sys.stderr)
+        _print_errors("hyperfleet hypercore serve", e)
         return 2
     return serve_standin(config)
 
@@ -259,13 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Anthropic emulator when ANTHROPIC_API_KEY is not set. State in $HYPERFLEET_HOME."
         ),
     )
-    p.add_argument("--port", type=int, default=stack.DEFAULT_API_PORT, help="HTTP API port")
-    p.add_argument("--emulator-port", type=int, default=stack.DEFAULT_EMULATOR_PORT)
-    p.add_argument("--ray-port", type=int, default=stack.DEFAULT_RAY_PORT, help="Ray GCS port")
+    p.add_argument("--port", type=int, default=ports.API_PORT, help="HTTP API port")
+    p.add_argument("--emulator-port", type=int, default=ports.EMULATOR_PORT)
+    p.add_argument("--ray-port", type=int, default=ports.RAY_GCS_PORT, help="Ray GCS port")
     p.add_argument(
         "--redis-port",
         type=int,
-        default=stack.DEFAULT_REDIS_PORT,
+        default=ports.REDIS_PORT,
         help="the local redis-server's port (started when installed; HYPERFLEET_REDIS=off: not)",
     )
     sub.add_parser("down", help="stop the local stack", description="Stop what `up` started.")

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hyperfleet import ports
 from hyperfleet.processes import LOOPBACK, LOOPBACK_RAY_ENV, tail, wait_http_ok, wait_port
+from hyperfleet.resources import VM_SLOT_RESOURCE
 
 from .daemon import Daemons
 from .settings import Settings
@@ -30,10 +32,10 @@ from .settings import Settings
 EMULATOR = "emulator"
 RAY_HEAD = "ray-head"
 REDIS = "redis"
-DEFAULT_EMULATOR_PORT = 8090
-DEFAULT_REDIS_PORT = 6390  # not 6379: a system Redis may hold it
-DEFAULT_API_PORT = 8000
-DEFAULT_RAY_PORT = 6385  # not 6379, Redis's port
+DEFAULT_EMULATOR_PORT = ports.EMULATOR_PORT
+DEFAULT_REDIS_PORT = ports.REDIS_PORT
+DEFAULT_API_PORT = ports.API_PORT
+DEFAULT_RAY_PORT = ports.RAY_GCS_PORT
 LOCAL_CPUS = 16
 LOCAL_VM_SLOTS = 4
 READY_TIMEOUT_S = 90.0
@@ -124,7 +126,7 @@ def up(
     # Loopback only: one machine's stack answers no other host.
     argv = [ray_bin, "start", "--head", f"--port={ray_port}", f"--node-ip-address={LOOPBACK}"]
     argv += [f"--num-cpus={LOCAL_CPUS}"]
-    argv += [f"--resources={json.dumps({'hyperfleet_vm_slot': LOCAL_VM_SLOTS})}"]
+    argv += [f"--resources={json.dumps({VM_SLOT_RESOURCE: LOCAL_VM_SLOTS})}"]
     argv += ["--include-dashboard=false", "--disable-usage-stats", "--block"]
     env = dict(os.environ)
     if os.environ.get("HYPERFLEET_PROXY", "haproxy") == "haproxy":

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.spec import MIG_RESOURCE_PREFIX
+from hyperfleet.resources import MIG_RESOURCE_PREFIX
 
 _PROFILE = re.compile(r"(\d+g\.\d+gb(?:\+me)?)", re.IGNORECASE)
 

@@ -28,9 +28,10 @@ from pydantic import (
     model_validator,
 )
 
+from hyperfleet import ports
 from hyperfleet.errors import HyperfleetError
 
-DEFAULT_RAY_PORT = 6385  # as `hyperfleet up`; not 6379, Redis's port
+DEFAULT_RAY_PORT = ports.RAY_GCS_PORT  # as `hyperfleet up`
 DEFAULT_DRAIN_TIMEOUT_S = 30.0  # Ray's RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S default
 DEFAULT_JOIN_TIMEOUT_S = 180.0
 DEFAULT_WARM_WORKERS = 1  # spare Ray worker processes per node (warm_workers.py)

@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from actors import AgentSpec, Resources, placement_options
-from actors.spec import MIG_RESOURCE_PREFIX, VM_SLOT_RESOURCE
+from hyperfleet.resources import MIG_RESOURCE_PREFIX, VM_SLOT_RESOURCE
 
 
 def test_defaults() -> None:
