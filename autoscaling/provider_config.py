@@ -31,7 +31,7 @@ DEFAULT_LIST_CACHE_TTL_S = 1.0
 DEFAULT_HYPERCORE_REFRESH_INTERVAL_S = 5.0
 DEFAULT_TICKET_TTL_S = 900.0
 DEFAULT_HEAD_START_TIMEOUT_S = 300.0
-# How the node agent splits a VM's memory (cluster/node.py, ray_start_command): Ray's own default
+# How the node agent splits a VM's memory (cluster/node, ray_start_command): Ray's own default
 # share for the object store, at least 128 MiB; the rest is Ray's ``memory`` resource.
 OBJECT_STORE_FRACTION = 0.3
 OBJECT_STORE_MIN_MB = 128

@@ -9,7 +9,7 @@
    thread, is up by then):
    - on a new node: no VM slot is free, so the autoscaler Spawns a node for it;
    - on a warm node: a node with a free VM slot is already in the cluster, and its node agent
-     has a spare Ray worker started (``cluster/warm_workers.py``): before each start the bench
+     has a spare Ray worker started (``cluster/node/warm_workers.py``): before each start the bench
      waits for one and reports those waits (each comes 1 s after the start that used the last);
    - for scale, a bare actor with the same placement on the warm node (Ray's own actor start:
      a new worker process).

@@ -1,7 +1,7 @@
 """Settings of the Anthropic API emulator: its latency model and its fault injection.
 
-Every knob here can also be overridden per request by an ``x-emulator-*`` header (see ``faults.py``
-and ``latency.py``), so one long-running emulator serves many test and benchmark scenarios.
+Every knob here can also be overridden per request by an ``x-emulator-*`` header (see
+``scenario.py``), so one long-running emulator serves many test and benchmark scenarios.
 """
 
 from __future__ import annotations

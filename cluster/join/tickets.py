@@ -2,7 +2,7 @@
 
 Hypercore's List echoes every workload's env to anyone who can reach it, so the provider puts a
 ticket there instead of the token. The ticket is bound to one instance id and is worth the token
-once: the head's join service (``join_service.py``) redeems it and answers with the token.
+once: the head's join service (``cluster.join.service``) redeems it and answers with the token.
 
 Rules (``TicketBook.redeem``):
 - unknown ticket: refused; the book keeps only a SHA-256 of each ticket, so the file is no
@@ -213,7 +213,7 @@ class TicketBook:
         Args:
             ticket: the ticket as minted.
             liveness: what the GCS says about the Ray nodes of an instance id
-                (``join_service.GcsLiveness`` in production); consulted only for a ticket
+                (``cluster.join.service.GcsLiveness`` in production); consulted only for a ticket
                 redeemed before. It may raise ``LivenessUnknown``.
         """
         record = self.lookup(ticket)

@@ -1,10 +1,11 @@
 """The node agent's side of joining a cluster: the head runs the join service, a worker redeems.
 
-A worker's env carries a one-time ticket (``join.py``), never the Ray auth token. The worker trades
-it at the head's join service (``join_service.py``) for the token, retrying until a deadline: the
-head may still be starting, and a respawned workload is refused (409) until the GCS has declared
-its previous node dead. The request leaves from the node's own address, so the head sees (and rate
-limits) each node by the address it will have in Ray, even when several nodes share one machine.
+A worker's env carries a one-time ticket (``cluster.join.tickets``), never the Ray auth token.
+The worker trades it at the head's join service (``cluster.join.service``) for the token,
+retrying until a deadline: the head may still be starting, and a respawned workload is refused
+(409) until the GCS has declared its previous node dead. The request leaves from the node's own
+address, so the head sees (and rate limits) each node by the address it will have in Ray, even
+when several nodes share one machine.
 
 The head's agent binds the join service's socket itself and hands it to a child process, so the
 port is known (and exported to ``ray start --head``) before the service runs, and a restarted
