@@ -1,4 +1,4 @@
-"""Pool scaling, and ``HypercoreNodeProvider``: Ray's autoscaler on Hypercore workloads."""
+"""``HypercoreNodeProvider``: Ray's autoscaler on Hypercore workloads, and its command runner."""
 
 from .command_runner import HeadStartError, HypercoreCommandRunner, NoRemoteExecutionError
 from .provider import HypercoreNodeProvider, NodeLaunchError

@@ -39,7 +39,7 @@ def _emulator_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
             "Serve an emulator of the Anthropic Messages API (JSON and SSE streaming, tool use, "
             "count_tokens, models, prompt-cache usage) with a latency model and fault injection. "
             "Fault fractions are of all requests; per-request headers x-emulator-* override "
-            "every setting (see the README)."
+            "every setting (see docs/emulator.md)."
         ),
     )
     p.add_argument("--host", default="127.0.0.1")
@@ -317,9 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
         "node",
         help="run this machine's Ray node (the VM image's entrypoint)",
         description=(
-            "Run a Ray head or worker node configured by HYPERFLEET_* env (see the README): "
-            "GPUs from NVML, the Ray token (the head makes it; a worker redeems its join ticket), "
-            "then `ray start --block`. SIGTERM drains the node before exiting."
+            "Run a Ray head or worker node configured by HYPERFLEET_* env (see "
+            "docs/node-agent.md): GPUs from NVML, the Ray token (the head makes it; a worker "
+            "redeems its join ticket), then `ray start --block`. SIGTERM drains the node before "
+            "exiting."
         ),
     )
     _hypercore_parser(sub)
