@@ -31,7 +31,7 @@ TOKEN_DIR = Path(tempfile.mkdtemp(prefix="hyperfleet-bench-"))
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(TOKEN_DIR / "token")
 
-from hyperfleet.processes import LOOPBACK_RAY_ENV  # noqa: E402
+from cluster.cli.servers import LOOPBACK_RAY_ENV  # noqa: E402
 
 os.environ.update(LOOPBACK_RAY_ENV)  # Ray on loopback alone
 import anthropic  # noqa: E402
@@ -54,13 +54,8 @@ from actors import (  # noqa: E402
 from actors.store.actor import ActorSessionStore  # noqa: E402
 from actors.store.base import SessionRecord, TurnRecord  # noqa: E402
 from actors.tools import Sandbox, build_tools  # noqa: E402
-from hyperfleet.processes import (  # noqa: E402
-    free_port,
-    start_emulator,
-    start_ray_head,
-    start_redis,
-    stop,
-)
+from cluster.cli.servers import start_emulator, start_ray_head, start_redis  # noqa: E402
+from hyperfleet.processes import free_port, stop  # noqa: E402
 
 KEY = "sk-ant-bench"
 

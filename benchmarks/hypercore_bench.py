@@ -50,8 +50,9 @@ from actors import (  # noqa: E402
     spawn_replica,
     start_store_actor,
 )
+from cluster.cli.servers import start_emulator  # noqa: E402
 from cluster.node.warm_workers import RayletClient  # noqa: E402
-from hyperfleet.processes import free_port, reap_leftovers, start_emulator, stop  # noqa: E402
+from hyperfleet.processes import free_port, reap_leftovers, stop  # noqa: E402
 from tests.integration.autoscaling_cluster import (  # noqa: E402
     autoscaling_config,
     cluster_processes,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hyperfleet.processes import LOOPBACK_RAY_ENV
+from cluster.cli.servers import LOOPBACK_RAY_ENV
 
 _TOKEN_DIR = Path(tempfile.mkdtemp(prefix="hyperfleet-ray-token-"))
 RAY_TOKEN_PATH = _TOKEN_DIR / "auth_token"

@@ -1,23 +1,30 @@
 """Background processes of the local stack, tracked by pid files under ``$HYPERFLEET_HOME/run``.
 
-A pid file records the pid and the process start time (from /proc), so ``down`` never signals an
-unrelated process that reused the pid after a reboot or a crash.
+A pid file records the process's pid and start time (a ``ProcessId``), so ``down`` never signals
+an unrelated process that reused the pid after a reboot or a crash. Starting and stopping are
+``hyperfleet.processes``'s: a daemon runs in its own session, and a stop ends its whole tree.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hyperfleet.processes import descendants, reap_leftovers
+import psutil
+
+from hyperfleet import processes
+from hyperfleet.processes import ProcessId
 
 STOP_GRACE_S = 10.0
-POLL_S = 0.1
+
+
+def _start_time_of_ticks(ticks: int) -> float:
+    """A start time recorded as Linux clock ticks since boot, as psutil's ``create_time`` gives
+    it (the same arithmetic, so the two compare equal): a stack started by an older Hyperfleet
+    can still be stopped by this one."""
+    return (int(ticks) / os.sysconf("SC_CLK_TCK")) + psutil.boot_time()
 
 
 @dataclass(frozen=True)
@@ -26,15 +33,6 @@ class DaemonState:
     pid: int | None
     running: bool
     log: Path
-
-
-def _start_ticks(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 22 (starttime); the command name in field 2 may hold spaces, so split after ")".
-    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 class Daemons:
@@ -47,15 +45,21 @@ class Daemons:
     def _pidfile(self, name: str) -> Path:
         return self.run_dir / f"{name}.json"
 
-    def state(self, name: str) -> DaemonState:
-        log = self.logs_dir / f"{name}.log"
+    def _recorded(self, name: str) -> ProcessId | None:
         try:
             record = json.loads(self._pidfile(name).read_text())
-        except (OSError, ValueError):
+            if "start_ticks" in record:  # written before 2026-12 (Linux clock ticks since boot)
+                return ProcessId(int(record["pid"]), _start_time_of_ticks(record["start_ticks"]))
+            return ProcessId(int(record["pid"]), float(record["start_time_s"]))
+        except (OSError, ValueError, KeyError, TypeError):  # none, or not one of ours
+            return None
+
+    def state(self, name: str) -> DaemonState:
+        log = self.logs_dir / f"{name}.log"
+        recorded = self._recorded(name)
+        if recorded is None:
             return DaemonState(name, None, False, log)
-        pid = int(record["pid"])
-        alive = _start_ticks(pid) == record.get("start_ticks")
-        return DaemonState(name, pid, alive, log)
+        return DaemonState(name, recorded.pid, recorded.alive(), log)
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> DaemonState:
         """Starts ``argv`` detached from this terminal, its output appended to its log."""
@@ -63,41 +67,22 @@ class Daemons:
         if current.running:
             return current
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        with current.log.open("ab") as log:
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-        record = {"pid": process.pid, "start_ticks": _start_ticks(process.pid), "argv": argv}
+        process = processes.spawn(argv, env=env, log=current.log)
+        started = ProcessId.of(process.pid)
+        record = {
+            "pid": process.pid,
+            "start_time_s": started.start_time_s if started else None,
+            "argv": argv,
+        }
         self._pidfile(name).write_text(json.dumps(record))
         return self.state(name)
 
     def stop(self, name: str, grace_s: float = STOP_GRACE_S) -> bool:
-        """SIGTERM, then SIGKILL after ``grace_s``. True if a running process was stopped."""
-        current = self.state(name)
+        """SIGTERM, then SIGKILL after ``grace_s``, to it and its tree
+        (``hyperfleet.processes.stop``). True if a running process was stopped."""
+        recorded = self._recorded(name)
         self._pidfile(name).unlink(missing_ok=True)
-        if not current.running or current.pid is None:
+        if recorded is None or not recorded.alive():
             return False
-        tree = descendants(current.pid)
-        os.killpg(current.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            if _start_ticks(current.pid) is None or _is_zombie(current.pid):
-                break
-            time.sleep(POLL_S)
-        else:
-            os.killpg(current.pid, signal.SIGKILL)
-        reap_leftovers(tree)
-        return True
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
+        processes.stop(recorded, grace_s)
         return True

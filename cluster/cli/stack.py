@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from hyperfleet import ports
-from hyperfleet.processes import LOOPBACK, LOOPBACK_RAY_ENV, tail, wait_http_ok, wait_port
+from hyperfleet.processes import tail, wait_http_ok, wait_port
 from hyperfleet.resources import VM_SLOT_RESOURCE
 
-from .daemon import Daemons
+from .daemon import STOP_GRACE_S, Daemons
+from .servers import LOOPBACK_RAY_ENV, emulator_argv, ray_head_argv, redis_argv
 from .settings import Settings
 
 EMULATOR = "emulator"
@@ -106,8 +106,7 @@ def up(
         )
         progress(f"[1/{STEPS}] Anthropic emulator on 127.0.0.1:{emulator_port} ...")
         env = dict(os.environ, HYPERFLEET_EMULATOR_API_KEY=emulator_key)
-        argv = [sys.executable, "-m", "cluster.cli", "emulator", "--port", str(emulator_port)]
-        emulator = daemons.start(EMULATOR, argv, env)
+        emulator = daemons.start(EMULATOR, emulator_argv(emulator_port), env)
         emulator_url = f"http://127.0.0.1:{emulator_port}"
         ready = wait_http_ok(emulator_url + "/_emulator/stats", READY_TIMEOUT_S)
         if not ready or not daemons.state(EMULATOR).running:  # answered by someone else?
@@ -122,12 +121,8 @@ def up(
     redis_url = _redis(settings, daemons, redis_port, progress)
 
     progress(f"[3/{STEPS}] Ray head on port {ray_port} (token auth on) ...")
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    # Loopback only: one machine's stack answers no other host.
-    argv = [ray_bin, "start", "--head", f"--port={ray_port}", f"--node-ip-address={LOOPBACK}"]
-    argv += [f"--num-cpus={LOCAL_CPUS}"]
-    argv += [f"--resources={json.dumps({VM_SLOT_RESOURCE: LOCAL_VM_SLOTS})}"]
-    argv += ["--include-dashboard=false", "--disable-usage-stats", "--block"]
+    # Loopback only (os.environ holds LOOPBACK_RAY_ENV): one machine's stack answers no other host.
+    argv = ray_head_argv(ray_port, LOCAL_CPUS, {VM_SLOT_RESOURCE: LOCAL_VM_SLOTS})
     env = dict(os.environ)
     if os.environ.get("HYPERFLEET_PROXY", "haproxy") == "haproxy":
         env.update(HAPROXY_ENV)
@@ -177,13 +172,11 @@ def _admin_key(settings: Settings, control: Any) -> str:
     import ray
 
     key_file = settings.home / "admin.key"
-    if key_file.exists() and ray.get(
-        control.call.remote("authenticate", key_file.read_text().strip())
-    ):
+    if key_file.exists() and ray.get(control.authenticate.remote(key_file.read_text().strip())):
         return key_file.read_text().strip()
     admin_id = "usr_admin_" + secrets.token_hex(4)
-    ray.get(control.call.remote("create_user", admin_id, "admin", {}, True))
-    key: str = ray.get(control.call.remote("issue_key", admin_id))["api_key"]
+    ray.get(control.create_user.remote(admin_id, "admin", {}, True))
+    key: str = ray.get(control.issue_key.remote(admin_id)).api_key
     key_file.unlink(missing_ok=True)
     _secret_file(key_file, lambda: key)
     return key
@@ -205,9 +198,7 @@ def _redis(
     progress(f"[2/{STEPS}] redis-server on 127.0.0.1:{port} ...")
     data = settings.home / "data" / "redis"
     data.mkdir(parents=True, exist_ok=True)
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data)]
-    argv += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
-    server = daemons.start(REDIS, argv, dict(os.environ))
+    server = daemons.start(REDIS, redis_argv(binary, port, data), dict(os.environ))
     if not wait_port(port, READY_TIMEOUT_S) or not daemons.state(REDIS).running:
         daemons.stop(REDIS)
         raise StackError(f"redis-server did not start; its log:\n{tail(server.log)}")
@@ -242,7 +233,7 @@ def down(settings: Settings, progress: Callable[[str], None] = print) -> None:
     daemons = _daemons(settings)
     parts = ((RAY_HEAD, "Ray head, Serve and the stores"), (EMULATOR, "emulator"), (REDIS, "Redis"))
     for name, what in parts:
-        if daemons.stop(name, grace_s=HEAD_DRAIN_S if name == RAY_HEAD else 10.0):
+        if daemons.stop(name, grace_s=HEAD_DRAIN_S if name == RAY_HEAD else STOP_GRACE_S):
             progress(f"stopped the {what}")
         else:
             progress(f"the {what} was not running")

@@ -12,14 +12,14 @@ from types import TracebackType
 from typing import Literal
 
 from cluster.hypercore.client import DEFAULT_TIMEOUT_S, HypercoreClient
-from hyperfleet.processes import StartError, free_port, stop, tail, wait_port
+from hyperfleet.processes import StartError, free_port, spawn, stop, tail, wait_port
 
 from .catalog import ImageCatalog
 from .server import DEFAULT_REFRESH_INTERVAL_S
 
 READY_TIMEOUT_S = 60.0
 # The stand-in stops its workloads on SIGTERM, each within 5 s of grace, all at once.
-STOP_TIMEOUT_S = 30.0
+STOP_GRACE_S = 30.0
 
 
 @dataclass
@@ -40,8 +40,8 @@ class StandinHandle:
         return HypercoreClient.connect(address, transport=transport, timeout_s=timeout_s)
 
     def stop(self) -> None:
-        """SIGTERM (the stand-in then stops its workloads), SIGKILL after ``STOP_TIMEOUT_S``."""
-        stop(self.process, STOP_TIMEOUT_S)
+        """SIGTERM (the stand-in then stops its workloads), SIGKILL after ``STOP_GRACE_S``."""
+        stop(self.process, STOP_GRACE_S)
 
     def __enter__(self) -> StandinHandle:
         return self
@@ -88,14 +88,11 @@ def start_standin(
     if catalog_file is not None:
         argv += ["--image-catalog", str(catalog_file)]
     log = log_dir / "standin.log"
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    process = spawn(argv, log=log)
     deadline = time.monotonic() + ready_timeout_s
     for port in (grpc_port, http_port):
         if not wait_port(port, max(0.0, deadline - time.monotonic()), process):
-            stop(process, STOP_TIMEOUT_S)
+            stop(process, STOP_GRACE_S)
             raise StartError(f"the Hypercore stand-in did not start:\n{tail(log)}")
     return StandinHandle(
         f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}", process, log, state_dir

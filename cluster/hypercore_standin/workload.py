@@ -7,23 +7,22 @@ gets a ``TMPDIR`` of its own, removed with it: programs that name files there by
 free (Ray names its sockets so) do not collide with other workloads'. Its stdout and stderr go, as
 with Hypercore's log file, to one file per workload, kept to its last ``LOG_TAIL_BYTES``.
 
-Stopping follows containerd's task kill: SIGTERM to the entrypoint alone (so a ``ray start
---block`` entrypoint can shut its node down itself), SIGKILL after the grace period, and then, as
-when a container's PID namespace ends with its init, SIGKILL to whatever of the tree is left: the
-process group, and descendants that left it (Ray Serve's HAProxy does).
+Stopping follows containerd's task kill, as ``hyperfleet.processes.stop`` does: SIGTERM to the
+entrypoint alone (so a ``ray start --block`` entrypoint can shut its node down itself), SIGKILL to
+its group after the grace period, and then, as when a container's PID namespace ends with its
+init, SIGKILL at once to whatever of the tree is left: the process group, and descendants that
+left it (Ray Serve's HAProxy does).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import subprocess
 from pathlib import Path
 
-from hyperfleet.processes import descendants, reap_leftovers
+from hyperfleet.processes import ProcessId, descendants, stop_async
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +30,6 @@ LOG_TAIL_BYTES = 1024 * 1024
 READ_CHUNK_BYTES = 64 * 1024
 PUMP_DRAIN_TIMEOUT_S = 2.0
 KILL_WAIT_S = 5.0
-EXIT_POLL_S = 0.05
 INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "PYTHONPATH")
 
 
@@ -95,7 +93,7 @@ class WorkloadProcess:
     def __init__(self, process: asyncio.subprocess.Process, log: _BoundedLog) -> None:
         self._process = process
         self._log = log
-        self._tree: list[tuple[int, str]] = []
+        self._tree: list[ProcessId] = []
         self._pump = asyncio.create_task(self._pump_output())
 
     @classmethod
@@ -147,37 +145,19 @@ class WorkloadProcess:
             self._tree = await asyncio.to_thread(descendants, self.pid)
 
     async def terminate(self, grace_s: float) -> None:
-        """SIGTERM to the entrypoint, SIGKILL after ``grace_s``, then SIGKILL to the rest of the
-        tree. Returns when the entrypoint has exited and its output is drained (or abandoned).
+        """SIGTERM to the entrypoint, SIGKILL to its group after ``grace_s``, then SIGKILL to the
+        rest of the tree. Returns when the entrypoint has exited and its output is drained (or
+        abandoned).
 
-        Exit is polled rather than awaited with ``Process.wait()``: asyncio's wait also waits
-        for the output pipe to close, which a descendant in its own session (the node agent's
-        join service) keeps open after the entrypoint died, so it would never return."""
-        if not self.exited:
-            await self.snapshot_tree()
-            with contextlib.suppress(ProcessLookupError):
-                self._process.send_signal(signal.SIGTERM)
-            if not await self._exited_within(grace_s):
-                logger.info(
-                    "workload pid %d ignored SIGTERM for %.0f s: SIGKILL", self.pid, grace_s
-                )
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        # The tree as remembered, plus anything started since, is killed like a PID namespace.
-        tree = self._tree + await asyncio.to_thread(descendants, self.pid)
-        await asyncio.to_thread(reap_leftovers, tree, 0.0)
-        if not await self._exited_within(KILL_WAIT_S):
-            logger.warning("workload pid %d survived SIGKILL for %.0f s", self.pid, KILL_WAIT_S)
+        ``stop_async`` polls for exit rather than awaiting ``Process.wait()``: asyncio's wait
+        also waits for the output pipe to close, which a descendant in its own session (the node
+        agent's join service) keeps open after the entrypoint died, so it would never return."""
+        # The tree as remembered, plus what it holds now, is killed like a PID namespace.
+        await stop_async(
+            self._process, grace_s, leftover_grace_s=0.0, kill_wait_s=KILL_WAIT_S, known=self._tree
+        )
         try:
             await asyncio.wait_for(asyncio.shield(self._pump), PUMP_DRAIN_TIMEOUT_S)
         except TimeoutError:
             # Something outside the tree still holds the pipe; stop reading it.
             self._pump.cancel()
-
-    async def _exited_within(self, timeout_s: float) -> bool:
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while not self.exited:
-            if asyncio.get_running_loop().time() >= deadline:
-                return False
-            await asyncio.sleep(EXIT_POLL_S)
-        return True

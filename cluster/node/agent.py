@@ -6,7 +6,8 @@ Hypercore starts the image with env only (no command override), so everything co
 2. gets the Ray auth token: the head generates it (mode 0600 under ``HYPERFLEET_HOME``) and starts
    the join service; a worker redeems its one-time ticket at the head's join service, retrying
    until a deadline because the head may still be starting;
-3. runs ``ray start --block`` with the argv and env of ``ray_start_command`` (a pure function):
+3. runs ``ray start --block`` with the argv and env of ``ray_start.ray_start_command`` (a pure
+   function):
    token auth, ``RAY_CLOUD_INSTANCE_ID`` and ``RAY_NODE_TYPE_NAME`` (autoscaler v2 matches nodes on
    them), GPUs, resources, labels; the ticket is not passed on;
 4. supervises: SIGTERM or SIGINT is forwarded as SIGTERM to the ``ray start`` process only (its
@@ -21,20 +22,14 @@ Hypercore starts the image with env only (no command override), so everything co
    agent starts Ray again, ``RAY_START_ATTEMPTS`` times in all, then parks; the head's autoscaler
    terminates an instance that has run no Ray for ``AUTOSCALER_ALLOCATE_TIMEOUT_S``.
 
-Several nodes may share one machine (the local Hypercore stand-in gives each its own 127.x
-address), so every Ray port but the head's GCS port is left to Ray to pick or bound to the node's
-own address (the Ray Client server's 10001), and the object store is sized from
-``HYPERFLEET_MEMORY_MB`` rather than from the whole machine's memory. The exception is the
-raylet's port when the agent keeps spare workers (``warm_workers.py``): the agent picks a free
-one, which another process could take in the second before the raylet binds it (then Ray fails
-to start, as for any other start failure).
+Stopping ``ray start`` and its tree, and collecting orphans as a container's PID 1 must, is
+``hyperfleet.processes``'s.
 
 Exit codes: 0 stopped on request, 1 Ray failed or died, 2 invalid settings, 3 could not join.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
 import json
@@ -42,30 +37,20 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from hyperfleet.processes import descendants, reap_leftovers
+from hyperfleet.processes import reap_orphans, spawn, stop
 
 from . import gpus
 from .gcs import GcsUnavailable, instance_nodes
-from .join import (
-    SCRUBBED_ENV,
-    HeadServices,
-    JoinFailed,
-    JoinService,
-    NodeAgentError,
-    host_port,
-    redeem_ticket,
-    spawn,
-)
-from .settings import NodeRole, NodeSettings, NodeSettingsError, is_label_value
+from .join import JoinFailed, JoinService, NodeAgentError, host_port, redeem_ticket
+from .ray_start import node_ip_of, ray_start_command, raylet_port_for
+from .settings import NodeRole, NodeSettings, NodeSettingsError
 from .warm_workers import RayletClient, WarmWorkerKeeper
 
 logger = logging.getLogger("hyperfleet.node")
@@ -88,176 +73,6 @@ RAY_START_ATTEMPTS = 3
 RAY_START_BACKOFF_S = 5.0
 # The GCS's answer to "did this node register?", asked once Ray has exited.
 GCS_PROBE_TIMEOUT_S = 10.0
-OBJECT_STORE_FRACTION = 0.3  # Ray's own default share of memory
-OBJECT_STORE_MIN_MB = 128  # Ray refuses less than 75 MiB
-MIB = 1024 * 1024
-# Autoscaler v2 waits this long (Ray's default: an hour) for Ray to run on an instance it allocated
-# before it terminates the instance and launches another; until then the instance counts as
-# coming up, so the demand it was for waits too. Starting a node takes seconds to a few minutes:
-# at most the join deadline (HYPERFLEET_JOIN_TIMEOUT_S, 180 s by default) and three `ray start`s
-# (each up to Ray's 30 s wait to register) 5 s and 10 s apart. The operator's own value wins.
-AUTOSCALER_ALLOCATE_TIMEOUT_S = 600
-# Ray's autoscaler sleeps 5 s between updates, and a pending replica waits for up to two of them
-# (one to Spawn, one to see the node); at 1 s, the provider's List cache (1 s) bounds the cost to
-# one List a second. The operator's own AUTOSCALER_UPDATE_INTERVAL_S wins.
-AUTOSCALER_UPDATE_INTERVAL_S = 1
-# Where a head without HYPERFLEET_NODE_IP looks for its outward address (no packet is sent).
-ROUTE_PROBE = ("8.8.8.8", 53)
-NODE_TYPE_LABEL = "hyperfleet/node-type"
-INSTANCE_ID_LABEL = "hyperfleet/instance-id"
-CLUSTER_LABEL = "hyperfleet/cluster"
-
-
-@dataclass(frozen=True)
-class RayStart:
-    """How to run ``ray start``: its argv and its whole environment."""
-
-    argv: tuple[str, ...]
-    env: dict[str, str] = field(repr=False)
-
-
-def ray_start_command(
-    settings: NodeSettings,
-    gpu: gpus.RayGpuOptions,
-    node_ip: str,
-    token_path: Path,
-    base_env: Mapping[str, str],
-    ray_executable: str,
-    head: HeadServices | None = None,
-    node_manager_port: int = 0,
-) -> RayStart:
-    """The ``ray start --block`` command for this node; pure, so it is tested on its own.
-
-    Args:
-        settings: the node's settings.
-        gpu: what ``gpus.ray_gpu_options`` made of the node's GPUs.
-        node_ip: the address Ray advertises for this node.
-        token_path: the Ray auth token file (0600).
-        base_env: the environment to extend (the agent's own, normally).
-        ray_executable: the ``ray`` CLI.
-        head: the head's join service, exported for the autoscaler's provider (head only).
-        node_manager_port: the raylet's port (0: Ray picks one); the agent names one so that
-            it can reach its raylet to keep spare workers.
-    """
-    env = {k: v for k, v in base_env.items() if k not in SCRUBBED_ENV}
-    env.update(gpu.env)
-    env.update(
-        {
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(token_path),
-            "RAY_CLOUD_INSTANCE_ID": settings.instance_id,
-            "RAY_NODE_TYPE_NAME": settings.node_type,
-        }
-    )
-    argv = [ray_executable, "start", "--block", "--disable-usage-stats"]
-    argv.append(f"--node-ip-address={node_ip}")
-    if settings.role is NodeRole.HEAD:
-        assert head is not None, "the head needs its join service"
-        gcs_address = host_port(node_ip, settings.ray_port)
-        argv += ["--head", f"--port={settings.ray_port}"]
-        env.update(
-            {
-                "HYPERFLEET_JOIN_DB": str(head.join_db),
-                "HYPERFLEET_JOIN_URL": head.join_url,
-                "HYPERFLEET_HEAD_ADDRESS": gcs_address,
-            }
-        )
-        if settings.autoscaling_config is not None:
-            argv.append(f"--autoscaling-config={settings.autoscaling_config}")
-            env["RAY_enable_autoscaler_v2"] = "1"
-            env.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", str(AUTOSCALER_UPDATE_INTERVAL_S))
-            env.setdefault(
-                "RAY_AUTOSCALER_RECONCILE_ALLOCATE_STATUS_TIMEOUT_S",
-                str(AUTOSCALER_ALLOCATE_TIMEOUT_S),
-            )
-    else:
-        assert settings.head_address is not None
-        argv.append(f"--address={settings.head_address}")
-    # 0: Ray picks a free port. Its default, 52365, is bound on 127.0.0.1 too by every node whose
-    # address is not 127.0.0.1 (ray/dashboard/http_server_agent.py): nodes sharing a host collide.
-    argv.append("--dashboard-agent-listen-port=0")
-    if node_manager_port:
-        argv.append(f"--node-manager-port={node_manager_port}")
-    # This machine's own temp dir, as Ray picks the head's. Without it a worker uses the head's
-    # path, and nodes sharing one host share a session directory: Ray names each node's sockets
-    # by the first index free there and creates them only later, so two nodes starting at once
-    # pick the same names and the second raylet dies on bind before it registers.
-    argv.append(f"--temp-dir={ray_temp_dir(base_env)}")
-    if settings.num_cpus is not None:
-        argv.append(f"--num-cpus={settings.num_cpus}")
-    argv.append(f"--num-gpus={gpu.num_gpus}")
-    if settings.memory_mb is not None:
-        object_store_mb = max(OBJECT_STORE_MIN_MB, int(settings.memory_mb * OBJECT_STORE_FRACTION))
-        argv.append(f"--memory={(settings.memory_mb - object_store_mb) * MIB}")
-        argv.append(f"--object-store-memory={object_store_mb * MIB}")
-    # Discovered hardware wins over the env for MIG resources; identity labels win over both.
-    resources = {**settings.resources, **gpu.resources}
-    argv.append(f"--resources={json.dumps(resources, sort_keys=True)}")
-    labels = {**gpu.labels, **settings.labels, NODE_TYPE_LABEL: settings.node_type}
-    # Ray's node table carries the instance id either way; labels only when their syntax allows.
-    for key, value in (
-        (INSTANCE_ID_LABEL, settings.instance_id),
-        (CLUSTER_LABEL, settings.cluster),
-    ):
-        if value and is_label_value(value):
-            labels[key] = value
-    argv.append("--labels=" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())))
-    return RayStart(tuple(argv), env)
-
-
-def ray_temp_dir(env: Mapping[str, str]) -> str:
-    """Ray's default temp dir for a head on this (Linux) machine, as
-    ``ray._common.utils.get_default_ray_temp_dir`` finds it: ``RAY_TMPDIR``, else ``TMPDIR``,
-    else /tmp, then ``ray``."""
-    for name in ("RAY_TMPDIR", "TMPDIR"):
-        if name in env:
-            return os.path.join(env[name], "ray")
-    return "/tmp/ray"  # noqa: S108 (Ray's default)
-
-
-def detect_node_ip(toward: tuple[str, int]) -> str:
-    """The local address of a UDP socket "connected" toward ``toward``: no packet is sent."""
-    family = socket.AF_INET6 if ":" in toward[0] else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect(toward)
-        return str(probe.getsockname()[0])
-
-
-def node_ip_of(settings: NodeSettings) -> str:
-    if settings.node_ip is not None:
-        return settings.node_ip
-    target = ROUTE_PROBE
-    if settings.head_address is not None:
-        host, _, port = settings.head_address.rpartition(":")
-        target = (host.strip("[]"), int(port))
-    try:
-        return detect_node_ip(target)
-    except OSError as e:
-        raise NodeSettingsError(
-            f"HYPERFLEET_NODE_IP: unset, and no route toward {target[0]} to find it ({e})"
-        ) from e
-
-
-def free_port_on(ip: str) -> int:
-    """A TCP port free on every address of ``ip``'s family now, for a Ray port: Ray may bind
-    it on all addresses, and other nodes on this machine hold ports on their own addresses."""
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def raylet_port_for(settings: NodeSettings, node_ip: str) -> int:
-    """The port to give the raylet: one the spare-worker keeper can reach it on, or 0 (Ray picks)
-    when the node keeps no spares or no port could be found (then it keeps none)."""
-    if not settings.warm_workers:
-        return 0
-    try:
-        return free_port_on(node_ip)
-    except OSError as e:
-        logger.warning("spare workers: no free port for the raylet (%s); keeping none", e)
-        return 0
 
 
 def ray_nodes_at(
@@ -305,51 +120,6 @@ def ensure_head_token(home: Path) -> Path:
         logger.info("generated the cluster's Ray auth token in %s", path)
     path.chmod(0o600)
     return path
-
-
-def _stop_process(process: subprocess.Popen[bytes], timeout_s: float) -> int | None:
-    """SIGTERM to ``process`` alone; SIGKILL to its group after ``timeout_s``. Returns its exit
-    status, or None if it had to be killed. Descendants that outlive it are reaped."""
-    if process.poll() is not None:
-        return process.returncode
-    tree = descendants(process.pid)
-    os.kill(process.pid, signal.SIGTERM)
-    try:
-        code: int | None = process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        logger.error("pid %d did not stop within %.0f s; killing it", process.pid, timeout_s)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        try:
-            process.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:  # stuck in the kernel (D state): reap what we can
-            logger.error("pid %d survived SIGKILL for %.0f s", process.pid, STOP_GRACE_S)
-        code = None
-    reap_leftovers(tree)
-    return code
-
-
-def reap_orphans(own_pids: Collection[int]) -> list[int]:
-    """Waits for exited children that the agent did not start itself; returns their pids.
-
-    A container's entrypoint is PID 1, and orphans (a Ray worker that outlived its raylet) are
-    reparented to it: without a wait they stay zombies. The agent's own children are left to
-    ``Popen``, which needs their exit status.
-    """
-    reaped = []
-    me = str(os.getpid())
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in own_pids:
-            continue
-        try:
-            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-        except OSError:  # gone meanwhile
-            continue
-        if ppid == me and state == "Z":
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(int(entry.name), os.WNOHANG)
-                reaped.append(int(entry.name))
-    return reaped
 
 
 def _registered_since(
@@ -510,7 +280,7 @@ class NodeAgent:
                 raylet_port,
             )
             logger.info("starting: %s", " ".join(command.argv))
-            ray = spawn(command.argv, command.env)
+            ray = spawn(command.argv, env=command.env)
             if raylet_port:
                 raylet_address = host_port(node_ip, raylet_port)
                 self._keeper = WarmWorkerKeeper(
@@ -545,8 +315,7 @@ class NodeAgent:
                 self._stop_keeper()
                 logger.error("ray start exited unexpectedly (status %s)", code)
                 # Whatever it left behind in its process group (if it was killed) goes too.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(ray.pid, signal.SIGKILL)
+                stop(ray, 0.0, leftover_grace_s=0.0)
                 if after_ray_exit(self.settings.role) is AfterRayExit.PARK:
                     # Parking is for a node the autoscaler drained; one that never registered
                     # is unknown to it (its instance waits for Ray), so Ray is started again.
@@ -558,7 +327,7 @@ class NodeAgent:
                 try:
                     join.check()
                 except NodeAgentError:
-                    _stop_process(ray, self.settings.drain_timeout_s + STOP_GRACE_S)
+                    stop(ray, self.settings.drain_timeout_s + STOP_GRACE_S)
                     raise
         self._stop_keeper()
         logger.info(
@@ -566,7 +335,7 @@ class NodeAgent:
         )
         # Ray's SIGTERM handler drains the node, stops its processes and exits 1 by design
         # (ray/_private/node.py); that is a clean stop here.
-        code = _stop_process(ray, self.settings.drain_timeout_s + STOP_GRACE_S)
+        code = stop(ray, self.settings.drain_timeout_s + STOP_GRACE_S)
         logger.info("ray start stopped (exit %s)", code)
         return EXIT_STOPPED if code is not None else EXIT_RAY_FAILED
 

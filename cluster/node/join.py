@@ -25,14 +25,14 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
 from hyperfleet.errors import HyperfleetError
-from hyperfleet.processes import stop
+from hyperfleet.processes import spawn, stop
 
 from .settings import NodeSettings, NodeSettingsError
 
@@ -46,11 +46,11 @@ JOIN_RETRY_MAX_S = 10.0
 MAX_RESPONSE_BYTES = 64 * 1024
 JOIN_SERVICE_MAX_RESTARTS = 5  # within JOIN_SERVICE_RESTART_WINDOW_S
 JOIN_SERVICE_RESTART_WINDOW_S = 600.0
-JOIN_SERVICE_STOP_S = 10.0
+JOIN_SERVICE_STOP_GRACE_S = 10.0
 LISTEN_BACKLOG = 64
 # Never handed to a child: the spent ticket, and a token that would override RAY_AUTH_TOKEN_PATH.
 # The ticket and a token never reach Ray's processes; a one-machine stack's loopback switch
-# (hyperfleet.processes.LOOPBACK_RAY_ENV) would make a worker's `ray start` refuse to run.
+# (cluster.cli.servers.LOOPBACK_RAY_ENV) would make a worker's `ray start` refuse to run.
 SCRUBBED_ENV = ("HYPERFLEET_JOIN_TICKET", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
 
 
@@ -220,7 +220,7 @@ class JoinService:
         self.process = self._start()
 
     def _start(self) -> subprocess.Popen[bytes]:
-        return spawn(self._argv, self._env, pass_fds=(self._listener.fileno(),))
+        return spawn(self._argv, env=self._env, pass_fds=(self._listener.fileno(),))
 
     def check(self) -> None:
         """Restarts the service if it died; raises ``NodeAgentError`` once it died too often."""
@@ -233,13 +233,5 @@ class JoinService:
         self.process = self._start()
 
     def stop(self) -> None:
-        stop(self.process, timeout_s=JOIN_SERVICE_STOP_S)
+        stop(self.process, JOIN_SERVICE_STOP_GRACE_S)
         self._listener.close()
-
-
-def spawn(
-    argv: tuple[str, ...] | list[str], env: Mapping[str, str], pass_fds: tuple[int, ...] = ()
-) -> subprocess.Popen[bytes]:
-    """Starts a child of the agent in its own session, output to the agent's own."""
-    # Own session: a terminal's Ctrl-C reaches only the agent, which decides what children get.
-    return subprocess.Popen(argv, env=dict(env), start_new_session=True, pass_fds=pass_fds)

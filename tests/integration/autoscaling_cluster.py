@@ -38,7 +38,7 @@ from autoscaling import HypercoreNodeProvider
 from cluster.hypercore import HypercoreClient
 from cluster.hypercore_standin import StandinHandle, start_standin
 from cluster.hypercore_standin.host import workload_tmp_dir
-from hyperfleet.processes import free_port, stop, tail
+from hyperfleet.processes import ProcessId, free_port, stop, tail
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_IMAGE = "ghcr.io/hyperfleet/node:latest"
@@ -242,22 +242,21 @@ def cluster_workloads(client: HypercoreClient, cluster_name: str, role: str) -> 
     return found
 
 
-def cluster_processes(cluster_name: str) -> list[tuple[int, str]]:
-    """Every process started with ``HYPERFLEET_CLUSTER=<cluster_name>`` in its env, as
-    (pid, start time) for ``reap_leftovers``: the nodes' process trees, including children that
-    left their process group (the head's join service, Ray's daemons)."""
+def cluster_processes(cluster_name: str) -> list[ProcessId]:
+    """Every process started with ``HYPERFLEET_CLUSTER=<cluster_name>`` in its env, for
+    ``reap_leftovers``: the nodes' process trees, including children that left their process
+    group (the head's join service, Ray's daemons)."""
     marker = f"HYPERFLEET_CLUSTER={cluster_name}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(
-                    (int(entry.name), (entry / "stat").read_text().rsplit(")", 1)[1].split()[19])
-                )
+            environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
+        if marker in environ and (process := ProcessId.of(int(entry.name))) is not None:
+            found.append(process)
     return found
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from cluster.join.tickets import TicketBook
-from hyperfleet.processes import descendants, free_port, stop, tail
+from hyperfleet.processes import ProcessId, descendants, free_port, stop, tail
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 90.0
@@ -197,24 +197,16 @@ def _wait_started(log: Path) -> None:
 
 def _ray_start_env(agent: subprocess.Popen[bytes]) -> dict[str, str]:
     """The environment of the agent's `ray start` child, as the kernel holds it."""
-    for pid, _ in descendants(agent.pid):
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    for process in descendants(agent.pid):
+        cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
         if b"start" in cmdline and b"--block" in cmdline:
-            raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            raw = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
             return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
     raise AssertionError("no `ray start` below the node agent")
 
 
-def _alive(tree: list[tuple[int, str]]) -> list[int]:
-    alive = []
-    for pid, start in tree:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[19] == start and fields[0] != "Z":
-            alive.append(pid)
-    return alive
+def _alive(tree: list[ProcessId]) -> list[int]:
+    return [process.pid for process in tree if process.alive()]
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +239,7 @@ def head(tmp_path_factory: pytest.TempPathFactory, subnet: str) -> Iterator[Head
         _wait_for("the head is not ALIVE", lambda: head.node("hf-head"), [log])
         yield head
     finally:
-        stop(agent, timeout_s=STOP_DEADLINE_S)
+        stop(agent, STOP_DEADLINE_S)
 
 
 def _worker(
@@ -303,7 +295,7 @@ def test_a_replica_takes_the_spare_worker_and_another_is_started(
         assert taken["after"] and taken["actor"] not in taken["after"]
         assert "prestarting 1 spare" in (home / "agent.log").read_text()
     finally:
-        stop(worker, timeout_s=STOP_DEADLINE_S)
+        stop(worker, STOP_DEADLINE_S)
         book.close()
 
 
@@ -375,7 +367,7 @@ def test_worker_joins_with_a_ticket_drains_on_sigterm_and_rejoins(
         status, body = head.join(ticket)
         assert (status, body["error"]["type"]) == (403, "ticket_revoked")
     finally:
-        stop(worker, timeout_s=STOP_DEADLINE_S)
+        stop(worker, STOP_DEADLINE_S)
         book.close()
 
 
@@ -411,7 +403,7 @@ def blocked_worker(
     try:
         yield BlockedWorker(agent, instance_id, short / "t", home / "agent.log")
     finally:
-        stop(agent, timeout_s=STOP_DEADLINE_S)
+        stop(agent, STOP_DEADLINE_S)
         book.close()
         shutil.rmtree(short, ignore_errors=True)
 
@@ -440,9 +432,9 @@ def test_a_worker_whose_ray_never_registered_starts_it_again(
     # Once its node has registered, Ray ending (here its raylet killed; normally an idle
     # drain) is not retried: the GCS lists the node, and the agent parks for the provider.
     raylets = [
-        pid
-        for pid, _ in descendants(blocked_worker.agent.pid)
-        if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet"
+        process.pid
+        for process in descendants(blocked_worker.agent.pid)
+        if Path(f"/proc/{process.pid}/comm").read_text().strip() == "raylet"
     ]
     assert len(raylets) == 1
     os.kill(raylets[0], signal.SIGKILL)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ def test_a_reused_pid_is_not_signalled(tmp_path: Path) -> None:
     daemons = Daemons(tmp_path / "run", tmp_path / "logs")
     (tmp_path / "run").mkdir()
     # Our own pid with a start time that is not ours: a stale record must not kill us.
-    record = {"pid": __import__("os").getpid(), "start_ticks": -1, "argv": []}
+    record = {"pid": __import__("os").getpid(), "start_time_s": -1.0, "argv": []}
     (tmp_path / "run" / "ghost.json").write_text(json.dumps(record))
     assert not daemons.state("ghost").running
     assert not daemons.stop("ghost")
@@ -36,7 +38,7 @@ def test_a_reused_pid_is_not_signalled(tmp_path: Path) -> None:
 def test_stop_reaps_children_that_left_the_group(tmp_path: Path) -> None:
     import subprocess
 
-    from hyperfleet.processes import stop
+    from hyperfleet.processes import ProcessId, stop
 
     pid_file = tmp_path / "orphan.pid"
     script = (
@@ -48,12 +50,29 @@ def test_stop_reaps_children_that_left_the_group(tmp_path: Path) -> None:
     )
     parent = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     deadline = time.monotonic() + 10
-    while not pid_file.exists() and time.monotonic() < deadline:
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    orphan = int(pid_file.read_text())
-    stop(parent, timeout_s=5)
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{orphan}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stat = Path(f"/proc/{orphan}/stat")
-    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    orphan = ProcessId.of(int(pid_file.read_text()))
+    assert orphan is not None and orphan.alive()
+    stop(parent, grace_s=5)
+    assert not orphan.alive()  # gone (or a zombie) when stop returns
+
+
+def test_a_pid_file_from_before_start_times_in_seconds_still_stops_its_process(
+    tmp_path: Path,
+) -> None:
+    # A stack started by an older Hyperfleet recorded Linux clock ticks since boot.
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ticks = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        (tmp_path / "run").mkdir()
+        record = {"pid": process.pid, "start_ticks": int(ticks), "argv": []}
+        (tmp_path / "run" / "old.json").write_text(json.dumps(record))
+        daemons = Daemons(tmp_path / "run", tmp_path / "logs")
+        assert daemons.state("old").running
+        assert daemons.stop("old", grace_s=5)
+        assert process.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)

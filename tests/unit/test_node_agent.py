@@ -16,23 +16,22 @@ import pytest
 
 from cluster.cli import commands as cli
 from cluster.node import agent as node
+from cluster.node import ray_start
 from cluster.node.agent import (
     EXIT_RAY_FAILED,
     EXIT_STOPPED,
     AfterRayExit,
     NodeAgent,
     RayNeverRegistered,
-    RayStart,
     StopFlag,
     after_ray_exit,
-    detect_node_ip,
-    ray_start_command,
-    reap_orphans,
     with_autoscaling_config_file,
 )
 from cluster.node.gpus import Gpu, Inventory, MigInstance, RayGpuOptions, ray_gpu_options
 from cluster.node.join import HeadServices, JoinFailed, RestartBudget, redeem_ticket
+from cluster.node.ray_start import RayStart, detect_node_ip, ray_start_command
 from cluster.node.settings import NodeRole, NodeSettings, NodeSettingsError
+from hyperfleet.processes import reap_orphans
 
 H100 = "NVIDIA H100 80GB HBM3"
 CPU_NODE = ray_gpu_options(Inventory())
@@ -131,16 +130,16 @@ def test_no_port_for_the_raylet_means_no_spares_not_a_failed_node(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = NodeSettings.from_env(worker_env())
-    assert 1024 <= node.raylet_port_for(settings, "127.0.0.1") <= 65535
+    assert 1024 <= ray_start.raylet_port_for(settings, "127.0.0.1") <= 65535
 
     def no_port(ip: str) -> int:
         raise OSError(97, "Address family not supported by protocol")
 
-    monkeypatch.setattr(node, "free_port_on", no_port)
-    assert node.raylet_port_for(settings, "::1") == 0
+    monkeypatch.setattr(ray_start, "free_port_on", no_port)
+    assert ray_start.raylet_port_for(settings, "::1") == 0
     assert "keeping none" in caplog.text
     off = NodeSettings.from_env(worker_env(HYPERFLEET_WARM_WORKERS="0"))
-    assert node.raylet_port_for(off, "127.0.0.1") == 0
+    assert ray_start.raylet_port_for(off, "127.0.0.1") == 0
 
 
 def test_head_command_exports_the_join_service(tmp_path: Path) -> None:

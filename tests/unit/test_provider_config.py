@@ -16,8 +16,8 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from autoscaling import HypercoreNodeProvider, NodeConfig, ProviderConfig, ProviderConfigError
 from autoscaling.node_env import NodeSpec, listed_node, node_env, parse_env
 from autoscaling.provider import HEAD_CONFIG_KEY
-from cluster.node.agent import ray_start_command
 from cluster.node.gpus import Inventory, ray_gpu_options
+from cluster.node.ray_start import ray_start_command
 from cluster.node.settings import NodeSettings
 
 CLUSTER_YAML = Path(__file__).resolve().parents[2] / "cluster.yaml"
