@@ -1,5 +1,8 @@
 """``AgentActor``: the Ray shell around ``SessionHost``. All Ray calls of the runtime live here.
 
+``build_host`` wires a replica's ``SessionHost`` (tools, loop, breaker, store, workspaces) as plain
+Python; the actor calls it, and the tests that run a host without Ray call it too.
+
 A replica is an async actor, detached, named ``agent-<agent_id>-<n>`` in namespace ``hyperfleet``,
 restarted by Ray when its process dies (``max_restarts=-1``). A restart re-runs ``__init__``: the
 sessions it hosted reload from the store on their next access, and a turn that was running is
@@ -13,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,21 +24,22 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from hyperfleet.errors import InvalidRequestError
+from hyperfleet.metering import Reservation, UsageRecord
+from hyperfleet.names import CONTROL_ACTOR_NAME
+from hyperfleet.names import NAMESPACE as NAMESPACE  # re-exported: actors.NAMESPACE
 
 from .breaker import CircuitBreaker
 from .host import SessionHost
-from .loop import AgentLoop, LoopConfig
-from .meter import UsageMeter, UsageRecord
+from .loop import STREAM_BACKOFF_S, AgentLoop, LoopConfig
+from .meter import UsageMeter
 from .model_client import PendingClient
 from .spec import AgentSpec, placement_options
-from .store import TurnRecord, open_store
+from .store import SessionStore, TurnRecord, open_store
 from .tools import Sandbox, build_tools
 
 if TYPE_CHECKING:
     import anthropic
 
-NAMESPACE = "hyperfleet"
-CONTROL_ACTOR_NAME = "control-store"  # serve_app's control store, where usage is metered
 METER_CALL_TIMEOUT_S = 30.0
 METER_FLUSH_S = 10.0
 logger = logging.getLogger(__name__)
@@ -102,46 +106,64 @@ def replica_name(agent_id: str, index: int) -> str:
     return f"agent-{agent_id}-{index}"
 
 
+def build_host(
+    agent_id: str,
+    spec: AgentSpec,
+    runtime: RuntimeConfig,
+    client: anthropic.AsyncAnthropic | PendingClient,
+    *,
+    store: SessionStore | None = None,
+    on_commit: Callable[[str, TurnRecord, Reservation | None], None] | None = None,
+    stream_backoff_s: float = STREAM_BACKOFF_S,
+) -> SessionHost:
+    """What a replica runs, wired from the agent's spec and the platform's runtime config: the
+    spec's tools in the sandbox, the agent loop with its circuit breaker, the store, the
+    workspaces. ``AgentActor`` builds its host here and so do the tests, so the two cannot drift.
+
+    Args:
+        client: the model client (a replica's ``PendingClient``; a test's own client).
+        store: the session store; default, the one ``runtime.store_url`` names.
+        on_commit: called with each committed turn, to meter it.
+        stream_backoff_s: the loop's wait before retrying a broken stream (tests shorten it).
+    """
+    tools = build_tools(
+        spec.tools, Sandbox(egress=spec.egress), spec.tool_timeout_s, runtime.custom_tools
+    )
+    config = LoopConfig(
+        model=spec.model,
+        system=spec.system,
+        max_tokens=spec.max_tokens,
+        max_turns=spec.max_turns,
+        temperature=spec.temperature,
+        stream_backoff_s=stream_backoff_s,
+    )
+    return SessionHost(
+        agent_id,
+        spec,
+        store if store is not None else open_store(runtime.store_url),
+        AgentLoop(client, config, tools, CircuitBreaker()),
+        Path(runtime.workspaces) if runtime.workspaces else default_workspaces(),
+        on_commit=on_commit,
+    )
+
+
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class AgentActor:
     def __init__(self, agent_id: str, index: int, spec: AgentSpec, runtime: RuntimeConfig) -> None:
         self.name = replica_name(agent_id, index)
         key = spec.anthropic_api_key or runtime.anthropic_api_key or _key_from_environment()
         self._client = PendingClient(lambda: _build_client(key, runtime), self.name)
-        tools = build_tools(
-            spec.tools, Sandbox(egress=spec.egress), spec.tool_timeout_s, runtime.custom_tools
-        )
-        loop = AgentLoop(
-            self._client,
-            LoopConfig(
-                model=spec.model,
-                system=spec.system,
-                max_tokens=spec.max_tokens,
-                max_turns=spec.max_turns,
-                temperature=spec.temperature,
-            ),
-            tools,
-            CircuitBreaker(),
-        )
-        workspaces = Path(runtime.workspaces) if runtime.workspaces else default_workspaces()
         self.agent_id = agent_id
         self._control: Any = None
         self._usage = UsageMeter(self._send_usage, self.name, _meter_retryable)
-        self.host = SessionHost(
-            agent_id,
-            spec,
-            open_store(runtime.store_url),
-            loop,
-            workspaces,
-            on_commit=self._record_usage,
-        )
+        self.host = build_host(agent_id, spec, runtime, self._client, on_commit=self._record_usage)
         self._sweep_interval_s = runtime.sweep_interval_s
         self._sweeper: asyncio.Task[None] | None = None
 
-    def _record_usage(self, owner: str, turn: TurnRecord, reservation: Any) -> None:
+    def _record_usage(self, owner: str, turn: TurnRecord, reservation: Reservation | None) -> None:
         """Meters a committed turn in the control store (when the HTTP API runs with it)."""
         self._usage.add(
-            (turn.turn_id, owner, self.agent_id, turn.usage, turn.cost_usd, reservation)
+            UsageRecord(turn.turn_id, owner, self.agent_id, turn.usage, turn.cost_usd, reservation)
         )
 
     async def _send_usage(self, batch: list[UsageRecord]) -> None:
@@ -152,9 +174,7 @@ class AgentActor:
                 logger.warning("%s: no control store; %d turns not metered", self.name, len(batch))
                 return
         try:
-            await asyncio.wait_for(
-                self._control.call.remote("record_usages", batch), METER_CALL_TIMEOUT_S
-            )
+            await asyncio.wait_for(self._control.record_usages.remote(batch), METER_CALL_TIMEOUT_S)
         except ray.exceptions.RayActorError:
             # Look the name up again on the retry: a control store started anew (``hyperfleet
             # down`` then ``up``) is another actor, and this handle's would never come back.
@@ -182,7 +202,7 @@ class AgentActor:
         content: str | list[dict[str, Any]],
         idempotency_key: str | None = None,
         owner: str | None = None,
-        reservation: Any = None,
+        reservation: Reservation | None = None,
     ) -> dict[str, Any]:
         """Runs a turn; ``reservation`` (the API's token reservation) is released by the control
         store together with the turn's usage when it commits."""
@@ -195,7 +215,7 @@ class AgentActor:
         content: str | list[dict[str, Any]],
         idempotency_key: str | None = None,
         owner: str | None = None,
-        reservation: Any = None,
+        reservation: Reservation | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         self._ensure_sweeper()
         stream = self.host.stream(session_id, content, idempotency_key, owner, reservation)

@@ -30,6 +30,7 @@ from hyperfleet.errors import (
     SessionBusyError,
     UpstreamError,
 )
+from hyperfleet.metering import Reservation
 
 from .events import EventType, event
 from .loop import AgentLoop
@@ -58,7 +59,7 @@ class SessionHost:
         workspaces: Path,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
-        on_commit: Callable[[str, TurnRecord, Any], None] | None = None,
+        on_commit: Callable[[str, TurnRecord, Reservation | None], None] | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.spec = spec
@@ -67,8 +68,8 @@ class SessionHost:
         self.workspaces = workspaces
         self._clock = clock
         self._wall = wall_clock
-        # Meters each committed turn: (owner, turn, the caller's meter tag: the API's token
-        # reservation, settled together with the usage so a budget never counts neither).
+        # Meters each committed turn: (owner, turn, the API's token reservation for it, ended
+        # together with the usage so a budget never counts neither).
         self._on_commit = on_commit
         self._sessions: dict[str, Session] = {}
         self._loading: dict[str, asyncio.Future[Session]] = {}
@@ -192,13 +193,13 @@ class SessionHost:
         content: str | list[dict[str, Any]],
         idempotency_key: str | None = None,
         owner: str | None = None,
-        meter_tag: Any = None,
+        reservation: Reservation | None = None,
     ) -> dict[str, Any]:
         async def ignore(kind: EventType, data: dict[str, Any]) -> None:
             return None
 
         turn, replayed = await self._turn(
-            session_id, content, idempotency_key, owner, ignore, meter_tag
+            session_id, content, idempotency_key, owner, ignore, reservation
         )
         return {**turn.public(), "replayed": replayed}
 
@@ -208,7 +209,7 @@ class SessionHost:
         content: str | list[dict[str, Any]],
         idempotency_key: str | None = None,
         owner: str | None = None,
-        meter_tag: Any = None,
+        reservation: Reservation | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Yields the turn's events. If the consumer goes away the turn still completes and is
         committed, so a resend with the same idempotency key gets it."""
@@ -221,7 +222,7 @@ class SessionHost:
 
         async def run() -> None:
             try:
-                await self._turn(session_id, content, idempotency_key, owner, emit, meter_tag)
+                await self._turn(session_id, content, idempotency_key, owner, emit, reservation)
             except HyperfleetError as e:
                 await emit("error", {"status_code": e.status_code, **e.to_json()})
             except Exception:
@@ -252,7 +253,7 @@ class SessionHost:
         key: str | None,
         owner: str | None,
         emit: Any,
-        meter_tag: Any = None,
+        reservation: Reservation | None = None,
     ) -> tuple[TurnRecord, bool]:
         """Runs (or replays) one turn; the flag says it was replayed, not run."""
         _check_content(content)
@@ -273,7 +274,7 @@ class SessionHost:
             self._inflight[(session_id, key)] = (request_digest, future)
         try:
             turn, replayed = await self._run_once(
-                session_id, content, key, request_digest, owner, emit, meter_tag
+                session_id, content, key, request_digest, owner, emit, reservation
             )
             if future is not None:
                 future.set_result(turn)
@@ -295,7 +296,7 @@ class SessionHost:
         request_digest: str,
         owner: str | None,
         emit: Any,
-        meter_tag: Any,
+        reservation: Reservation | None,
     ) -> tuple[TurnRecord, bool]:
         if self.draining:
             raise CapacityError("this replica is draining", retry_after_s=CAPACITY_RETRY_AFTER_S)
@@ -354,7 +355,7 @@ class SessionHost:
             session.apply(turn, restore_seq=False)
             self.turns_completed += 1
             if self._on_commit is not None:
-                self._on_commit(session.record.owner, turn, meter_tag)
+                self._on_commit(session.record.owner, turn, reservation)
             await emit("turn_end", _turn_end(turn, replayed=False))
             return turn, False
 

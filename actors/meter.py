@@ -8,7 +8,8 @@ at once, it ran on the replica's event loop before the turn's reply left (the re
 to the ingress took 2.09 ms with it, 1.20 ms without), and a usage row shows up to 50 ms
 later, which no reader can tell.
 
-Each record carries its turn id and the control store ignores ids it has metered, so a batch whose
+Each record (``hyperfleet.metering.UsageRecord``, with the turn's ``Reservation`` when the API
+admitted it) carries its turn id and the control store ignores ids it has metered, so a batch whose
 reply was lost is sent again without counting twice. A record waits in memory only while a call
 is in flight, or while the control store is unreachable (restarting), when the meter retries with
 backoff and holds at most ``METER_MAX_PENDING`` records (then drops the oldest, with an error log).
@@ -21,7 +22,8 @@ import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+
+from hyperfleet.metering import UsageRecord
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +33,6 @@ METER_MAX_PENDING = 100_000
 METER_BACKOFF_S = 0.1
 METER_BACKOFF_MAX_S = 5.0
 FLUSH_POLL_S = 0.01
-
-# (turn_id, user_id, agent_id, usage, cost_usd, reservation)
-UsageRecord = tuple[str, str, str, dict[str, int], float, Any]
 
 
 class UsageMeter:
@@ -72,7 +71,7 @@ class UsageMeter:
         if len(self._pending) >= self._max_pending:
             lost = self._pending.popleft()
             self.dropped += 1
-            logger.error("%s: usage queue full; turn %s is not metered", self._name, lost[0])
+            logger.error("%s: usage queue full; turn %s is not metered", self._name, lost.turn_id)
         self._pending.append(record)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())

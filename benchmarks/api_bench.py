@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hyperfleet.processes import LOOPBACK_RAY_ENV
+from cluster.cli.servers import LOOPBACK_RAY_ENV
 
 KEY = "sk-ant-bench"
 SESSIONS_PER_CLIENT = 40
@@ -123,7 +123,8 @@ def _worker_main(
     from starlette.responses import JSONResponse
 
     from actors import start_store_actor
-    from hyperfleet.processes import free_port, start_emulator, start_ray_head, start_redis, stop
+    from cluster.cli.servers import start_emulator, start_ray_head, start_redis
+    from hyperfleet.processes import free_port, stop
     from serve_app import APP_NAME, build, start_control_actor
 
     work_dir = Path(work)
@@ -196,10 +197,8 @@ def _worker_main(
                 work_dir / f"c-{mode}-{gate}.db", redis_url if gate == "redis" else None
             )
             ray.get(control.ping.remote(), timeout=60)
-            ray.get(
-                control.call.remote("create_user", "usr_b", "bench", {"requests_per_minute": 10**7})
-            )
-            user_key = ray.get(control.call.remote("issue_key", "usr_b"))["api_key"]
+            ray.get(control.create_user.remote("usr_b", "bench", {"requests_per_minute": 10**7}))
+            user_key = ray.get(control.issue_key.remote("usr_b")).api_key
             runtime: dict[str, Any] = {"anthropic_base_url": emulator_url, "anthropic_api_key": KEY}
             config: dict[str, Any] = {"runtime": runtime, "ip_requests_per_minute": 10**7}
             if gate == "redis":

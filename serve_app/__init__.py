@@ -11,12 +11,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .backend import CONTROL_ACTOR_NAME, start_control_actor
+    from hyperfleet.names import CONTROL_ACTOR_NAME
+
+    from .backend import start_control_actor
     from .deployment import APP_NAME, IngressConfig, build
 
 _SOURCES = {
     "APP_NAME": ".deployment",
-    "CONTROL_ACTOR_NAME": ".backend",
+    "CONTROL_ACTOR_NAME": "hyperfleet.names",
     "IngressConfig": ".deployment",
     "build": ".deployment",
     "start_control_actor": ".backend",

@@ -1,8 +1,13 @@
 """The API's Ray edge: the control-store actor and its client, and the agent replicas' handles.
 
 All Ray calls of the HTTP layer are made here. The control store is one detached actor pinned to
-the head node; every call to it or to a replica is bounded by a timeout, and a replica that is
-restarting answers 503 with ``Retry-After`` instead of hanging the request.
+the head node, a thin shell over ``ControlStore`` with one typed method per store method (as
+``actors.store.actor.SessionStoreActor`` is over the session store); ``Control`` is its typed
+client in an ingress replica. Every call to it or to a replica is bounded by a timeout, and a
+backend that is restarting answers 503 with ``Retry-After`` instead of hanging the request.
+
+Agent replicas load this module too (Ray imports an actor's class where its handle is used, and
+they meter their turns into the control store), so it imports neither Ray Serve nor the web app.
 """
 
 from __future__ import annotations
@@ -10,96 +15,112 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors import (
-    NAMESPACE,
-    AgentSpec,
-    HyperfleetError,
-    RuntimeConfig,
-    replica_name,
-    spawn_replica,
-    start_on_head,
-)
-from actors.actor import CONTROL_ACTOR_NAME as ACTORS_CONTROL_ACTOR_NAME
+from actors import AgentSpec, RuntimeConfig, replica_name, spawn_replica, start_on_head
+from hyperfleet.errors import HyperfleetError
+from hyperfleet.metering import Reservation, UsageRecord
+from hyperfleet.names import CONTROL_ACTOR_NAME, NAMESPACE
 
 from .control import ControlStore
-from .errors import ApiError
+from .errors import ApiError, unavailable
+from .records import Admission, Agent, IssuedKey, Route, UsageRow, User
 
 logger = logging.getLogger(__name__)
 
-CONTROL_ACTOR_NAME = ACTORS_CONTROL_ACTOR_NAME
 CONTROL_TIMEOUT_S = 10.0
 TURN_CALL_TIMEOUT_S = 3_700.0  # a turn's own wall-clock limit (at most an hour) bounds it first
 REPLICA_CALL_TIMEOUT_S = 30.0  # every other replica call: an unplaced replica must not hang us
 REPLICA_READY_S = 15.0
-RESTARTING_RETRY_S = 2.0
-_METHODS = frozenset(
-    {
-        "create_user",
-        "get_user",
-        "set_quotas",
-        "issue_key",
-        "authenticate",
-        "admit",
-        "begin_message",
-        "revoke_key",
-        "has_admin",
-        "create_agent",
-        "get_agent",
-        "list_agents",
-        "set_agent_status",
-        "add_route",
-        "get_route",
-        "close_route",
-        "sessions_per_replica",
-        "session_route",
-        "reserve",
-        "release",
-        "record_usages",
-        "usage",
-    }
-)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class ControlStoreActor:
+    """``ControlStore`` in one actor. Its methods are plain (not async), so Ray runs one call at a
+    time: that is what makes quota checks atomic across ingress replicas."""
+
     def __init__(self, path: str, redis_url: str | None = None) -> None:
         mirror = None
         if redis_url is not None:
-            # The day's used tokens, for RedisGate's reservations; SQLite stays the record.
-            from redis import Redis
-            from redis.exceptions import RedisError
+            # Imported here: replicas load this class and have no use for a Redis client.
+            from .redis_budget import RedisUsageMirror
 
-            from .admission import DAY_KEY_TTL_S, RedisReservation, used_key
-
-            client = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
-
-            def mirror(user_id: str, day: str, used: int, reservations: list[Any]) -> None:
-                try:
-                    with client.pipeline(transaction=True) as pipe:
-                        pipe.set(used_key(user_id, day), used, ex=DAY_KEY_TTL_S)
-                        for reservation in reservations:
-                            if isinstance(reservation, RedisReservation):
-                                pipe.zrem(reservation.key, reservation.member)
-                        pipe.execute()
-                except RedisError:
-                    logger.warning("could not mirror %s's usage to Redis", user_id, exc_info=True)
-
+            mirror = RedisUsageMirror(redis_url)
         self._store = ControlStore(Path(path), mirror)
-
-    def call(self, method: str, *args: Any) -> Any:
-        if method not in _METHODS:
-            raise ValueError(f"no control-store method {method!r}")
-        return getattr(self._store, method)(*args)
 
     def ping(self) -> str:
         return "ok"
+
+    def create_user(
+        self, user_id: str, name: str, quotas: Mapping[str, Any], is_admin: bool = False
+    ) -> User:
+        return self._store.create_user(user_id, name, quotas, is_admin)
+
+    def get_user(self, user_id: str) -> User | None:
+        return self._store.get_user(user_id)
+
+    def set_quotas(self, user_id: str, quotas: Mapping[str, Any]) -> User | None:
+        return self._store.set_quotas(user_id, quotas)
+
+    def issue_key(self, user_id: str) -> IssuedKey:
+        return self._store.issue_key(user_id)
+
+    def authenticate(self, api_key: str) -> User | None:
+        return self._store.authenticate(api_key)
+
+    def admit(self, api_key: str | None, client_ip: str, ip_per_minute: int) -> Admission:
+        return self._store.admit(api_key, client_ip, ip_per_minute)
+
+    def begin_message(
+        self, api_key: str | None, client_ip: str, ip_per_minute: int, session_id: str
+    ) -> Admission:
+        return self._store.begin_message(api_key, client_ip, ip_per_minute, session_id)
+
+    def revoke_key(self, prefix: str, requester: str | None) -> bool:
+        return self._store.revoke_key(prefix, requester)
+
+    def has_admin(self) -> bool:
+        return self._store.has_admin()
+
+    def create_agent(
+        self, agent_id: str, owner: str, spec_json: str, replicas: int, max_agents: int
+    ) -> Agent:
+        return self._store.create_agent(agent_id, owner, spec_json, replicas, max_agents)
+
+    def get_agent(self, agent_id: str) -> Agent | None:
+        return self._store.get_agent(agent_id)
+
+    def list_agents(self, owner: str | None) -> list[Agent]:
+        return self._store.list_agents(owner)
+
+    def set_agent_status(self, agent_id: str, status: str) -> None:
+        self._store.set_agent_status(agent_id, status)
+
+    def add_route(self, session_id: str, agent_id: str, owner: str, replica: int) -> None:
+        self._store.add_route(session_id, agent_id, owner, replica)
+
+    def get_route(self, session_id: str) -> Route | None:
+        return self._store.get_route(session_id)
+
+    def close_route(self, session_id: str) -> None:
+        self._store.close_route(session_id)
+
+    def sessions_per_replica(self, agent_id: str) -> dict[int, int]:
+        return self._store.sessions_per_replica(agent_id)
+
+    def release(self, reservation: Reservation) -> None:
+        self._store.release(reservation)
+
+    def record_usages(self, records: list[UsageRecord]) -> int:
+        return self._store.record_usages(records)
+
+    def usage(self, user_id: str) -> list[UsageRow]:
+        return self._store.usage(user_id)
 
 
 def start_control_actor(path: Path, redis_url: str | None = None) -> Any:
@@ -114,27 +135,24 @@ def _cause(error: RayTaskError) -> BaseException:
     return cause if isinstance(cause, HyperfleetError) else error
 
 
-def _unavailable(what: str, error: Exception) -> ApiError:
-    return ApiError(
-        503,
-        "unavailable",
-        f"{what} is not reachable right now ({type(error).__name__})",
-        retry_after_s=RESTARTING_RETRY_S,
-    )
-
-
 class Control:
-    """The control store, seen from an ingress replica."""
+    """The control store, seen from an ingress replica: each method is one call to the actor,
+    bounded by ``timeout_s``. A store that cannot be reached, or does not answer in time, is a
+    503 (``ApiError``) to retry; an error the store raised (a quota) is raised as itself."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float = CONTROL_TIMEOUT_S) -> None:
+        self._timeout_s = timeout_s
         self._handle: Any = None
 
-    async def call(self, method: str, *args: Any) -> Any:
+    def _actor(self) -> Any:
+        if self._handle is None:
+            self._handle = ray.get_actor(CONTROL_ACTOR_NAME, namespace=NAMESPACE)
+        return self._handle
+
+    async def _call(self, method: str, *args: Any) -> Any:
         try:
-            if self._handle is None:
-                self._handle = ray.get_actor(CONTROL_ACTOR_NAME, namespace=NAMESPACE)
             return await asyncio.wait_for(
-                self._handle.call.remote(method, *args), CONTROL_TIMEOUT_S
+                getattr(self._actor(), method).remote(*args), self._timeout_s
             )
         except RayTaskError as e:
             raise _cause(e) from None
@@ -143,13 +161,94 @@ class Control:
                 raise
             if isinstance(e, RayActorError):
                 self._handle = None  # a control store started anew is another actor: look again
-            raise _unavailable("the control store", e) from e
+            raise unavailable("the control store", e) from e
 
-    def fire(self, method: str, *args: Any) -> None:
-        """Sends a call without waiting for it (bookkeeping off the request's critical path)."""
-        if self._handle is None:
-            self._handle = ray.get_actor(CONTROL_ACTOR_NAME, namespace=NAMESPACE)
-        self._handle.call.remote(method, *args)
+    async def ping(self) -> None:
+        await self._call("ping")
+
+    async def create_user(
+        self, user_id: str, name: str, quotas: Mapping[str, Any], is_admin: bool = False
+    ) -> User:
+        user: User = await self._call("create_user", user_id, name, dict(quotas), is_admin)
+        return user
+
+    async def get_user(self, user_id: str) -> User | None:
+        user: User | None = await self._call("get_user", user_id)
+        return user
+
+    async def set_quotas(self, user_id: str, quotas: Mapping[str, Any]) -> User | None:
+        user: User | None = await self._call("set_quotas", user_id, dict(quotas))
+        return user
+
+    async def issue_key(self, user_id: str) -> IssuedKey:
+        key: IssuedKey = await self._call("issue_key", user_id)
+        return key
+
+    async def authenticate(self, api_key: str) -> User | None:
+        user: User | None = await self._call("authenticate", api_key)
+        return user
+
+    async def admit(self, api_key: str | None, client_ip: str, ip_per_minute: int) -> Admission:
+        admitted: Admission = await self._call("admit", api_key, client_ip, ip_per_minute)
+        return admitted
+
+    async def begin_message(
+        self, api_key: str | None, client_ip: str, ip_per_minute: int, session_id: str
+    ) -> Admission:
+        admitted: Admission = await self._call(
+            "begin_message", api_key, client_ip, ip_per_minute, session_id
+        )
+        return admitted
+
+    async def revoke_key(self, prefix: str, requester: str | None) -> bool:
+        revoked: bool = await self._call("revoke_key", prefix, requester)
+        return revoked
+
+    async def has_admin(self) -> bool:
+        has: bool = await self._call("has_admin")
+        return has
+
+    async def create_agent(
+        self, agent_id: str, owner: str, spec_json: str, replicas: int, max_agents: int
+    ) -> Agent:
+        agent: Agent = await self._call(
+            "create_agent", agent_id, owner, spec_json, replicas, max_agents
+        )
+        return agent
+
+    async def get_agent(self, agent_id: str) -> Agent | None:
+        agent: Agent | None = await self._call("get_agent", agent_id)
+        return agent
+
+    async def list_agents(self, owner: str | None) -> list[Agent]:
+        agents: list[Agent] = await self._call("list_agents", owner)
+        return agents
+
+    async def set_agent_status(self, agent_id: str, status: str) -> None:
+        await self._call("set_agent_status", agent_id, status)
+
+    async def add_route(self, session_id: str, agent_id: str, owner: str, replica: int) -> None:
+        await self._call("add_route", session_id, agent_id, owner, replica)
+
+    async def get_route(self, session_id: str) -> Route | None:
+        route: Route | None = await self._call("get_route", session_id)
+        return route
+
+    async def close_route(self, session_id: str) -> None:
+        await self._call("close_route", session_id)
+
+    async def sessions_per_replica(self, agent_id: str) -> dict[int, int]:
+        load: dict[int, int] = await self._call("sessions_per_replica", agent_id)
+        return load
+
+    async def usage(self, user_id: str) -> list[UsageRow]:
+        rows: list[UsageRow] = await self._call("usage", user_id)
+        return rows
+
+    def release_soon(self, reservation: Reservation) -> None:
+        """Ends a reservation without waiting (bookkeeping off the request's critical path). Ray
+        runs one caller's calls to an actor in order, so this caller's next call sees it done."""
+        self._actor().release.remote(reservation)
 
 
 class Replicas:
@@ -166,7 +265,7 @@ class Replicas:
             try:
                 handle = ray.get_actor(name, namespace=NAMESPACE)
             except ValueError as e:
-                raise _unavailable(f"replica {name}", e) from e
+                raise unavailable(f"replica {name}", e) from e
             self._handles[name] = handle
         return handle
 
@@ -189,26 +288,75 @@ class Replicas:
             ) from e
         return True
 
-    async def call(self, agent_id: str, index: int, method: str, *args: Any) -> Any:
+    async def _call(
+        self, agent_id: str, index: int, method: str, timeout_s: float, *args: Any
+    ) -> Any:
         handle = self.handle(agent_id, index)
         try:
-            timeout_s = TURN_CALL_TIMEOUT_S if method == "send" else REPLICA_CALL_TIMEOUT_S
             return await asyncio.wait_for(getattr(handle, method).remote(*args), timeout_s)
         except RayTaskError as e:
             raise _cause(e) from None
         except (RayActorError, TimeoutError, GetTimeoutError) as e:
-            raise _unavailable(f"replica {replica_name(agent_id, index)}", e) from e
+            raise unavailable(f"replica {replica_name(agent_id, index)}", e) from e
 
-    async def stream(self, agent_id: str, index: int, *args: Any) -> AsyncIterator[dict[str, Any]]:
-        handle = self.handle(agent_id, index)
+    async def open_session(self, agent_id: str, index: int, owner: str) -> dict[str, Any]:
+        session: dict[str, Any] = await self._call(
+            agent_id, index, "open_session", REPLICA_CALL_TIMEOUT_S, owner, None
+        )
+        return session
+
+    async def send(
+        self,
+        route: Route,
+        content: str | list[dict[str, Any]],
+        idempotency_key: str | None,
+        owner: str,
+        reservation: Reservation | None,
+    ) -> dict[str, Any]:
+        """Runs a turn on the session's replica; its reservation ends when the turn commits."""
+        args = (route.id, content, idempotency_key, owner, reservation)
+        turn: dict[str, Any] = await self._call(
+            route.agent_id, route.replica, "send", TURN_CALL_TIMEOUT_S, *args
+        )
+        return turn
+
+    async def stream(
+        self,
+        route: Route,
+        content: str | list[dict[str, Any]],
+        idempotency_key: str | None,
+        owner: str,
+        reservation: Reservation | None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A turn's events, as the replica yields them (``send``, streamed)."""
+        handle = self.handle(route.agent_id, route.replica)
         try:
-            async for ref in handle.stream.remote(*args):
+            stream = handle.stream.remote(route.id, content, idempotency_key, owner, reservation)
+            async for ref in stream:
                 event: dict[str, Any] = await ref
                 yield event
         except RayTaskError as e:
             raise _cause(e) from None
         except RayActorError as e:
-            raise _unavailable(f"replica {replica_name(agent_id, index)}", e) from e
+            raise unavailable(f"replica {replica_name(route.agent_id, route.replica)}", e) from e
+
+    async def transcript(self, route: Route, owner: str, after: int, limit: int) -> dict[str, Any]:
+        page: dict[str, Any] = await self._call(
+            route.agent_id,
+            route.replica,
+            "transcript",
+            REPLICA_CALL_TIMEOUT_S,
+            route.id,
+            owner,
+            after,
+            limit,
+        )
+        return page
+
+    async def close_session(self, route: Route, owner: str) -> None:
+        await self._call(
+            route.agent_id, route.replica, "close_session", REPLICA_CALL_TIMEOUT_S, route.id, owner
+        )
 
     async def stats(self, agent_id: str, count: int) -> list[dict[str, Any]]:
         async def one(index: int) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """The control-plane store: users, API keys, agents, session routes, usage and token reservations.
 
-One SQLite file on the head, behind one actor (``ControlStoreActor``) whose event loop serialises
-every call, so quota checks (agents per user, tokens per day) are atomic across ingress replicas.
+One SQLite file on the head, behind one actor (``ControlStoreActor``) that runs one call at a time,
+so quota checks (agents per user, tokens per day) are atomic across ingress replicas.
 Admission of a turn reserves its ``max_tokens`` against the day's budget; the replica records the
-turn's real usage when it commits, and the reservation is released after the turn.
+turn's real usage when it commits, and the reservation ends in the same transaction
+(``hyperfleet.metering`` says how a turn's tokens travel).
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ import json
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from hyperfleet.metering import RESERVATION_TTL_S, Reservation, UsageRecord, utc_day
+
 from . import keys
 from .errors import QuotaExceededError
-from .ratelimit import Decision, RateLimiter
+from .ratelimit import MovingWindows
+from .records import Admission, Agent, IssuedKey, Route, UsageRow, User, over_budget
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -44,9 +49,13 @@ CREATE TABLE IF NOT EXISTS usage (
     PRIMARY KEY (user_id, agent_id, day));
 CREATE TABLE IF NOT EXISTS metered_turns (turn_id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS metered_turns_at ON metered_turns(at);
-CREATE TABLE IF NOT EXISTS reservations (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, day TEXT NOT NULL,
+-- Reservations had integer ids before they had one type for both gates (text ids); the old
+-- table's holds would have expired within RESERVATION_TTL_S anyway.
+DROP TABLE IF EXISTS reservations;
+CREATE TABLE IF NOT EXISTS turn_reservations (
+    id TEXT PRIMARY KEY, user_id TEXT NOT NULL, day TEXT NOT NULL,
     tokens INTEGER NOT NULL, created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS turn_reservations_user ON turn_reservations(user_id, day);
 """
 TOKEN_FIELDS = (
     "input_tokens",
@@ -55,6 +64,7 @@ TOKEN_FIELDS = (
     "cache_creation_input_tokens",
 )
 MAX_AGENTS_LISTED = 1_000
+DEFAULT_MAX_TOKENS = 4096  # an AgentSpec's default
 # A replica resends a batch within seconds; turn ids are kept far longer than that.
 METERED_TURNS_KEPT_S = 2 * 86_400.0
 PRUNE_METERED_EVERY = 1_000  # batches
@@ -68,19 +78,30 @@ _ADD_USAGE = (
     "excluded.cache_creation_input_tokens, "
     "cost_usd = cost_usd + excluded.cost_usd, turns = turns + 1"
 )
-RESERVATION_TTL_S = 3_900.0  # longer than any turn: a reservation never released stops counting
 
 
 def today() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%d")
+    """The UTC day budgets count in now."""
+    return utc_day(time.time())
+
+
+# Where else a user's day is written after the control store meters turns (``RedisGate`` reads
+# budgets there): (user id, day, the day's used tokens, the metered turns' reservations, to end).
+UsageMirror = Callable[[str, str, int, list[Reservation]], None]
 
 
 class ControlStore:
     """The control plane's state. The server secret that keys are hashed with is created next to
-    the database on first start (mode 0600) and never leaves this process."""
+    the database on first start (mode 0600) and never leaves this process.
+
+    ``clock`` (seconds since the epoch) times the rate-limit windows, reservations and the day a
+    budget counts in; tests pass a fake one."""
 
     def __init__(
-        self, path: Path, used_mirror: Callable[[str, str, int, list[Any]], None] | None = None
+        self,
+        path: Path,
+        used_mirror: UsageMirror | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         secret_path = path.with_suffix(".secret")
@@ -88,9 +109,9 @@ class ControlStore:
             secret_path.touch(mode=0o600)
             secret_path.write_bytes(secrets.token_bytes(32))
         self._secret = secret_path.read_bytes()
-        self._limiter = RateLimiter()
+        self._clock = clock
+        self._windows = MovingWindows(clock)
         self._max_tokens: dict[str, int] = {}  # per agent; a spec never changes
-        # (user, day, tokens used, the metered turns' reservations): where RedisGate reads budgets.
         self._used_mirror = used_mirror
         self._metered_batches = 0
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -105,42 +126,40 @@ class ControlStore:
     # Users and keys -----------------------------------------------------------------------
 
     def create_user(
-        self, user_id: str, name: str, quotas: dict[str, Any], is_admin: bool = False
-    ) -> dict[str, Any]:
+        self, user_id: str, name: str, quotas: Mapping[str, Any], is_admin: bool = False
+    ) -> User:
         self._db.execute(
             "INSERT INTO users VALUES (?, ?, ?, ?, ?)",
-            (user_id, name, int(is_admin), json.dumps(quotas), time.time()),
+            (user_id, name, int(is_admin), json.dumps(dict(quotas)), self._clock()),
         )
-        return self.get_user(user_id)  # type: ignore[return-value]
+        user = self.get_user(user_id)
+        assert user is not None  # inserted just now
+        return user
 
-    def get_user(self, user_id: str) -> dict[str, Any] | None:
+    def get_user(self, user_id: str) -> User | None:
         row = self._db.execute(
             "SELECT id, name, is_admin, quotas, created_at FROM users WHERE id = ?", (user_id,)
         ).fetchone()
         if row is None:
             return None
-        return {
-            "id": row[0],
-            "name": row[1],
-            "is_admin": bool(row[2]),
-            "quotas": json.loads(row[3]),
-            "created_at": row[4],
-        }
+        return User(row[0], row[1], bool(row[2]), json.loads(row[3]), row[4])
 
-    def set_quotas(self, user_id: str, quotas: dict[str, Any]) -> dict[str, Any] | None:
-        self._db.execute("UPDATE users SET quotas = ? WHERE id = ?", (json.dumps(quotas), user_id))
+    def set_quotas(self, user_id: str, quotas: Mapping[str, Any]) -> User | None:
+        self._db.execute(
+            "UPDATE users SET quotas = ? WHERE id = ?", (json.dumps(dict(quotas)), user_id)
+        )
         return self.get_user(user_id)
 
-    def issue_key(self, user_id: str) -> dict[str, str]:
+    def issue_key(self, user_id: str) -> IssuedKey:
         """A new key for the user: the plaintext is returned here, once, and never stored."""
         key = keys.new_key(self._secret)
         self._db.execute(
             "INSERT INTO api_keys VALUES (?, ?, ?, ?, 0)",
-            (key.prefix, user_id, key.secret_hash, time.time()),
+            (key.prefix, user_id, key.secret_hash, self._clock()),
         )
-        return {"prefix": key.prefix, "api_key": key.plaintext}
+        return IssuedKey(key.prefix, key.plaintext)
 
-    def authenticate(self, api_key: str) -> dict[str, Any] | None:
+    def authenticate(self, api_key: str) -> User | None:
         """The user a key belongs to, or None for a malformed, unknown or revoked key."""
         parsed = keys.parse_key(api_key)
         if parsed is None:
@@ -152,22 +171,19 @@ class ControlStore:
         if row is None or not keys.verify(self._secret, secret, row[1]):
             return None
         user = self.get_user(row[0])
-        if user is not None:
-            user["key_prefix"] = prefix
-        return user
+        return None if user is None else replace(user, key_prefix=prefix)
 
-    def admit(
-        self, api_key: str | None, client_ip: str, ip_per_minute: int
-    ) -> tuple[dict[str, Any] | None, Decision]:
+    def admit(self, api_key: str | None, client_ip: str, ip_per_minute: int) -> Admission:
         """One call per request: the per-IP limit, the key, then the key's own limit."""
-        by_ip = self._limiter.hit("ip:" + client_ip, ip_per_minute)
+        by_ip = self._windows.hit("ip:" + client_ip, ip_per_minute)
         if not by_ip.allowed:
-            return None, by_ip
+            return Admission(None, by_ip)
         user = self.authenticate(api_key) if api_key else None
         if user is None:
-            return None, by_ip
-        per_key = int(user["quotas"].get("requests_per_minute", 100))
-        return user, self._limiter.hit("key:" + user["key_prefix"], per_key)
+            return Admission(None, by_ip)
+        return Admission(
+            user, self._windows.hit(f"key:{user.key_prefix}", user.requests_per_minute)
+        )
 
     def revoke_key(self, prefix: str, requester: str | None) -> bool:
         """Revokes a key; ``requester`` None is an admin, else only the key's own user."""
@@ -183,29 +199,31 @@ class ControlStore:
 
     def begin_message(
         self, api_key: str | None, client_ip: str, ip_per_minute: int, session_id: str
-    ) -> dict[str, Any]:
+    ) -> Admission:
         """The hot path of ``POST /messages`` in one call: limits and key (as ``admit``), the
-        session's route and agent, and the turn's token reservation."""
-        user, decision = self.admit(api_key, client_ip, ip_per_minute)
-        out: dict[str, Any] = {"user": user, "decision": decision, "route": None}
-        if user is None or not decision.allowed:
-            return out
+        session's route and, for a user with a daily budget, the turn's token reservation (or
+        why the budget refused it)."""
+        admitted = self.admit(api_key, client_ip, ip_per_minute)
+        user = admitted.user
+        if user is None or not admitted.decision.allowed:
+            return admitted
         route = self.get_route(session_id)
-        agent = self.get_agent(route["agent_id"]) if route else None
-        if route is None or agent is None or route["owner"] != user["id"]:
-            return out
-        max_tokens = self._agent_max_tokens(agent["id"])
-        budget = user["quotas"].get("tokens_per_day")
-        out.update(
-            route=route, agent=agent, reservation=self.reserve(user["id"], max_tokens, budget)
-        )
-        return out
+        if route is None or route.owner != user.id:
+            return admitted
+        budget = user.tokens_per_day
+        if budget is None:
+            return replace(admitted, route=route)
+        try:
+            reservation = self.reserve(user.id, route.max_tokens, budget)
+        except QuotaExceededError as e:
+            return replace(admitted, route=route, over_budget=e.message)
+        return replace(admitted, route=route, reservation=reservation)
 
     # Agents -------------------------------------------------------------------------------
 
     def create_agent(
         self, agent_id: str, owner: str, spec_json: str, replicas: int, max_agents: int
-    ) -> dict[str, Any]:
+    ) -> Agent:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -216,31 +234,26 @@ class ControlStore:
                 raise QuotaExceededError(f"you have {count} agents, your quota is {max_agents}")
             db.execute(
                 "INSERT INTO agents VALUES (?, ?, ?, 'starting', ?, ?)",
-                (agent_id, owner, spec_json, replicas, time.time()),
+                (agent_id, owner, spec_json, replicas, self._clock()),
             )
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
-        return self.get_agent(agent_id)  # type: ignore[return-value]
+        agent = self.get_agent(agent_id)
+        assert agent is not None  # inserted just now
+        return agent
 
-    def get_agent(self, agent_id: str) -> dict[str, Any] | None:
+    def get_agent(self, agent_id: str) -> Agent | None:
         row = self._db.execute(
             "SELECT id, owner, spec, status, replicas, created_at FROM agents WHERE id = ?",
             (agent_id,),
         ).fetchone()
         if row is None or row[3] == "deleted":
             return None
-        return {
-            "id": row[0],
-            "owner": row[1],
-            "spec": row[2],
-            "status": row[3],
-            "replicas": row[4],
-            "created_at": row[5],
-        }
+        return Agent(*row)
 
-    def list_agents(self, owner: str | None) -> list[dict[str, Any]]:
+    def list_agents(self, owner: str | None) -> list[Agent]:
         query = "SELECT id FROM agents WHERE status != 'deleted'"
         args: tuple[str, ...] = ()
         if owner is not None:
@@ -257,10 +270,11 @@ class ControlStore:
     def add_route(self, session_id: str, agent_id: str, owner: str, replica: int) -> None:
         self._db.execute(
             "INSERT INTO routes VALUES (?, ?, ?, ?, ?, 0)",
-            (session_id, agent_id, owner, replica, time.time()),
+            (session_id, agent_id, owner, replica, self._clock()),
         )
 
-    def get_route(self, session_id: str) -> dict[str, Any] | None:
+    def get_route(self, session_id: str) -> Route | None:
+        """A session's route, or None when it is unknown, closed or its agent deleted."""
         row = self._db.execute(
             "SELECT r.session_id, r.agent_id, r.owner, r.replica, r.created_at, r.closed, "
             "a.status FROM routes r JOIN agents a ON a.id = r.agent_id WHERE r.session_id = ?",
@@ -268,22 +282,17 @@ class ControlStore:
         ).fetchone()
         if row is None or row[5] or row[6] == "deleted":  # a deleted agent's sessions are gone
             return None
-        keys = ("id", "agent_id", "owner", "replica", "created_at")
-        return dict(zip(keys, row[:5], strict=True))
-
-    def session_route(self, session_id: str) -> dict[str, Any] | None:
-        """A session's route with its agent's ``max_tokens`` (what a turn reserves)."""
-        route = self.get_route(session_id)
-        if route is None:
-            return None
-        return route | {"max_tokens": self._agent_max_tokens(route["agent_id"])}
+        route_id, agent_id, owner, replica, created_at = row[:5]
+        max_tokens = self._agent_max_tokens(agent_id)
+        return Route(route_id, agent_id, owner, replica, created_at, max_tokens)
 
     def _agent_max_tokens(self, agent_id: str) -> int:
         max_tokens = self._max_tokens.get(agent_id)
         if max_tokens is None:
             agent = self.get_agent(agent_id)
-            spec = json.loads(agent["spec"]) if agent else {}
-            max_tokens = self._max_tokens[agent_id] = int(spec.get("max_tokens", 4096))
+            spec = json.loads(agent.spec) if agent else {}
+            max_tokens = int(spec.get("max_tokens", DEFAULT_MAX_TOKENS))
+            self._max_tokens[agent_id] = max_tokens
         return max_tokens
 
     def close_route(self, session_id: str) -> None:
@@ -299,36 +308,34 @@ class ControlStore:
 
     # Usage and budgets --------------------------------------------------------------------
 
-    def reserve(self, user_id: str, tokens: int, tokens_per_day: int | None) -> int:
-        """Admits a turn that may use ``tokens``, or raises ``QuotaExceededError``."""
-        day = today()
+    def reserve(self, user_id: str, tokens: int, tokens_per_day: int) -> Reservation:
+        """Holds ``tokens`` of the user's budget for a turn, or raises ``QuotaExceededError``."""
+        now = self._clock()
+        day = utc_day(now)
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            if tokens_per_day is not None:
-                used = self._used(user_id, day)
-                (reserved,) = db.execute(
-                    "SELECT COALESCE(SUM(tokens), 0) FROM reservations "
-                    "WHERE user_id = ? AND day = ? AND created_at > ?",
-                    (user_id, day, time.time() - RESERVATION_TTL_S),
-                ).fetchone()
-                if used + reserved + tokens > tokens_per_day:
-                    raise QuotaExceededError(
-                        f"this turn may use {tokens} tokens; {used} used and {reserved} reserved "
-                        f"today of your {tokens_per_day} tokens per day"
-                    )
             db.execute(
-                "DELETE FROM reservations WHERE created_at < ?", (time.time() - RESERVATION_TTL_S,)
+                "DELETE FROM turn_reservations WHERE created_at <= ?", (now - RESERVATION_TTL_S,)
             )
-            cursor = db.execute(
-                "INSERT INTO reservations (user_id, day, tokens, created_at) VALUES (?, ?, ?, ?)",
-                (user_id, day, tokens, time.time()),
+            used = self._used(user_id, day)
+            (reserved,) = db.execute(
+                "SELECT COALESCE(SUM(tokens), 0) FROM turn_reservations "
+                "WHERE user_id = ? AND day = ?",
+                (user_id, day),
+            ).fetchone()
+            if used + reserved + tokens > tokens_per_day:
+                raise QuotaExceededError(over_budget(tokens, used, reserved, tokens_per_day))
+            reservation = Reservation(uuid.uuid4().hex, user_id, day, tokens)
+            db.execute(
+                "INSERT INTO turn_reservations VALUES (?, ?, ?, ?, ?)",
+                (reservation.id, user_id, day, tokens, now),
             )
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
-        return int(cursor.lastrowid or 0)
+        return reservation
 
     def _used(self, user_id: str, day: str) -> int:
         (used,) = self._db.execute(
@@ -338,38 +345,43 @@ class ControlStore:
         ).fetchone()
         return int(used)
 
-    def release(self, reservation: int) -> None:
+    def release(self, reservation: Reservation) -> None:
         """Ends a turn's reservation (its usage is recorded by the replica that committed it)."""
-        self._db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
+        self._db.execute("DELETE FROM turn_reservations WHERE id = ?", (reservation.id,))
 
-    def record_usages(self, records: list[tuple[str, str, str, dict[str, int], float, Any]]) -> int:
-        """Meters committed turns, ``(turn_id, user_id, agent_id, usage, cost_usd, reservation)``
-        each, in one transaction; returns how many were new.
+    def record_usages(self, records: list[UsageRecord]) -> int:
+        """Meters committed turns in one transaction; returns how many were new.
 
         Called by replicas at the commit (in batches, ``actors/meter.py``), so a turn is metered
         whether its caller stayed (HTTP, stream or not) or went away, and batch jobs' turns are
         metered too. A turn id metered before is skipped, so a batch sent again after a lost
-        reply counts once. Each turn's ``reservation`` (when the API admitted it) ends in the
-        same transaction, so the day's budget never counts neither."""
-        day = today()
-        now = time.time()
+        reply counts once. Each turn's reservation (when the API admitted it) ends in the same
+        transaction, so the day's budget never counts neither."""
+        now = self._clock()
+        day = utc_day(now)
         db = self._db
-        metered: dict[str, list[Any]] = {}
+        metered: dict[str, list[Reservation]] = {}
+        counted = 0
         db.execute("BEGIN IMMEDIATE")
         try:
-            for turn_id, user_id, agent_id, usage, cost_usd, reservation in records:
+            for record in records:
                 if (
-                    turn_id
+                    record.turn_id
                     and not db.execute(
-                        "INSERT OR IGNORE INTO metered_turns VALUES (?, ?)", (turn_id, now)
+                        "INSERT OR IGNORE INTO metered_turns VALUES (?, ?)", (record.turn_id, now)
                     ).rowcount
                 ):
                     continue
-                values = [int(usage.get(f, 0)) for f in TOKEN_FIELDS]
-                db.execute(_ADD_USAGE, (user_id, agent_id, day, *values, float(cost_usd)))
-                if isinstance(reservation, int):
-                    self.release(reservation)
-                metered.setdefault(user_id, []).append(reservation)
+                values = [int(record.usage.get(f, 0)) for f in TOKEN_FIELDS]
+                db.execute(
+                    _ADD_USAGE,
+                    (record.user_id, record.agent_id, day, *values, float(record.cost_usd)),
+                )
+                held = metered.setdefault(record.user_id, [])
+                if record.reservation is not None:
+                    self.release(record.reservation)
+                    held.append(record.reservation)
+                counted += 1
             self._metered_batches += 1
             if self._metered_batches % PRUNE_METERED_EVERY == 0:
                 db.execute("DELETE FROM metered_turns WHERE at < ?", (now - METERED_TURNS_KEPT_S,))
@@ -380,14 +392,13 @@ class ControlStore:
         if self._used_mirror is not None:
             for user_id, reservations in metered.items():
                 self._used_mirror(user_id, day, self._used(user_id, day), reservations)
-        return sum(len(r) for r in metered.values())
+        return counted
 
-    def usage(self, user_id: str) -> list[dict[str, Any]]:
+    def usage(self, user_id: str) -> list[UsageRow]:
         rows = self._db.execute(
             "SELECT agent_id, day, input_tokens, output_tokens, cache_read_input_tokens, "
             "cache_creation_input_tokens, cost_usd, turns FROM usage WHERE user_id = ? "
             "ORDER BY day DESC, agent_id LIMIT 1000",
             (user_id,),
         ).fetchall()
-        keys = ("agent_id", "day", *TOKEN_FIELDS, "cost_usd", "turns")
-        return [dict(zip(keys, row, strict=True)) for row in rows]
+        return [UsageRow(*row) for row in rows]

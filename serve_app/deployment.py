@@ -11,8 +11,9 @@ from starlette.applications import Starlette
 from actors import RuntimeConfig
 
 from .admission import ControlGate, Gate, RedisGate
-from .app import Api, build_app
+from .app import Api
 from .backend import Control, Replicas
+from .routes import build_app
 
 APP_NAME = "hyperfleet"
 

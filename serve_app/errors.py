@@ -1,5 +1,5 @@
-"""HTTP errors: the platform's errors (``actors.HyperfleetError``) plus the API's own, and the one
-JSON shape every error answer has: ``{"error": {"type": ..., "message": ...}}``."""
+"""HTTP errors: the platform's errors (``hyperfleet.errors.HyperfleetError``) plus the API's own,
+and the one JSON shape every error answer has: ``{"error": {"type": ..., "message": ...}}``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from actors import HyperfleetError
+from hyperfleet.errors import HyperfleetError
+
+# How soon to retry when the control store, a replica or Redis cannot be reached (restarting).
+RESTARTING_RETRY_S = 2.0
 
 
 class ApiError(HyperfleetError):
@@ -46,6 +49,16 @@ class QuotaExceededError(ApiError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (QuotaExceededError, (self.message,))
+
+
+def unavailable(what: str, error: BaseException) -> ApiError:
+    """A backend that cannot be reached right now: 503, retry soon."""
+    return ApiError(
+        503,
+        "unavailable",
+        f"{what} is not reachable right now ({type(error).__name__})",
+        retry_after_s=RESTARTING_RETRY_S,
+    )
 
 
 def error_response(error: HyperfleetError) -> JSONResponse:

@@ -41,7 +41,7 @@ class UserPatch(BaseModel):
 
 
 class SpawnRequest(BaseModel):
-    """The seed's shorthand for an agent: resources at the top level."""
+    """An agent from resources and a model at the top level (``AgentSpec`` nests them)."""
 
     model_config = ConfigDict(extra="forbid")
 

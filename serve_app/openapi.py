@@ -1,38 +1,30 @@
-"""The API's OpenAPI 3.1 document, from the route table below and the pydantic models."""
+"""The API's OpenAPI 3.1 document, from the app's route table (``app.ROUTES``) and the pydantic
+models."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 from pydantic import BaseModel
 
-from actors import AgentSpec
 
-from .models import MessageIn, SpawnRequest, UserCreate, UserPatch
+@dataclass(frozen=True)
+class Operation:
+    """What the document says of one route (``app.ROUTES`` pairs each with its handler)."""
 
-# (method, path, summary, request body model, success status)
-ROUTES: tuple[tuple[str, str, str, type[BaseModel] | None, int], ...] = (
-    ("get", "/health", "Liveness (no auth)", None, 200),
-    ("get", "/ready", "Readiness: control store and session store reachable", None, 200),
-    ("post", "/v1/users", "Create a user (admin); returns its first API key once", UserCreate, 201),
-    ("get", "/v1/users/{user_id}", "A user (admin, or the user)", None, 200),
-    ("patch", "/v1/users/{user_id}", "Change a user's quotas (admin)", UserPatch, 200),
-    ("post", "/v1/users/{user_id}/keys", "Another API key, returned once", None, 201),
-    ("delete", "/v1/keys/{prefix}", "Revoke a key (admin, or its user)", None, 200),
-    ("post", "/v1/agents", "Create an agent from an AgentSpec", AgentSpec, 201),
-    ("get", "/v1/agents", "Your agents", None, 200),
-    ("post", "/v1/agents/spawn", "Create an agent (the seed's shorthand)", SpawnRequest, 201),
-    ("get", "/v1/agents/stats", "Agents, replicas, sessions and nodes", None, 200),
-    ("get", "/v1/agents/{agent_id}", "An agent with its replicas", None, 200),
-    ("delete", "/v1/agents/{agent_id}", "Drain and remove an agent", None, 200),
-    ("post", "/v1/agents/{agent_id}/sessions", "Open a session", None, 201),
-    ("get", "/v1/sessions/{session_id}", "A session", None, 200),
-    ("delete", "/v1/sessions/{session_id}", "Close a session", None, 200),
-    ("get", "/v1/sessions/{session_id}/messages", "The transcript, paginated", None, 200),
-    ("post", "/v1/sessions/{session_id}/messages", "Send a message (JSON or SSE)", MessageIn, 200),
-    ("get", "/v1/usage", "Your tokens and cost by agent and day", None, 200),
-)
+    method: str  # lower case
+    path: str
+    summary: str
+    body: type[BaseModel] | None = None  # the request body's model
+    status: int = 200  # on success
+    authenticated: bool = True  # takes an API key
+    query: tuple[str, ...] = ()  # integer query parameters
+    idempotency_key: bool = False  # takes an Idempotency-Key header
+    documented: bool = True  # False: served, not listed (this document itself)
+
+
 _ERRORS = {
     "400": "Malformed JSON",
     "401": "Missing or bad API key",
@@ -58,15 +50,18 @@ _ERROR_SCHEMA = {
 
 
 @cache
-def openapi_document() -> dict[str, Any]:
+def openapi_document(operations: tuple[Operation, ...]) -> dict[str, Any]:
     schemas: dict[str, Any] = {"Error": _ERROR_SCHEMA}
     paths: dict[str, dict[str, Any]] = {}
-    for method, path, summary, model, status in ROUTES:
+    for op in operations:
+        if not op.documented:
+            continue
+        method, path = op.method, op.path
         operation: dict[str, Any] = {
-            "summary": summary,
+            "summary": op.summary,
             "operationId": method + "_" + "_".join(p.strip("{}") for p in path.split("/") if p),
             "responses": {
-                str(status): {"description": "Success", "content": {"application/json": {}}},
+                str(op.status): {"description": "Success", "content": {"application/json": {}}},
                 **{
                     code: {
                         "description": text,
@@ -78,12 +73,9 @@ def openapi_document() -> dict[str, Any]:
                 },
             },
         }
-        if path not in ("/health", "/ready"):
+        if op.authenticated:
             operation["security"] = [{"bearer": []}, {"apiKey": []}]
         params = [p.strip("{}") for p in path.split("/") if p.startswith("{")]
-        query = []
-        if path.endswith("/messages") and method == "get":
-            query = ["after", "limit"]
         operation["parameters"] = [
             {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
             for p in params
@@ -94,9 +86,9 @@ def openapi_document() -> dict[str, Any]:
                 "required": False,
                 "schema": {"type": "integer", "minimum": 0},
             }
-            for q in query
+            for q in op.query
         ]
-        if path.endswith("/messages") and method == "post":
+        if op.idempotency_key:
             operation["parameters"].append(
                 {
                     "name": "Idempotency-Key",
@@ -105,7 +97,8 @@ def openapi_document() -> dict[str, Any]:
                     "schema": {"type": "string", "minLength": 1, "maxLength": 255},
                 }
             )
-        if model is not None:
+        if op.body is not None:
+            model = op.body
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(schema.pop("$defs", {}))
             schemas[model.__name__] = schema

@@ -17,12 +17,12 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from hyperfleet.errors import StoreError
+from hyperfleet.names import NAMESPACE
 
 from .base import SessionRecord, TurnRecord
 from .sqlite import SqliteSessionStore
 
 STORE_ACTOR_NAME = "session-store"
-NAMESPACE = "hyperfleet"
 CALL_TIMEOUT_S = 10.0
 HEAD_RESOURCE = "node:__internal_head__"
 

@@ -1,6 +1,6 @@
 """The integration tier: one real local Ray cluster per test session and real servers on 127.0.0.1.
 
-Everything here is started as a real process (``hyperfleet.processes``) and stopped by its PID
+Everything here is started as a real process (``cluster.cli.servers``) and stopped by its PID
 (never ``ray stop``, which would kill other Ray processes on the machine). Ray's GCS gets a free
 port, never 6379.
 """
@@ -21,16 +21,9 @@ from typing import Any
 
 import pytest
 
-from hyperfleet.processes import (
-    free_port,
-    start_ray_head,
-    start_redis,
-    stop,
-    tail,
-)
-from hyperfleet.processes import (
-    start_emulator as _start_emulator_process,
-)
+from cluster.cli.servers import start_emulator as _start_emulator_process
+from cluster.cli.servers import start_ray_head, start_redis
+from hyperfleet.processes import free_port, stop, tail
 from tests.conftest import RAY_TOKEN_PATH
 
 READY_TIMEOUT_S = 60.0
@@ -164,8 +157,8 @@ def api_server(
     control = start_control_actor(data / "control.db")
     ray.get([store.ping.remote(), control.ping.remote()], timeout=60)
     admin_id = "usr_admin"
-    ray.get(control.call.remote("create_user", admin_id, "admin", {}, True), timeout=30)
-    admin_key = ray.get(control.call.remote("issue_key", admin_id), timeout=30)["api_key"]
+    ray.get(control.create_user.remote(admin_id, "admin", {}, True), timeout=30)
+    admin_key = ray.get(control.issue_key.remote(admin_id), timeout=30).api_key
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = {

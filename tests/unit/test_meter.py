@@ -9,14 +9,15 @@ from typing import Any
 
 import pytest
 
-from actors.meter import UsageMeter, UsageRecord
+from actors.meter import UsageMeter
+from hyperfleet.metering import Reservation, UsageRecord
 from serve_app.control import ControlStore
 
 USAGE = {"input_tokens": 10, "output_tokens": 5}
 
 
-def _record(n: int, reservation: Any = None) -> UsageRecord:
-    return (f"turn-{n}", "usr_a", "agt_1", USAGE, 0.5, reservation)
+def _record(n: int, reservation: Reservation | None = None) -> UsageRecord:
+    return UsageRecord(f"turn-{n}", "usr_a", "agt_1", USAGE, 0.5, reservation)
 
 
 class Flaky(Exception):
@@ -69,7 +70,7 @@ async def test_turns_committed_within_the_linger_go_in_one_call_after_it() -> No
     assert receiver.batches == [] and meter.pending == 3
     wake.set()
     assert await meter.flush(5.0)
-    assert [[r[0] for r in b] for b in receiver.batches] == [["turn-0", "turn-1", "turn-2"]]
+    assert [[r.turn_id for r in b] for b in receiver.batches] == [["turn-0", "turn-1", "turn-2"]]
     assert lingered == [0.05]
 
 
@@ -83,7 +84,7 @@ async def test_turns_committed_during_a_call_go_together_in_the_next() -> None:
         meter.add(_record(n))
     receiver.gate.set()
     assert await meter.flush(5.0)
-    assert [[r[0] for r in b] for b in receiver.batches] == [
+    assert [[r.turn_id for r in b] for b in receiver.batches] == [
         ["turn-0"],
         [f"turn-{n}" for n in range(1, 6)],
     ]
@@ -96,7 +97,7 @@ async def test_a_batch_that_may_not_have_arrived_is_resent_in_order() -> None:
     for n in range(3):
         meter.add(_record(n))
     assert await meter.flush(5.0)
-    sent = [r[0] for b in receiver.batches for r in b]
+    sent = [r.turn_id for b in receiver.batches for r in b]
     assert sent == ["turn-0", "turn-1", "turn-2"]
     assert meter.dropped == 0
 
@@ -108,7 +109,7 @@ async def test_a_refused_batch_is_dropped_not_retried_forever() -> None:
     assert await meter.flush(5.0)
     meter.add(_record(1))
     assert await meter.flush(5.0)
-    assert [r[0] for b in receiver.batches for r in b] == ["turn-1"]
+    assert [r.turn_id for b in receiver.batches for r in b] == ["turn-1"]
     assert meter.dropped == 1
 
 
@@ -124,7 +125,7 @@ async def test_pending_records_are_bounded_and_batches_capped() -> None:
     assert not await meter.flush(0.05)  # still blocked
     receiver.gate.set()
     assert await meter.flush(5.0)
-    assert [[r[0] for r in b] for b in receiver.batches] == [
+    assert [[r.turn_id for r in b] for b in receiver.batches] == [
         ["turn-0"],
         ["turn-2", "turn-3"],
         ["turn-4", "turn-5"],
@@ -132,7 +133,7 @@ async def test_pending_records_are_bounded_and_batches_capped() -> None:
 
 
 def test_record_usages_counts_each_turn_once_and_ends_reservations(tmp_path: Path) -> None:
-    mirrored: list[tuple[str, int, list[Any]]] = []
+    mirrored: list[tuple[str, int, list[Reservation]]] = []
     store = ControlStore(
         tmp_path / "control.db", lambda user, day, used, res: mirrored.append((user, used, res))
     )
@@ -144,11 +145,11 @@ def test_record_usages_counts_each_turn_once_and_ends_reservations(tmp_path: Pat
         assert store.record_usages(batch) == 0  # a resent batch (its reply was lost)
         assert store.record_usages([_record(1), _record(2)]) == 1
         (row,) = store.usage("usr_a")
-        assert row["turns"] == 3 and row["input_tokens"] == 30 and row["output_tokens"] == 15
-        assert row["cost_usd"] == pytest.approx(1.5)
+        assert row.turns == 3 and row.input_tokens == 30 and row.output_tokens == 15
+        assert row.cost_usd == pytest.approx(1.5)
         # The 200-token reservation ended with its turn, or 45 used + 200 + 955 would not fit.
         store.reserve("usr_a", 955, 1_000)
         assert [(u, used) for u, used, _ in mirrored] == [("usr_a", 30), ("usr_a", 45)]
-        assert mirrored[0][2] == [held, None]
+        assert mirrored[0][2] == [held]  # the metered turns' reservations, to end in Redis
     finally:
         store.close()

@@ -1,0 +1,120 @@
+"""What the control store answers with: users, keys, agents, session routes, usage, admissions.
+
+Frozen dataclasses, so the control-store actor returns them across Ray as themselves and mypy
+checks every reader. The HTTP layer turns them into JSON (``app.py``); pydantic stays at that edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hyperfleet.metering import Reservation
+
+from .ratelimit import Decision
+
+# A quota not set on a user takes these (the API's ``Quotas`` model has the same defaults).
+DEFAULT_MAX_AGENTS = 50
+DEFAULT_REQUESTS_PER_MINUTE = 100
+
+
+@dataclass(frozen=True)
+class User:
+    """A tenant. ``quotas`` is as it was set (the admin's may be empty, and an API user's has every
+    field); read it through the properties. ``key_prefix`` is the key that authenticated it."""
+
+    id: str
+    name: str
+    is_admin: bool
+    quotas: dict[str, Any]
+    created_at: float
+    key_prefix: str | None = None
+
+    @property
+    def max_agents(self) -> int:
+        return int(self.quotas.get("max_agents", DEFAULT_MAX_AGENTS))
+
+    @property
+    def requests_per_minute(self) -> int:
+        return int(self.quotas.get("requests_per_minute", DEFAULT_REQUESTS_PER_MINUTE))
+
+    @property
+    def tokens_per_day(self) -> int | None:
+        """The daily token budget, or None: no budget (no turn reserves anything)."""
+        budget = self.quotas.get("tokens_per_day")
+        return None if budget is None else int(budget)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "quotas": self.quotas,
+            "created_at": self.created_at,
+        }
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A new API key: its plaintext is here once, and never stored."""
+
+    prefix: str
+    api_key: str
+
+
+@dataclass(frozen=True)
+class Agent:
+    id: str
+    owner: str
+    spec: str  # the AgentSpec's JSON, with its Anthropic key if it has one: never shown as is
+    status: str  # starting, ready, pending, draining or deleted
+    replicas: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a session lives: its agent's replica ``replica``; ``max_tokens`` is the agent's, what
+    each of the session's turns reserves."""
+
+    id: str
+    agent_id: str
+    owner: str
+    replica: int
+    created_at: float
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """A user's tokens and cost for one agent on one UTC day."""
+
+    agent_id: str
+    day: str
+    input_tokens: int
+    output_tokens: int
+    cache_read_input_tokens: int
+    cache_creation_input_tokens: int
+    cost_usd: float
+    turns: int
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A request's admission: the caller (None for a missing, unknown or revoked key) and the
+    decision of the last window checked. For a turn, also the session's route (None when unknown
+    or not the caller's) and, when the user has a daily budget, the turn's reservation, or why the
+    budget refused it. A refused turn still counts in the windows."""
+
+    user: User | None
+    decision: Decision
+    route: Route | None = None
+    reservation: Reservation | None = None
+    over_budget: str | None = None  # why the budget refused the turn (a 403), else None
+
+
+def over_budget(tokens: int, used: int, reserved: int, tokens_per_day: int) -> str:
+    """What a turn the daily budget refuses is told (by either gate)."""
+    return (
+        f"this turn may use {tokens} tokens; {used} used and {reserved} reserved "
+        f"today of your {tokens_per_day} tokens per day"
+    )
