@@ -24,7 +24,14 @@ if TYPE_CHECKING:
         UpstreamError,
     )
 
-    from .actor import NAMESPACE, AgentActor, RuntimeConfig, replica_name, spawn_replica
+    from .actor import (
+        NAMESPACE,
+        AgentActor,
+        RuntimeConfig,
+        build_host,
+        replica_name,
+        spawn_replica,
+    )
     from .breaker import CircuitBreaker
     from .host import SessionHost
     from .loop import AgentLoop, LoopConfig
@@ -45,6 +52,7 @@ _SOURCES = {
     "StoreError": "hyperfleet.errors",
     "UpstreamError": "hyperfleet.errors",
     "AgentActor": ".actor",
+    "build_host": ".actor",
     "AgentLoop": ".loop",
     "AgentSpec": ".spec",
     "CircuitBreaker": ".breaker",
@@ -92,6 +100,7 @@ __all__ = [
     "StoreError",
     "UpstreamError",
     "Usage",
+    "build_host",
     "open_store",
     "placement_options",
     "price_of",

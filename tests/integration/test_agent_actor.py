@@ -3,12 +3,12 @@ the sandbox's view of the node, and the README's batch-job snippet."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +21,7 @@ from ray.exceptions import RayActorError
 from actors import AgentSpec, Resources, RuntimeConfig, spawn_replica, start_store_actor
 
 from .conftest import EmulatorServer, RayCluster
+from .waiting import processes_with, wait_until
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 CALL_TIMEOUT_S = 60
@@ -104,16 +105,11 @@ def test_errors_cross_ray_typed(agent: tuple[str, Any]) -> None:
         _get(handle.send.remote(session["id"], "hi", owner="mallory"))
 
 
-def _wait_healthy(handle: Any) -> None:
-    deadline = time.monotonic() + RESTART_TIMEOUT_S
-    while True:
-        try:
-            assert ray.get(handle.health.remote(), timeout=10) == "ok"
-            return
-        except (RayActorError, ray.exceptions.GetTimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+def _healthy(handle: Any) -> bool:
+    try:
+        return bool(ray.get(handle.health.remote(), timeout=10) == "ok")
+    except (RayActorError, ray.exceptions.GetTimeoutError):
+        return False
 
 
 def test_kill_9_mid_turn_loses_nothing_acknowledged(agent: tuple[str, Any]) -> None:
@@ -121,13 +117,14 @@ def test_kill_9_mid_turn_loses_nothing_acknowledged(agent: tuple[str, Any]) -> N
     sid = _get(handle.open_session.remote(owner="alice"))["id"]
     first = _get(handle.send.remote(sid, "turn one", idempotency_key="one"))
     pid = _get(handle.stats.remote())["pid"]
-    slow = '[[tool bash {"command": "sleep 2; echo slept"}]]'
+    command = f"sleep 2; echo slept {uuid.uuid4().hex}"  # this test's tool process alone
+    slow = "[[tool bash " + json.dumps({"command": command}) + "]]"
     pending = handle.send.remote(sid, slow, idempotency_key="two")
-    time.sleep(1.0)  # the turn is inside its tool call
+    wait_until(lambda: processes_with(command.encode()), "the turn's tool call", CALL_TIMEOUT_S)
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(RayActorError):
         ray.get(pending, timeout=CALL_TIMEOUT_S)
-    _wait_healthy(handle)
+    wait_until(lambda: _healthy(handle), "the restarted replica", RESTART_TIMEOUT_S, 0.5)
     assert _get(handle.stats.remote())["pid"] != pid
     transcript = _get(handle.transcript.remote(sid))
     assert transcript["version"] == 1  # the interrupted turn is simply absent

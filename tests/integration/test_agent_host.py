@@ -14,26 +14,26 @@ import anthropic
 import pytest
 
 from actors import (
-    AgentLoop,
     AgentSpec,
     CapacityError,
-    CircuitBreaker,
     CircuitOpenError,
     IdempotencyConflictError,
-    LoopConfig,
+    RuntimeConfig,
     SessionBusyError,
     SessionHost,
     SqliteSessionStore,
     StaleSessionError,
     UpstreamError,
 )
+from actors.actor import build_host
 from actors.model_client import PendingClient
-from actors.tools import Sandbox, build_tools
 from hyperfleet.processes import stop
 
 from .conftest import EmulatorServer, start_emulator
+from .waiting import processes_with, wait_until_async
 
 HostFactory = Callable[..., SessionHost]
+TURN_START_WAIT_S = 5.0
 
 
 @pytest.fixture
@@ -42,6 +42,7 @@ async def make_host(
 ) -> AsyncIterator[HostFactory]:
     clients: list[anthropic.AsyncAnthropic] = []
     store = SqliteSessionStore(tmp_path / "sessions.db")
+    runtime = RuntimeConfig(workspaces=str(workspaces_root))
 
     def make(
         headers: dict[str, str] | None = None, agent_id: str = "a1", **spec_fields: Any
@@ -56,20 +57,23 @@ async def make_host(
             default_headers={"x-emulator-retry-after-ms": "10", **(headers or {})},
         )
         clients.append(client)
-        loop = AgentLoop(
-            client,
-            LoopConfig(
-                spec.model, spec.system, spec.max_tokens, spec.max_turns, stream_backoff_s=0.01
-            ),
-            build_tools(spec.tools, Sandbox(egress=spec.egress), spec.tool_timeout_s),
-            CircuitBreaker(),
-        )
-        return SessionHost(agent_id, spec, store, loop, workspaces_root)
+        return build_host(agent_id, spec, runtime, client, store=store, stream_backoff_s=0.01)
 
     yield make
     for client in clients:
         await client.close()
     store.close()
+
+
+async def _turns_running(host: SessionHost, count: int) -> None:
+    """Waits until ``count`` of the host's sessions are running a turn: in this process, a few
+    steps of the event loop, so it is polled often."""
+    await wait_until_async(
+        lambda: host.stats()["busy_sessions"] == count,
+        f"{count} running turns",
+        TURN_START_WAIT_S,
+        interval_s=0.01,
+    )
 
 
 def _model_calls(emulator: EmulatorServer) -> int:
@@ -90,16 +94,13 @@ async def test_sessions_open_while_the_model_client_starts(
         return anthropic.AsyncAnthropic(base_url=emulator.base_url, api_key=emulator.api_key)
 
     pending = PendingClient(build, "a1-0")
-    spec = AgentSpec()
-    config = LoopConfig(spec.model, spec.system, spec.max_tokens, spec.max_turns)
     store = SqliteSessionStore(tmp_path / "sessions.db")
-    host = SessionHost(
-        "a1", spec, store, AgentLoop(pending, config, {}, CircuitBreaker()), workspaces_root
-    )
+    runtime = RuntimeConfig(workspaces=str(workspaces_root))
+    host = build_host("a1", AgentSpec(), runtime, pending, store=store)
     try:
         sid = (await host.open_session("alice"))["id"]  # served before the client exists
         turn = asyncio.create_task(host.send(sid, "Hello"))
-        await asyncio.sleep(0.2)
+        await _turns_running(host, 1)
         assert not turn.done() and pending.state == "loading"
         release.set()
         assert _text(await asyncio.wait_for(turn, 30)).startswith("You said: Hello")
@@ -300,7 +301,7 @@ async def test_busy_session_and_capacity(make_host: HostFactory) -> None:
     first = (await host.open_session("alice"))["id"]
     second = (await host.open_session("bob"))["id"]
     running = [asyncio.create_task(host.send(s, "slow")) for s in (first, second)]
-    await asyncio.sleep(0.1)
+    await _turns_running(host, 2)
     with pytest.raises(SessionBusyError):
         await host.send(first, "overlap")
     with pytest.raises(CapacityError) as info:
@@ -346,7 +347,7 @@ async def test_drain_finishes_turns_and_hands_sessions_back(make_host: HostFacto
     host = make_host(headers={"x-emulator-ttft-ms": "200"})
     sids = [(await host.open_session("alice"))["id"] for _ in range(3)]
     running = asyncio.create_task(host.send(sids[0], "finish me"))
-    await asyncio.sleep(0.05)
+    await _turns_running(host, 1)
     handed = await host.drain(deadline_s=10)
     assert sorted(handed) == sorted(sids)
     assert (await running)["index"] == 1
@@ -406,17 +407,7 @@ async def test_turn_time_limit_kills_the_tool_process(make_host: HostFactory) ->
     with pytest.raises(UpstreamError, match="past its 2 s limit"):
         await host.send(sid, '[[tool bash {"command": "sleep 31.5"}]]')
 
-    def sleeping() -> bool:
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-            try:
-                if b"sleep\x0031.5" in cmdline.read_bytes():
-                    return True
-            except OSError:
-                continue
-        return False
-
-    deadline = asyncio.get_running_loop().time() + 5
-    while sleeping() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.1)
-    assert not sleeping()
+    await wait_until_async(
+        lambda: not processes_with(b"sleep\x0031.5"), "the tool's process to be gone", 5
+    )
     assert (await host.send(sid, "still usable"))["index"] == 1

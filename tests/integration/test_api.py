@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,26 +13,19 @@ import httpx
 import pytest
 import ray
 
+from .api_client import (
+    HELD_TURN,
+    TIMEOUT_S,
+    Client,
+    busy_sessions,
+    check_rate_limit,
+    new_session,
+    new_user,
+    release_held_turns,
+    usage_row,
+)
 from .conftest import ApiServer
-
-TIMEOUT_S = 60.0
-
-
-class Client:
-    def __init__(self, base_url: str, key: str | None) -> None:
-        self.http = httpx.Client(base_url=base_url, timeout=TIMEOUT_S)
-        self.key = key
-
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        headers = dict(kwargs.pop("headers", {}) or {})
-        if self.key is not None:
-            headers.setdefault("Authorization", f"Bearer {self.key}")
-        return self.http.request(method, path, headers=headers, **kwargs)
-
-    def ok(self, method: str, path: str, status: int = 200, **kwargs: Any) -> Any:
-        response = self.request(method, path, **kwargs)
-        assert response.status_code == status, response.text
-        return response.json()
+from .waiting import wait_until_async
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +35,11 @@ def admin(api_server: ApiServer) -> Iterator[Client]:
     client.http.close()
 
 
-def _user(admin: Client, api_server: ApiServer, **quotas: Any) -> Client:
-    body: dict[str, Any] = {"name": "u-" + uuid.uuid4().hex[:6]}
-    if quotas:
-        body["quotas"] = quotas
-    created = admin.ok("POST", "/v1/users", 201, json=body)
-    assert created["api_key"].startswith("hf_")
-    client = Client(api_server.base_url, created["api_key"])
-    client.user_id = created["id"]  # type: ignore[attr-defined]
-    return client
-
-
 @pytest.fixture(scope="module")
 def alice(admin: Client, api_server: ApiServer) -> Client:
     # Not the default 100 a minute: this module's tests make more than that, as fast as replicas
     # start. Rate limits have their own user (test_rate_limit_holds_across_two_ingress_replicas).
-    return _user(admin, api_server, requests_per_minute=2_000)
+    return new_user(admin, api_server, requests_per_minute=2_000)
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +49,6 @@ def agent(alice: Client) -> Iterator[dict[str, Any]]:
     assert created["status"] == "ready"
     yield dict(created)
     alice.ok("DELETE", f"/v1/agents/{created['id']}")
-
-
-def _session(client: Client, agent_id: str) -> str:
-    return str(client.ok("POST", f"/v1/agents/{agent_id}/sessions", 201)["id"])
 
 
 def _events(response: httpx.Response) -> list[tuple[str, int, dict[str, Any]]]:
@@ -95,19 +71,19 @@ def test_health_ready_openapi(api_server: ApiServer) -> None:
 
 
 def test_users_and_keys(admin: Client, api_server: ApiServer) -> None:
-    bob = _user(admin, api_server, requests_per_minute=500)
-    me = bob.ok("GET", f"/v1/users/{bob.user_id}")  # type: ignore[attr-defined]
+    bob = new_user(admin, api_server, requests_per_minute=500)
+    me = bob.ok("GET", f"/v1/users/{bob.user_id}")
     assert me["quotas"] == {"max_agents": 50, "requests_per_minute": 500, "tokens_per_day": None}
     assert bob.request("POST", "/v1/users", json={"name": "x"}).status_code == 403
-    carol = _user(admin, api_server)
-    assert bob.request("GET", f"/v1/users/{carol.user_id}").status_code == 404  # type: ignore[attr-defined]
+    carol = new_user(admin, api_server)
+    assert bob.request("GET", f"/v1/users/{carol.user_id}").status_code == 404
     patched = admin.ok(
         "PATCH",
         f"/v1/users/{bob.user_id}",
-        json={"quotas": {"max_agents": 3}},  # type: ignore[attr-defined]
+        json={"quotas": {"max_agents": 3}},
     )
     assert patched["quotas"]["max_agents"] == 3 and patched["quotas"]["requests_per_minute"] == 500
-    second = bob.ok("POST", f"/v1/users/{bob.user_id}/keys", 201)  # type: ignore[attr-defined]
+    second = bob.ok("POST", f"/v1/users/{bob.user_id}/keys", 201)
     other = Client(api_server.base_url, second["api_key"])
     assert other.ok("GET", "/v1/agents")["data"] == []
     assert carol.request("DELETE", f"/v1/keys/{second['prefix']}").status_code == 404
@@ -137,14 +113,14 @@ def test_spawn_shorthand_keeps_the_key_secret(alice: Client) -> None:
         alice.request("GET", "/v1/agents").text,
     ):
         assert "sk-ant-owner-secret" not in response
-    sid = _session(alice, created["id"])
+    sid = new_session(alice, created["id"])
     alice.ok("DELETE", f"/v1/agents/{created['id']}")
     assert alice.request("GET", f"/v1/agents/{created['id']}").status_code == 404
     assert alice.request("GET", f"/v1/sessions/{sid}").status_code == 404
 
 
 def test_conversation_json_stream_and_tools(alice: Client, agent: dict[str, Any]) -> None:
-    sid = _session(alice, agent["id"])
+    sid = new_session(alice, agent["id"])
     assert alice.ok("GET", f"/v1/sessions/{sid}")["agent_id"] == agent["id"]
     turn = alice.ok("POST", f"/v1/sessions/{sid}/messages", json={"content": "Hello API"})
     assert turn["content"][0]["text"].startswith("You said: Hello API.")
@@ -167,25 +143,13 @@ def test_conversation_json_stream_and_tools(alice: Client, agent: dict[str, Any]
     assert page["version"] == 2 and len(page["turns"]) == 1 and page["has_more"] is True
     rest = alice.ok("GET", f"/v1/sessions/{sid}/messages", params={"after": 1})
     assert [t["index"] for t in rest["turns"]] == [2]
-    row = _usage_row(alice, agent["id"], turns=2)
+    row = usage_row(alice, agent["id"], turns=2)
     assert row["output_tokens"] > 0 and row["cost_usd"] > 0
-
-
-def _usage_row(client: Client, agent_id: str, turns: int) -> dict[str, Any]:
-    """The agent's usage row once it counts ``turns`` turns (metering is asynchronous)."""
-    deadline = time.monotonic() + 10
-    while True:
-        rows = client.ok("GET", "/v1/usage")["data"]
-        row = next((r for r in rows if r["agent_id"] == agent_id), {"turns": 0})
-        if row["turns"] >= turns or time.monotonic() > deadline:
-            assert row["turns"] == turns, rows
-            return dict(row)
-        time.sleep(0.1)
 
 
 def test_turns_are_metered_even_when_the_client_goes_away(alice: Client) -> None:
     created = alice.ok("POST", "/v1/agents", 201, json={"tools": ["bash"]})
-    sid = _session(alice, created["id"])
+    sid = new_session(alice, created["id"])
     with alice.http.stream(
         "POST",
         f"/v1/sessions/{sid}/messages",
@@ -194,16 +158,16 @@ def test_turns_are_metered_even_when_the_client_goes_away(alice: Client) -> None
     ) as response:
         next(response.iter_lines())  # the first event, then hang up mid-turn
     # The turn still commits, and is billed once.
-    _usage_row(alice, created["id"], turns=1)
+    usage_row(alice, created["id"], turns=1)
     assert alice.ok("GET", f"/v1/sessions/{sid}/messages")["version"] == 1
     replica = ray.get_actor(f"agent-{created['id']}-0", namespace="hyperfleet")
     ray.get(replica.send.remote(sid, "a batch turn"), timeout=TIMEOUT_S)
-    _usage_row(alice, created["id"], turns=2)  # batch jobs' turns are metered too
+    usage_row(alice, created["id"], turns=2)  # batch jobs' turns are metered too
     alice.ok("DELETE", f"/v1/agents/{created['id']}")
 
 
 def test_idempotent_resend(alice: Client, agent: dict[str, Any]) -> None:
-    sid = _session(alice, agent["id"])
+    sid = new_session(alice, agent["id"])
     headers = {"Idempotency-Key": "resend-1"}
     first = alice.ok(
         "POST", f"/v1/sessions/{sid}/messages", json={"content": "once"}, headers=headers
@@ -220,22 +184,26 @@ def test_idempotent_resend(alice: Client, agent: dict[str, Any]) -> None:
     assert alice.ok("GET", f"/v1/sessions/{sid}/messages")["version"] == 1
 
 
-def test_busy_session_is_409(alice: Client, agent: dict[str, Any]) -> None:
-    sid = _session(alice, agent["id"])
+def test_busy_session_is_409(alice: Client, agent: dict[str, Any], workspaces_root: Path) -> None:
+    sid = new_session(alice, agent["id"])
+
+    async def held_turn_running() -> bool:
+        return await busy_sessions(agent["id"]) == 1
 
     async def both() -> list[int]:
         async with httpx.AsyncClient(base_url=alice.http.base_url, timeout=TIMEOUT_S) as http:
             headers = {"Authorization": f"Bearer {alice.key}"}
-            slow = http.post(
-                f"/v1/sessions/{sid}/messages",
-                json={"content": '[[tool bash {"command": "sleep 2"}]]'},
-                headers=headers,
+            held = http.post(
+                f"/v1/sessions/{sid}/messages", json={"content": HELD_TURN}, headers=headers
             )
-            task = asyncio.ensure_future(slow)
-            await asyncio.sleep(1.0)
-            second = await http.post(
-                f"/v1/sessions/{sid}/messages", json={"content": "me too"}, headers=headers
-            )
+            task = asyncio.ensure_future(held)
+            try:
+                await wait_until_async(held_turn_running, "the held turn to be running")
+                second = await http.post(
+                    f"/v1/sessions/{sid}/messages", json={"content": "me too"}, headers=headers
+                )
+            finally:
+                release_held_turns(workspaces_root, agent["id"], [sid])
             return [(await task).status_code, second.status_code]
 
     first, second = asyncio.run(both())
@@ -243,7 +211,7 @@ def test_busy_session_is_409(alice: Client, agent: dict[str, Any]) -> None:
 
 
 def test_batch_job_and_http_see_the_same_sessions(alice: Client, agent: dict[str, Any]) -> None:
-    sid = _session(alice, agent["id"])
+    sid = new_session(alice, agent["id"])
     alice.ok("POST", f"/v1/sessions/{sid}/messages", json={"content": "over http"})
     replica = ray.get_actor(f"agent-{agent['id']}-0", namespace="hyperfleet")
     turn = ray.get(replica.send.remote(sid, "from a batch job"), timeout=TIMEOUT_S)
@@ -256,7 +224,7 @@ def test_batch_job_and_http_see_the_same_sessions(alice: Client, agent: dict[str
 
 
 def test_error_statuses(alice: Client, agent: dict[str, Any], api_server: ApiServer) -> None:
-    sid = _session(alice, agent["id"])
+    sid = new_session(alice, agent["id"])
     anonymous = Client(api_server.base_url, None)
     assert anonymous.request("GET", "/v1/agents").status_code == 401
     assert Client(api_server.base_url, "hf_nope").request("GET", "/v1/agents").status_code == 401
@@ -289,8 +257,8 @@ def test_error_statuses(alice: Client, agent: dict[str, Any], api_server: ApiSer
 def test_other_users_objects_are_404_everywhere(
     alice: Client, agent: dict[str, Any], admin: Client, api_server: ApiServer
 ) -> None:
-    sid = _session(alice, agent["id"])
-    mallory = _user(admin, api_server)
+    sid = new_session(alice, agent["id"])
+    mallory = new_user(admin, api_server)
     aid = agent["id"]
     for method, path, body in [
         ("GET", f"/v1/agents/{aid}", None),
@@ -307,7 +275,7 @@ def test_other_users_objects_are_404_everywhere(
 
 
 def test_close_session(alice: Client, agent: dict[str, Any]) -> None:
-    sid = _session(alice, agent["id"])
+    sid = new_session(alice, agent["id"])
     alice.ok("DELETE", f"/v1/sessions/{sid}")
     assert alice.request("GET", f"/v1/sessions/{sid}").status_code == 404
     assert (
@@ -320,27 +288,13 @@ def test_rate_limit_holds_across_two_ingress_replicas(admin: Client, api_server:
     check_rate_limit(admin, api_server)
 
 
-def check_rate_limit(admin: Client, api_server: ApiServer) -> None:
-    """A user limited to 30 requests a minute gets exactly 30 of 45, whichever of the two
-    ingress replicas answers each."""
-    limited = _user(admin, api_server, requests_per_minute=30)
-    statuses = [limited.request("GET", "/v1/agents") for _ in range(45)]
-    admitted = [r for r in statuses if r.status_code == 200]
-    refused = [r for r in statuses if r.status_code == 429]
-    assert len(admitted) == 30 and len(refused) == 15
-    assert admitted[-1].headers["ratelimit-remaining"] == "0"
-    assert admitted[0].headers["ratelimit-limit"] == "30"
-    assert int(refused[0].headers["Retry-After"]) >= 1
-    assert refused[0].json()["error"]["type"] == "rate_limited"
-
-
 def test_quotas(admin: Client, api_server: ApiServer) -> None:
-    capped = _user(admin, api_server, max_agents=1, tokens_per_day=4500)
+    capped = new_user(admin, api_server, max_agents=1, tokens_per_day=4500)
     system = "policy " * 600  # the first turn uses over 600 input tokens
     created = capped.ok("POST", "/v1/agents", 201, json={"max_tokens": 4000, "system": system})
     second = capped.request("POST", "/v1/agents", json={})
     assert second.status_code == 403 and second.json()["error"]["type"] == "quota_exceeded"
-    sid = _session(capped, created["id"])
+    sid = new_session(capped, created["id"])
     capped.ok("POST", f"/v1/sessions/{sid}/messages", json={"content": "fits"})
     try:
         # 4,000 reserved on top of the 600+ the first turn used exceeds 4,500 tokens per day.
@@ -350,26 +304,32 @@ def test_quotas(admin: Client, api_server: ApiServer) -> None:
         capped.ok("DELETE", f"/v1/agents/{created['id']}")
 
 
-def test_full_replica_is_503_with_retry_after(alice: Client) -> None:
+def test_full_replica_is_503_with_retry_after(alice: Client, workspaces_root: Path) -> None:
     small = alice.ok("POST", "/v1/agents", 201, json={"max_sessions": 1, "tools": ["bash"]})
-    _session(alice, small["id"])
-    sid = _session(alice, small["id"])  # the idle first session is evicted to make room
+    new_session(alice, small["id"])
+    sid = new_session(alice, small["id"])  # the idle first session is evicted to make room
     running = alice.http.build_request(
         "POST",
         f"/v1/sessions/{sid}/messages",
-        json={"content": '[[tool bash {"command": "sleep 2"}]]'},
+        json={"content": HELD_TURN},
         headers={"Authorization": f"Bearer {alice.key}"},
     )
+
+    async def held_turn_running() -> bool:
+        return await busy_sessions(small["id"]) == 1
 
     async def full() -> httpx.Response:
         async with httpx.AsyncClient(base_url=alice.http.base_url, timeout=TIMEOUT_S) as http:
             task = asyncio.ensure_future(http.send(running))
-            await asyncio.sleep(1.0)
-            third = await http.post(
-                f"/v1/agents/{small['id']}/sessions",
-                headers={"Authorization": f"Bearer {alice.key}"},
-            )
-            await task
+            try:
+                await wait_until_async(held_turn_running, "the held turn to be running")
+                third = await http.post(
+                    f"/v1/agents/{small['id']}/sessions",
+                    headers={"Authorization": f"Bearer {alice.key}"},
+                )
+            finally:
+                release_held_turns(workspaces_root, small["id"], [sid])
+            assert (await task).status_code == 200
             return third
 
     third = asyncio.run(full())
@@ -377,14 +337,13 @@ def test_full_replica_is_503_with_retry_after(alice: Client) -> None:
     assert int(third.headers["Retry-After"]) >= 1
     assert third.json()["error"]["type"] == "capacity_exhausted"
     alice.ok("DELETE", f"/v1/agents/{small['id']}")
-    time.sleep(0)
 
 
 def test_deleting_an_agent_removes_its_workspace_files(
     alice: Client, workspaces_root: Path
 ) -> None:
     created = alice.ok("POST", "/v1/agents", 201, json={"tools": ["bash"]})
-    sid = _session(alice, created["id"])
+    sid = new_session(alice, created["id"])
     write = '[[tool bash {"command": "echo kept > note.txt"}]]'
     alice.ok("POST", f"/v1/sessions/{sid}/messages", json={"content": write})
     note = workspaces_root / created["id"] / sid / "note.txt"

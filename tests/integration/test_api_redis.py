@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,15 +20,30 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from serve_app import APP_NAME, build, start_control_actor
-from serve_app.admission import RedisGate, used_key
+from serve_app.admission import AUTH_CACHE_TTL_S, RedisGate
 from serve_app.backend import Control
 from serve_app.control import today
-from serve_app.errors import ApiError, QuotaExceededError
+from serve_app.errors import ApiError
+from serve_app.redis_budget import used_key
 
+from .api_client import (
+    HELD_TURN,
+    METERING_WAIT_S,
+    Client,
+    busy_sessions,
+    check_rate_limit,
+    new_session,
+    new_user,
+    release_held_turns,
+    usage_row,
+)
 from .conftest import ApiServer, RedisServer
-from .test_api import Client, _session, _usage_row, _user, check_rate_limit
+from .waiting import wait_until, wait_until_async
 
 SWAP_TIMEOUT_S = 120.0
+REVOKED_WAIT_S = 10.0
+RELEASE_WAIT_S = 10.0
+CLOCK_SLACK_S = 0.5
 
 
 def _swap(api_server: ApiServer, redis_url: str | None) -> None:
@@ -35,14 +51,7 @@ def _swap(api_server: ApiServer, redis_url: str | None) -> None:
     from ray import serve
 
     ray.kill(ray.get_actor("control-store", namespace="hyperfleet"), no_restart=True)
-    deadline = time.monotonic() + SWAP_TIMEOUT_S
-    while True:  # the name is freed once the actor is gone
-        try:
-            ray.get_actor("control-store", namespace="hyperfleet")
-        except ValueError:
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(_control_store_gone, "the control store's name to be freed", SWAP_TIMEOUT_S)
     control = start_control_actor(api_server.data_dir / "control.db", redis_url)
     ray.get(control.ping.remote(), timeout=SWAP_TIMEOUT_S)
     config = dict(api_server.config)
@@ -50,6 +59,14 @@ def _swap(api_server: ApiServer, redis_url: str | None) -> None:
         runtime = {**config["runtime"], "store_url": redis_url}
         config = {**config, "runtime": runtime, "redis_url": redis_url}
     serve.run(build(config, num_replicas=2), name=APP_NAME, route_prefix="/")
+
+
+def _control_store_gone() -> bool:
+    try:
+        ray.get_actor("control-store", namespace="hyperfleet")
+    except ValueError:
+        return True
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +88,10 @@ def admin(redis_api: ApiServer) -> Iterator[Client]:
 def test_conversation_and_usage_mirror(
     admin: Client, redis_api: ApiServer, redis_server: RedisServer
 ) -> None:
-    alice = _user(admin, redis_api, tokens_per_day=10**9)  # so each turn takes a reservation
+    alice = new_user(admin, redis_api, tokens_per_day=10**9)  # so each turn takes a reservation
     agent = alice.ok("POST", "/v1/agents", 201, json={"tools": ["bash"]})
     try:
-        sid = _session(alice, agent["id"])
+        sid = new_session(alice, agent["id"])
         turn = alice.ok("POST", f"/v1/sessions/{sid}/messages", json={"content": "hello"})
         streamed = alice.request(
             "POST", f"/v1/sessions/{sid}/messages", json={"content": "again", "stream": True}
@@ -86,10 +103,12 @@ def test_conversation_and_usage_mirror(
         # The control store mirrors the day's usage (both turns) into Redis for the budgets,
         # and ends each turn's reservation in the same step.
         redis = Redis.from_url(redis_server.url)
-        key = used_key(alice.user_id, today())  # type: ignore[attr-defined]
-        deadline = time.monotonic() + 10
-        while int(redis.get(key) or 0) <= used and time.monotonic() < deadline:
-            time.sleep(0.05)
+        key = used_key(alice.user_id, today())
+        wait_until(
+            lambda: int(redis.get(key) or 0) > used,
+            "both turns' usage mirrored into Redis",
+            METERING_WAIT_S,
+        )
         rows = alice.ok("GET", "/v1/usage")["data"]
         total = sum(
             r[f]
@@ -102,7 +121,7 @@ def test_conversation_and_usage_mirror(
             )
         )
         assert int(redis.get(key) or 0) == total
-        reserved = f"hf:reserved:{alice.user_id}:{today()}"  # type: ignore[attr-defined]
+        reserved = f"hf:reserved:{alice.user_id}:{today()}"
         assert redis.zcard(reserved) == 0
         # The session's turns are in the Redis session store.
         assert redis.exists(f"hf:s:{sid}") == 1
@@ -113,17 +132,17 @@ def test_conversation_and_usage_mirror(
 def test_a_replica_meters_into_a_control_store_started_anew(
     admin: Client, redis_api: ApiServer, redis_server: RedisServer
 ) -> None:
-    alice = _user(admin, redis_api)
+    alice = new_user(admin, redis_api)
     agent = alice.ok("POST", "/v1/agents", 201, json={"tools": ["bash"]})
     try:
-        sid = _session(alice, agent["id"])
+        sid = new_session(alice, agent["id"])
         alice.ok("POST", f"/v1/sessions/{sid}/messages", json={"content": "before"})
-        _usage_row(alice, agent["id"], turns=1)
+        usage_row(alice, agent["id"], turns=1)
         # A new control actor on the same database (as after `hyperfleet down` and `up`): the
         # replica, which outlives it, must find the new one by name and meter its next turn.
         _swap(redis_api, redis_server.url)
         alice.ok("POST", f"/v1/sessions/{sid}/messages", json={"content": "after"})
-        _usage_row(alice, agent["id"], turns=2)
+        usage_row(alice, agent["id"], turns=2)
     finally:
         alice.ok("DELETE", f"/v1/agents/{agent['id']}")
 
@@ -132,49 +151,64 @@ def test_rate_limit_holds_across_two_ingress_replicas(admin: Client, redis_api: 
     check_rate_limit(admin, redis_api)
 
 
-def test_token_budget_and_concurrent_turns(admin: Client, redis_api: ApiServer) -> None:
-    capped = _user(admin, redis_api, tokens_per_day=9_000)
+def test_token_budget_and_concurrent_turns(
+    admin: Client, redis_api: ApiServer, workspaces_root: Path
+) -> None:
+    capped = new_user(admin, redis_api, tokens_per_day=9_000)
     spec = {"max_tokens": 4000, "tools": ["bash"]}
     agent = capped.ok("POST", "/v1/agents", 201, json=spec)
-    slow = '[[tool bash {"command": "sleep 1"}]]'  # every turn is still running when all begin
     try:
-        sessions = [_session(capped, agent["id"]) for _ in range(4)]
+        sessions = [new_session(capped, agent["id"]) for _ in range(4)]
 
         async def send_all() -> list[httpx.Response]:
             headers = {"Authorization": f"Bearer {capped.key}"}
             async with httpx.AsyncClient(
                 base_url=redis_api.base_url, headers=headers, timeout=60
             ) as http:
-                return list(
-                    await asyncio.gather(
-                        *(
-                            http.post(f"/v1/sessions/{s}/messages", json={"content": slow})
-                            for s in sessions
-                        )
+                posts = [
+                    asyncio.ensure_future(
+                        http.post(f"/v1/sessions/{s}/messages", json={"content": HELD_TURN})
                     )
-                )
+                    for s in sessions
+                ]
 
-        # Four concurrent turns reserving 4,000 each against 9,000 a day: at most two run.
+                async def all_decided() -> bool:
+                    # Refused (answered) or admitted (its turn running, held): every one of them.
+                    answered = sum(1 for post in posts if post.done())
+                    return answered + await busy_sessions(agent["id"]) == len(posts)
+
+                try:
+                    await wait_until_async(all_decided, "each turn refused or running")
+                finally:
+                    release_held_turns(workspaces_root, agent["id"], sessions)
+                return list(await asyncio.gather(*posts))
+
+        # Four concurrent turns reserving 4,000 each against 9,000 a day, none used yet. A
+        # reservation ends when its turn commits, and the admitted turns are held running until
+        # all four are decided: two fit (8,000 reserved), a third would make 12,000.
         responses = asyncio.run(send_all())
         ok = [r for r in responses if r.status_code == 200]
         over = [r for r in responses if r.status_code == 403]
-        assert 1 <= len(ok) <= 2 and len(ok) + len(over) == 4
+        assert len(ok) == 2 and len(over) == 2, [r.text for r in responses]
         assert all(r.json()["error"]["type"] == "quota_exceeded" for r in over)
     finally:
         capped.ok("DELETE", f"/v1/agents/{agent['id']}")
 
 
 def test_revoked_key_stops_working(admin: Client, redis_api: ApiServer) -> None:
-    bob = _user(admin, redis_api)
+    bob = new_user(admin, redis_api)
     bob.ok("GET", "/v1/agents")
     prefix = bob.key.split("_")[1]  # type: ignore[union-attr]
     admin.ok("DELETE", f"/v1/keys/{prefix}")
+    revoked_at = time.monotonic()
     # At once on the replica that revoked it, within the auth cache's TTL on the other one.
-    deadline = time.monotonic() + 10
-    while bob.request("GET", "/v1/agents").status_code != 401:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    time.sleep(2.5)
+    wait_until(
+        lambda: bob.request("GET", "/v1/agents").status_code == 401,
+        "a replica to refuse the revoked key",
+        REVOKED_WAIT_S,
+    )
+    # The claim is about a time, the cache's TTL: past it, no replica may still hold the key.
+    time.sleep(max(0.0, revoked_at + AUTH_CACHE_TTL_S + CLOCK_SLACK_S - time.monotonic()))
     assert all(bob.request("GET", "/v1/agents").status_code == 401 for _ in range(6))
 
 
@@ -208,21 +242,21 @@ class _CountingControl(Control):
         super().__init__()
         self.calls: list[str] = []
 
-    async def call(self, method: str, *args: Any) -> Any:
+    async def _call(self, method: str, *args: Any) -> Any:
         self.calls.append(method)
-        return await super().call(method, *args)
+        return await super()._call(method, *args)
 
 
 def test_admission_is_one_round_trip_once_the_key_and_route_are_known(
     admin: Client, redis_api: ApiServer, redis_server: RedisServer
 ) -> None:
-    user = _user(admin, redis_api, tokens_per_day=9_000, requests_per_minute=3)
+    user = new_user(admin, redis_api, tokens_per_day=9_000, requests_per_minute=3)
     agent = user.ok("POST", "/v1/agents", 201, json={"max_tokens": 4000})
     try:
-        sid = _session(user, agent["id"])
+        sid = new_session(user, agent["id"])
         # A second key, from the admin: its own window, untouched by the requests above (and
         # the user's first key keeps one request of its three for the cleanup).
-        user_id = user.user_id  # type: ignore[attr-defined]
+        user_id = user.user_id
         key = admin.ok("POST", f"/v1/users/{user_id}/keys", 201)["api_key"]
         redis = Redis.from_url(redis_server.url)
         client = _CountingRedis.from_url(redis_server.url)
@@ -238,15 +272,19 @@ def test_admission_is_one_round_trip_once_the_key_and_route_are_known(
             sent_before = client.sent
             second = await gate.begin_message(key, ip, 100, sid)
             sent, calls = client.sent - sent_before, control.calls[len(learned) :]
-            assert second["decision"].allowed and second["decision"].remaining == 1
+            assert second.decision.allowed and second.decision.remaining == 1
             # Windows pass (3 of 3), the budget does not: 8,000 held of 9,000.
-            with pytest.raises(QuotaExceededError):
-                await gate.begin_message(key, ip, 100, sid)
+            third = await gate.begin_message(key, ip, 100, sid)
+            assert third.over_budget is not None and third.reservation is None
             fourth = await gate.begin_message(key, ip, 100, sid)
             held = redis.zcard(reserved_set)
-            gate.release(first["reservation"])
-            gate.release(second["reservation"])
-            await asyncio.sleep(0.2)
+            gate.release(first.reservation)
+            gate.release(second.reservation)
+            await wait_until_async(
+                lambda: redis.zcard(reserved_set) == 0,
+                "the released reservations to leave Redis",
+                RELEASE_WAIT_S,
+            )
             return {
                 "learned": learned,
                 "sent": sent,
@@ -256,9 +294,9 @@ def test_admission_is_one_round_trip_once_the_key_and_route_are_known(
             }
 
         seen = asyncio.run(scenario())
-        assert seen["learned"] == ["authenticate", "session_route"]
+        assert seen["learned"] == ["authenticate", "get_route"]
         assert seen["sent"] == 1 and seen["calls"] == []  # one round trip, no control call
-        decision = seen["fourth"]["decision"]
+        decision = seen["fourth"].decision
         assert not decision.allowed and decision.limit == 3 and decision.remaining == 0
         assert 1 <= decision.reset_s <= 60
         assert seen["held"] == 2 and redis.zcard(reserved_set) == 0
@@ -280,8 +318,9 @@ def test_an_ip_over_its_limit_is_refused_before_its_keys_are_looked_up(
     async def scenario() -> list[Any]:
         return [await gate.admit(f"hf_guess{n}_secret", ip, 1) for n in range(3)]
 
-    (first_user, first), (_, second), (_, third) = asyncio.run(scenario())
-    assert first_user is None and first.allowed  # a 401: the key was looked up, and is unknown
+    admitted = asyncio.run(scenario())
+    first, second, third = (a.decision for a in admitted)
+    assert admitted[0].user is None and first.allowed  # a 401: the key was looked up, unknown
     assert not second.allowed and not third.allowed and second.remaining == 0
     assert 1 <= second.reset_s <= 60
     assert control.calls == ["authenticate"]  # the refused guesses never reached the store
@@ -297,7 +336,7 @@ def test_a_lowered_limit_tells_when_the_window_has_room_again(
     # Five requests 50, 40, 30, 20 and 10 s ago, admitted under a limit since lowered to 2.
     redis.zadd(window, {f"r{age}": now_ms - age * 1000 for age in (50, 40, 30, 20, 10)})
     gate = RedisGate(Control(), redis_server.url)
-    _, decision = asyncio.run(gate.admit(None, "198.51.100.9", 2))
+    decision = asyncio.run(gate.admit(None, "198.51.100.9", 2)).decision
     # Room for one more once four have left the window: the one from 20 s ago, in 40 s.
     assert not decision.allowed and 39 <= decision.reset_s <= 41
 
@@ -305,9 +344,9 @@ def test_a_lowered_limit_tells_when_the_window_has_room_again(
 def test_a_deleted_agents_session_is_404_on_every_ingress_replica(
     admin: Client, redis_api: ApiServer
 ) -> None:
-    user = _user(admin, redis_api)
+    user = new_user(admin, redis_api)
     agent = user.ok("POST", "/v1/agents", 201, json={})
-    sid = _session(user, agent["id"])
+    sid = new_session(user, agent["id"])
     path = f"/v1/sessions/{sid}/messages"
     for _ in range(6):  # both ingress replicas answer some, and cache the session's route
         user.ok("POST", path, json={"content": "hello"})

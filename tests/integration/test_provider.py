@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from ray.autoscaler.tags import (
@@ -45,6 +45,8 @@ from cluster.hypercore_standin import StandinHandle, start_standin
 from cluster.join.tickets import TicketBook
 from hyperfleet.processes import free_port
 
+from .waiting import wait_until
+
 SLEEP_IMAGE = "test.local/sleep:latest"
 FAKE_RAY_IMAGE = "test.local/fake-ray:latest"
 CATALOG = {
@@ -62,9 +64,6 @@ CATALOG = {
 NODE_CONFIG = {"cores": 1, "memory_mb": 256}
 # The stand-in refreshes its cached List every second here; Hypercore's own interval is ~5 s.
 REFRESH_INTERVAL_S = 1.0
-WAIT_S = 60.0
-
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -152,17 +151,6 @@ def create_workers(
     return sorted(created)
 
 
-def eventually(check: Callable[[], T | None], what: str, timeout_s: float = WAIT_S) -> T:
-    deadline = time.monotonic() + timeout_s
-    result = None
-    while time.monotonic() < deadline:
-        result = check()
-        if result is not None and result is not False:
-            return result
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {result})")
-
-
 def listed(client: HypercoreClient, cluster_name: str) -> dict[str, list[str]]:
     """Node id -> workload ids, as Hypercore's List shows them right now."""
     nodes: dict[str, list[str]] = {}
@@ -204,7 +192,7 @@ def test_create_two_and_list_them_by_tags(
     assert provider.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_HEAD}) == []
     assert all(provider.is_running(i) and not provider.is_terminated(i) for i in ids)
     # Hypercore's List carries them, each with its identity and tags in env, no secret.
-    eventually(lambda: len(listed(hypercore, cluster_name)) == 2, "both workloads in List")
+    wait_until(lambda: len(listed(hypercore, cluster_name)) == 2, "both workloads in List")
     assert sorted(listed(hypercore, cluster_name)) == ids
     for host in hypercore.list():
         for workload in host.workloads:
@@ -228,7 +216,7 @@ def test_nodes_and_tags_survive_a_fresh_instance(
     [node_id] = create_workers(first, 1, worker_tags("req-7"))
     first.set_node_tags(node_id, {TAG_RAY_NODE_STATUS: STATUS_UP_TO_DATE})
     fresh = make_provider()  # what the head's autoscaler, or the next `ray` command, builds
-    assert eventually(lambda: fresh.non_terminated_nodes({}) == [node_id], "the fresh instance")
+    assert wait_until(lambda: fresh.non_terminated_nodes({}) == [node_id], "the fresh instance")
     tags = fresh.node_tags(node_id)
     assert tags[TAG_RAY_LAUNCH_REQUEST] == "req-7"
     assert tags[TAG_RAY_NODE_STATUS] == STATUS_UP_TO_DATE
@@ -273,7 +261,7 @@ def test_concurrent_creates_and_terminates(
         reader.join(30)
     assert read_errors == []
     fresh = make_provider()
-    eventually(lambda: sorted(listed(hypercore, cluster_name)) == ids[4:], "List to show 2 nodes")
+    wait_until(lambda: sorted(listed(hypercore, cluster_name)) == ids[4:], "List to show 2 nodes")
     assert fresh.non_terminated_nodes({}) == ids[4:]
 
 
@@ -290,7 +278,7 @@ def test_terminate_is_idempotent_and_revokes_the_ticket(
     monkeypatch.setenv("HYPERFLEET_HEAD_ADDRESS", f"127.0.0.1:{free_port()}")
     provider = make_provider()
     [node_id] = create_workers(provider, 1)
-    env = eventually(
+    env = wait_until(
         lambda: next(
             (
                 dict(e.split("=", 1) for e in w.request.env)
@@ -313,7 +301,7 @@ def test_terminate_is_idempotent_and_revokes_the_ticket(
     assert provider.is_terminated(node_id)
     revoked = book.lookup(env["HYPERFLEET_JOIN_TICKET"])
     assert revoked is not None and revoked.revoked_at is not None
-    assert eventually(lambda: listed(hypercore, cluster_name) == {}, "List without the node")
+    assert wait_until(lambda: listed(hypercore, cluster_name) == {}, "List without the node")
 
 
 @pytest.mark.timeout(180)
@@ -324,8 +312,8 @@ def test_a_respawned_workload_keeps_its_node_id(
 ) -> None:
     provider = make_provider()
     [node_id] = create_workers(provider, 1, worker_tags("req-respawn"))
-    [first_workload] = eventually(lambda: listed(hypercore, cluster_name).get(node_id), "List")
-    pids = eventually(lambda: workload_pids(node_id), "the workload's process")
+    [first_workload] = wait_until(lambda: listed(hypercore, cluster_name).get(node_id), "List")
+    pids = wait_until(lambda: workload_pids(node_id), "the workload's process")
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
 
@@ -334,15 +322,15 @@ def test_a_respawned_workload_keeps_its_node_id(
         workloads = listed(hypercore, cluster_name).get(node_id)
         return workloads if workloads and workloads != [first_workload] else None
 
-    [second_workload] = eventually(respawned, "the respawned workload")
+    [second_workload] = wait_until(respawned, "the respawned workload")
     assert second_workload != first_workload
     fresh = make_provider()
     assert fresh.non_terminated_nodes({}) == [node_id]
     assert fresh.node_tags(node_id)[TAG_RAY_LAUNCH_REQUEST] == "req-respawn"
     # Terminating the node stops the workload it has now, for good.
     fresh.terminate_node(node_id)
-    assert eventually(lambda: listed(hypercore, cluster_name) == {}, "List without the node")
-    assert eventually(lambda: not workload_pids(node_id), "the workload's processes to exit")
+    assert wait_until(lambda: listed(hypercore, cluster_name) == {}, "List without the node")
+    assert wait_until(lambda: not workload_pids(node_id), "the workload's processes to exit")
 
 
 def test_config_errors_are_clear(
@@ -423,7 +411,7 @@ def test_a_partly_failed_launch_stops_the_nodes_that_started(
         )
     assert provider.non_terminated_nodes({}) == []
     assert make_provider().non_terminated_nodes({}) == []
-    assert eventually(lambda: listed(hypercore, cluster_name) == {}, "List without the nodes")
+    assert wait_until(lambda: listed(hypercore, cluster_name) == {}, "List without the nodes")
 
 
 def test_a_stray_of_a_terminated_node_is_stopped_without_failing_reads(
@@ -433,7 +421,7 @@ def test_a_stray_of_a_terminated_node_is_stopped_without_failing_reads(
 ) -> None:
     provider = make_provider()
     [node_id] = create_workers(provider, 1)
-    request = eventually(
+    request = wait_until(
         lambda: next(
             (
                 w.request
@@ -457,14 +445,14 @@ def test_a_stray_of_a_terminated_node_is_stopped_without_failing_reads(
             dry_run=False,
         )
     )
-    eventually(
+    wait_until(
         lambda: listed(hypercore, cluster_name).get(node_id) == [stray.id], "the stray in List"
     )
     fresh = make_provider()  # knows the node only from its tombstone
     assert fresh.non_terminated_nodes({}) == []
     assert not fresh.is_running(node_id, refresh=True)
     # Reads Stop it in the background (they neither wait for the Stop nor raise its errors).
-    eventually(
+    wait_until(
         lambda: fresh.non_terminated_nodes({}) == [] and listed(hypercore, cluster_name) == {},
         f"the stray {stray.id} stopped",
     )
@@ -478,15 +466,15 @@ def test_terminate_stops_a_respawn_that_list_did_not_show_yet(
 ) -> None:
     provider = make_provider()
     [node_id] = create_workers(provider, 1)
-    [first] = eventually(lambda: listed(hypercore, cluster_name).get(node_id), "List")
-    for pid in eventually(lambda: workload_pids(node_id), "the workload's process"):
+    [first] = wait_until(lambda: listed(hypercore, cluster_name).get(node_id), "List")
+    for pid in wait_until(lambda: workload_pids(node_id), "the workload's process"):
         os.kill(pid, signal.SIGKILL)
     # The stand-in has dropped the exited workload and is starting it again under a new id,
     # which List shows only after its next refresh.
-    eventually(lambda: first not in listed(hypercore, cluster_name).get(node_id, []), "respawn")
+    wait_until(lambda: first not in listed(hypercore, cluster_name).get(node_id, []), "respawn")
     make_provider().terminate_node(node_id)
     deadline = time.monotonic() + 3 * REFRESH_INTERVAL_S
     while time.monotonic() < deadline:
         assert node_id not in listed(hypercore, cluster_name)
         time.sleep(0.2)
-    assert eventually(lambda: not workload_pids(node_id), "the workload's processes to exit")
+    assert wait_until(lambda: not workload_pids(node_id), "the workload's processes to exit")

@@ -26,7 +26,7 @@ from cluster.hypercore_standin import StandinHandle, start_standin
 from hyperfleet.processes import free_port
 
 from .autoscaling_cluster import cluster_workloads
-from .test_provider import eventually
+from .waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -97,8 +97,8 @@ def test_ray_up_then_ray_down(standin: StandinHandle, tmp_path: Path) -> None:
 
     down = _ray("down", "-y", str(cluster_yaml), cwd=tmp_path)
     assert down.returncode == 0, down.stdout[-4000:] + down.stderr[-4000:]
-    eventually(lambda: cluster_workloads(hypercore, name, "head") == {}, "no head in List")
-    eventually(lambda: cluster_workloads(hypercore, name, "worker") == {}, "no worker in List")
+    wait_until(lambda: cluster_workloads(hypercore, name, "head") == {}, "no head in List")
+    wait_until(lambda: cluster_workloads(hypercore, name, "worker") == {}, "no worker in List")
     # And it stays empty: nothing Hypercore respawned after `ray down`'s last List leaks.
     deadline = time.monotonic() + 3 * STANDIN_REFRESH_S
     while time.monotonic() < deadline:
