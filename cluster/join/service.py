@@ -1,10 +1,12 @@
-"""The head's join service: ``POST /v1/join {"ticket": ...}`` answers with the Ray auth token.
+"""The head's join service: a signed ``POST /v1/join`` answers with the sealed Ray auth token.
 
 It runs on the head beside ``ray start --head``, in its own process (the node agent passes it the
 listening socket, so the port is bound before any worker asks and survives a restart of this
 process). It is the one place a ticket turns into the token, so it is small and strict: a body
 limit, a per-address rate limit, JSON errors in the repository's shape, and the liveness check of
 ``TicketBook.redeem`` answered by the GCS node table (``GcsLiveness``), the only call to Ray here.
+A ticket is redeemed only for a request signed by a key that the instance's own console shows
+(``cluster.node.join_key``, ``cluster.join.consoles``; ``docs/join.md`` has the threat model).
 """
 
 from __future__ import annotations
@@ -27,9 +29,28 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cluster.hypercore import HypercoreClient
+from cluster.node import join_key
 from cluster.node.gcs import GCS_TIMEOUT_S, GcsUnavailable, instance_nodes
+from cluster.node.join_key import JoinClaim, JoinKeyError
 
-from .tickets import InstanceState, JoinError, LivenessUnknown, TicketBook
+from .consoles import (
+    NOT_ATTESTED_RETRY_S,
+    Consoles,
+    DirectoryConsoles,
+    HypercoreConsoles,
+    KeyNotAttested,
+    NoConsoles,
+    attested,
+)
+from .tickets import (
+    MAX_INSTANCE_ID_CHARS,
+    InstanceState,
+    JoinError,
+    LivenessUnknown,
+    TicketBook,
+    UnknownTicket,
+)
 
 logger = logging.getLogger("hyperfleet.join")
 
@@ -42,10 +63,31 @@ KEEP_ALIVE_S = 5
 MAX_CONNECTIONS = 64
 
 
+B64_KEY = r"^[A-Za-z0-9_-]{43}$"  # 32 bytes, unpadded URL-safe base64
+
+
 class JoinRequest(BaseModel):
+    """A signed join request (``cluster.node.join_key.NodeKey.signed_request``)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ticket: str = Field(min_length=1, max_length=MAX_TICKET_CHARS)
+    instance_id: str = Field(min_length=1, max_length=MAX_INSTANCE_ID_CHARS)
+    signing_key: str = Field(pattern=B64_KEY)
+    encryption_key: str = Field(pattern=B64_KEY)
+    timestamp: int = Field(ge=0)
+    nonce: str = Field(pattern=r"^[A-Za-z0-9_-]{22}$")
+    signature: str = Field(pattern=r"^[A-Za-z0-9_-]{86}$")
+
+    def claim(self) -> JoinClaim:
+        return JoinClaim(
+            ticket=self.ticket,
+            instance_id=self.instance_id,
+            signing_key=self.signing_key,
+            encryption_key=self.encryption_key,
+            timestamp=self.timestamp,
+            nonce=self.nonce,
+        )
 
 
 class RateLimiter:
@@ -98,17 +140,41 @@ def build_app(
     book: TicketBook,
     token_file: Path,
     liveness: Callable[[str], InstanceState],
+    consoles: Consoles,
     limiter: RateLimiter | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> Starlette:
     """The join service's ASGI app.
+
+    A request is checked in this order, and only the last step touches the ticket: its
+    signature and timestamp; the ticket exists and was minted for the instance the request
+    names; a console of that instance shows the request's key (``consoles``); then
+    ``TicketBook.redeem``. So a request without the node's key never spends a ticket.
 
     Args:
         book: where tickets are redeemed.
         token_file: the Ray auth token, read at each redemption (so a rotated token is served).
         liveness: what the GCS says about an instance id's nodes (``GcsLiveness`` in production).
+        consoles: where an instance's console is read (``HypercoreConsoles`` in production).
         limiter: per-address rate limit; default ``RateLimiter()``.
+        clock: seconds since the epoch, for the request's timestamp.
     """
     limiter = limiter or RateLimiter()
+
+    def verify(request: JoinRequest) -> str:
+        """The instance id, once everything but the ticket's redemption checked out."""
+        claim = request.claim()
+        join_key.verify(claim, request.signature, clock())
+        record = book.lookup(request.ticket)
+        if record is None or record.instance_id != request.instance_id:
+            # The same answer for both: no oracle for which instance a ticket is for.
+            raise UnknownTicket("unknown join ticket")
+        if not attested(consoles.consoles(record.instance_id, request.ticket), claim.fingerprint):
+            raise KeyNotAttested(
+                f"no console of instance {record.instance_id} shows the key {claim.fingerprint}",
+                retry_after_s=NOT_ATTESTED_RETRY_S,
+            )
+        return book.redeem(request.ticket, liveness)
 
     async def join(request: Request) -> Response:
         address = request.client.host if request.client else "unknown"
@@ -118,20 +184,26 @@ def build_app(
         if body is None:
             return _error(413, "request_too_large", f"the body exceeds {MAX_BODY_BYTES} bytes")
         try:
-            ticket = JoinRequest.model_validate_json(body).ticket
+            join_request = JoinRequest.model_validate_json(body)
         except ValidationError as e:
             first = e.errors(include_url=False)[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
             return _error(400, "invalid_request", f"{where}: {first['msg']}")
         try:
-            # SQLite and the GCS query block: keep them off the event loop.
-            instance_id = await run_in_threadpool(book.redeem, ticket, liveness)
-        except JoinError as e:
+            # SQLite, Hypercore and the GCS block: keep them off the event loop.
+            instance_id = await run_in_threadpool(verify, join_request)
+        except (JoinError, JoinKeyError) as e:
             logger.warning("join refused for %s: %s", address, e.message)
             return _error(e.status_code, e.error_type, e.message, e.retry_after_s)
-        token = (await run_in_threadpool(token_file.read_text)).strip()
-        logger.info("instance %s joined from %s", instance_id, address)
-        return JSONResponse({"token": token, "instance_id": instance_id})
+        token = (await run_in_threadpool(token_file.read_text)).strip().encode()
+        sealed = join_key.seal(token, join_request.encryption_key, instance_id)
+        logger.info(
+            "instance %s joined from %s with key %s",
+            instance_id,
+            address,
+            join_request.claim().fingerprint,
+        )
+        return JSONResponse({"sealed_token": sealed, "instance_id": instance_id})
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -171,10 +243,16 @@ class GcsLiveness:
         return InstanceState.DEAD if nodes else InstanceState.ABSENT
 
 
-def serve(listener: socket.socket, db_path: Path, token_file: Path, gcs_address: str) -> None:
+def serve(
+    listener: socket.socket,
+    db_path: Path,
+    token_file: Path,
+    gcs_address: str,
+    consoles: Consoles,
+) -> None:
     """Serves the join service on an already listening socket until SIGTERM/SIGINT."""
     book = TicketBook(db_path)
-    app = build_app(book, token_file, GcsLiveness(gcs_address, token_file))
+    app = build_app(book, token_file, GcsLiveness(gcs_address, token_file), consoles)
     config = uvicorn.Config(
         app,
         fd=listener.fileno(),
@@ -199,13 +277,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--db", type=Path, required=True, help="the ticket book (SQLite)")
     parser.add_argument("--token-file", type=Path, required=True)
     parser.add_argument("--gcs-address", required=True, help="HOST:PORT of the head's GCS")
+    parser.add_argument("--hypercore-address", help="the cluster's Hypercore, to read consoles")
+    parser.add_argument("--hypercore-transport", choices=("grpc", "http"), default="grpc")
+    parser.add_argument(
+        "--image", action="append", default=[], help="a node image of the cluster (repeatable)"
+    )
+    parser.add_argument(
+        "--consoles-dir", type=Path, help="consoles as <dir>/<instance id>.log (no Hypercore)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s join-service %(levelname)s %(message)s"
     )
+    consoles: Consoles
+    if args.consoles_dir is not None:
+        consoles = DirectoryConsoles(args.consoles_dir)
+    elif args.hypercore_address and args.image:
+        client = HypercoreClient.connect(args.hypercore_address, transport=args.hypercore_transport)
+        consoles = HypercoreConsoles(client, args.image)
+    else:
+        consoles = NoConsoles()
+        logger.warning("no Hypercore and no consoles directory: every join will be refused")
     listener = socket.socket(fileno=args.fd)
     logger.info("serving on %s", listener.getsockname())
-    serve(listener, args.db, args.token_file, args.gcs_address)
+    serve(listener, args.db, args.token_file, args.gcs_address, consoles)
     return 0
 
 

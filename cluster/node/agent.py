@@ -49,6 +49,7 @@ from hyperfleet.processes import reap_orphans, spawn, stop
 from . import gpus
 from .gcs import GcsUnavailable, instance_nodes
 from .join import JoinFailed, JoinService, NodeAgentError, host_port, redeem_ticket
+from .join_key import NodeKey, console_line
 from .ray_start import node_ip_of, ray_start_command, raylet_port_for
 from .settings import NodeRole, NodeSettings, NodeSettingsError
 from .warm_workers import RayletClient, WarmWorkerKeeper
@@ -202,10 +203,16 @@ class NodeAgent:
             logger.info("join service on %s", join.endpoints.join_url)
         else:
             assert settings.join_url is not None and settings.join_ticket is not None
+            # The key lives in this process only; its fingerprint goes to the console, where
+            # the head reads it through Hypercore's Logs (docs/join.md).
+            key = NodeKey.generate()
+            print(console_line(key.fingerprint), file=sys.stderr, flush=True)
             try:
-                token, instance_id = redeem_ticket(
+                token = redeem_ticket(
                     settings.join_url,
                     settings.join_ticket.get_secret_value(),
+                    settings.instance_id,
+                    key,
                     node_ip,
                     settings.join_timeout_s,
                     self._stopping,
@@ -214,8 +221,6 @@ class NodeAgent:
                 if self._stopping.is_set():
                     return EXIT_STOPPED
                 raise
-            if instance_id != settings.instance_id:
-                raise JoinFailed(f"the ticket is for instance {instance_id}, not this one")
             token_path = settings.home / TOKEN_FILE
             write_secret(token_path, token)
             logger.info("joined: the head gave this node the cluster's token")

@@ -31,9 +31,12 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
+import yaml
+
 from hyperfleet.errors import HyperfleetError
 from hyperfleet.processes import spawn, stop
 
+from .join_key import JoinKeyError, NodeKey
 from .settings import NodeSettings, NodeSettingsError
 
 logger = logging.getLogger("hyperfleet.node")
@@ -48,6 +51,9 @@ JOIN_SERVICE_MAX_RESTARTS = 5  # within JOIN_SERVICE_RESTART_WINDOW_S
 JOIN_SERVICE_RESTART_WINDOW_S = 600.0
 JOIN_SERVICE_STOP_GRACE_S = 10.0
 LISTEN_BACKLOG = 64
+# The provider's default image (autoscaling.provider_config.DEFAULT_IMAGE, which this package may
+# not import); a unit test keeps the two equal.
+DEFAULT_NODE_IMAGE = "ghcr.io/hyperfleet/node:latest"
 # Never handed to a child: the spent ticket, and a token that would override RAY_AUTH_TOKEN_PATH.
 # The ticket and a token never reach Ray's processes; a one-machine stack's loopback switch
 # (cluster.cli.servers.LOOPBACK_RAY_ENV) would make a worker's `ray start` refuse to run.
@@ -86,7 +92,9 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _post_join(join_url: str, ticket: str, source_ip: str) -> tuple[int, str | None, bytes]:
+def _post_join(
+    join_url: str, body: dict[str, object], source_ip: str
+) -> tuple[int, str | None, bytes]:
     parts = urlsplit(join_url)
     connection_class = (
         http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
@@ -98,9 +106,8 @@ def _post_join(join_url: str, ticket: str, source_ip: str) -> tuple[int, str | N
         source_address=(source_ip, 0),
     )
     try:
-        body = json.dumps({"ticket": ticket})
         headers = {"Content-Type": "application/json"}
-        connection.request("POST", parts.path + JOIN_PATH, body, headers)
+        connection.request("POST", parts.path + JOIN_PATH, json.dumps(body), headers)
         response = connection.getresponse()
         return response.status, response.getheader("Retry-After"), response.read(MAX_RESPONSE_BYTES)
     finally:
@@ -115,15 +122,25 @@ def _message(body: bytes) -> str:
 
 
 def redeem_ticket(
-    join_url: str, ticket: str, source_ip: str, timeout_s: float, stopping: Stopping
-) -> tuple[str, str]:
-    """Trades ``ticket`` for (token, instance id) at the head, retrying until ``timeout_s``.
+    join_url: str,
+    ticket: str,
+    instance_id: str,
+    key: NodeKey,
+    source_ip: str,
+    timeout_s: float,
+    stopping: Stopping,
+) -> str:
+    """Trades ``ticket`` for the token at the head, retrying until ``timeout_s``.
 
-    Connection failures, 409 (the instance's previous node is still alive), 429 and 5xx are
-    retried with backoff, or after the server's Retry-After; any other refusal is final.
+    Each request is signed with ``key``, whose fingerprint the agent printed to its console;
+    the head answers with the token sealed to ``key`` for ``instance_id``.
+    Connection failures, 409 (the instance's previous node is still alive, or the head cannot
+    see the key in this workload's console yet), 429 and 5xx are retried with backoff, or after
+    the server's Retry-After; any other refusal is final.
 
     Raises:
-        JoinFailed: refused, out of time, or asked to stop.
+        JoinFailed: refused, out of time, asked to stop, or an answer not sealed to ``key`` for
+            ``instance_id``.
     """
     deadline = time.monotonic() + timeout_s
     delay_s = JOIN_RETRY_MIN_S
@@ -131,19 +148,13 @@ def redeem_ticket(
     while not stopping.is_set():
         retry_after_s: float | None = None
         try:
-            status, retry_after, body = _post_join(join_url, ticket, source_ip)
+            request = key.signed_request(ticket, instance_id, time.time())
+            status, retry_after, body = _post_join(join_url, request, source_ip)
         except OSError as e:  # refused, unreachable, timed out: the head may be starting
             last = str(e) or type(e).__name__
         else:
             if status == 200:
-                try:
-                    answer = json.loads(body)
-                    return str(answer["token"]), str(answer["instance_id"])
-                except (ValueError, KeyError, TypeError) as e:
-                    # Never the body: a 200 answer is the token reply.
-                    raise JoinFailed(
-                        f"the join service's 200 answer is no token reply ({type(e).__name__})"
-                    ) from e
+                return _open_answer(body, instance_id, key)
             last = f"HTTP {status}: {_message(body)}"
             if status not in (409, 429) and status < 500:
                 raise JoinFailed(f"the head refused the join ticket ({last})")
@@ -156,6 +167,50 @@ def redeem_ticket(
         stopping.wait(wait_s)
         delay_s = min(JOIN_RETRY_MAX_S, delay_s * 2)
     raise JoinFailed("asked to stop before joining")
+
+
+def _open_answer(body: bytes, instance_id: str, key: NodeKey) -> str:
+    try:
+        answer = json.loads(body)
+        answered_id, sealed = str(answer["instance_id"]), str(answer["sealed_token"])
+    except (ValueError, KeyError, TypeError) as e:
+        # Never the body: a 200 answer is the token reply.
+        raise JoinFailed(
+            f"the join service's 200 answer is no token reply ({type(e).__name__})"
+        ) from e
+    if answered_id != instance_id:
+        raise JoinFailed(f"the ticket is for instance {answered_id}, not this one")
+    try:
+        return key.open(sealed, instance_id).decode()
+    except (JoinKeyError, UnicodeDecodeError) as e:
+        raise JoinFailed(f"the head's token reply does not open with this node's key ({e})") from e
+
+
+def console_source_args(settings: NodeSettings) -> list[str]:
+    """The join service's flags for where it reads nodes' consoles: the consoles directory if
+    set, else the Hypercore and node images of the head's autoscaling config, else none (the
+    service then refuses every join: it cannot tell a node from someone who read its env)."""
+    if settings.join_consoles_dir is not None:
+        return [f"--consoles-dir={settings.join_consoles_dir}"]
+    if settings.autoscaling_config is None:
+        return []
+    try:
+        config = yaml.safe_load(settings.autoscaling_config.read_text())
+        provider = config["provider"]
+        address = str(provider["hypercore_address"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        logger.warning("no Hypercore in the autoscaling config (%s): nodes cannot join", e)
+        return []
+    images = {str(provider.get("default_image") or DEFAULT_NODE_IMAGE)}
+    for node_type in (config.get("available_node_types") or {}).values():
+        if image := ((node_type or {}).get("node_config") or {}).get("image"):
+            images.add(str(image))
+    transport = str(provider.get("transport") or "grpc")
+    return [
+        f"--hypercore-address={address}",
+        f"--hypercore-transport={transport}",
+        *(f"--image={image}" for image in sorted(images)),
+    ]
 
 
 class RestartBudget:
@@ -209,6 +264,7 @@ class JoinService:
             f"--db={self.endpoints.join_db}",
             f"--token-file={token_path}",
             f"--gcs-address={host_port(node_ip, settings.ray_port)}",
+            *console_source_args(settings),
         ]  # fmt: skip
         # The service asks the GCS whether an instance is alive: it needs the token too.
         self._env = {

@@ -163,6 +163,9 @@ class NodeSettings(BaseModel):
         default=DEFAULT_JOIN_TIMEOUT_S, gt=0, alias="HYPERFLEET_JOIN_TIMEOUT_S"
     )
     join_port: int = Field(default=0, ge=0, le=65535, alias="HYPERFLEET_JOIN_PORT")
+    # Head only, for nodes that are not Hypercore workloads: <dir>/<instance id>.log is a node's
+    # console, where the join service looks for its key (docs/join.md).
+    join_consoles_dir: Path | None = Field(default=None, alias="HYPERFLEET_JOIN_CONSOLES_DIR")
     ray_port: int = Field(default=DEFAULT_RAY_PORT, ge=1, le=65535, alias="HYPERFLEET_RAY_PORT")
     num_cpus: int | None = Field(default=None, ge=0, alias="HYPERFLEET_NUM_CPUS")
     memory_mb: int | None = Field(default=None, ge=MIN_MEMORY_MB, alias="HYPERFLEET_MEMORY_MB")

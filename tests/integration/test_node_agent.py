@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from cluster.join.tickets import TicketBook
+from cluster.node.join_key import NodeKey
 from hyperfleet.processes import ProcessId, descendants, free_port, stop, tail
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,10 +150,12 @@ class Head:
         )
         return out.stdout.split()
 
-    def join(self, ticket: str) -> tuple[int, dict[str, Any]]:
+    def join(self, ticket: str, instance_id: str) -> tuple[int, dict[str, Any]]:
+        """A join with ``ticket`` by someone who read it in env but has not the node's key."""
+        body = NodeKey.generate().signed_request(ticket, instance_id, time.time())
         request = urllib.request.Request(  # noqa: S310
             self.join_url + "/v1/join",
-            data=json.dumps({"ticket": ticket}).encode(),
+            data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
         try:
@@ -230,6 +233,8 @@ def head(tmp_path_factory: pytest.TempPathFactory, subnet: str) -> Iterator[Head
         "HYPERFLEET_NUM_CPUS": "1",
         "HYPERFLEET_MEMORY_MB": "1024",
         "HYPERFLEET_HOME": str(home),
+        # These nodes are no Hypercore workloads: the join service reads their consoles here.
+        "HYPERFLEET_JOIN_CONSOLES_DIR": str(home / "consoles"),
     }
     log = home / "agent.log"
     agent = _agent(env, log)
@@ -261,6 +266,13 @@ def _worker(
         "HYPERFLEET_HOME": str(home),
         **extra_env,
     }
+    # The worker's console, where the head's join service looks for its key.
+    consoles = head.home / "consoles"
+    consoles.mkdir(exist_ok=True)
+    (consoles / f"{instance_id}.log").unlink(missing_ok=True)
+    (home / "agent.log").parent.mkdir(parents=True, exist_ok=True)
+    (home / "agent.log").touch()
+    (consoles / f"{instance_id}.log").symlink_to(home / "agent.log")
     return _agent(env, home / "agent.log")
 
 
@@ -305,6 +317,10 @@ def test_worker_joins_with_a_ticket_drains_on_sigterm_and_rejoins(
 ) -> None:
     book = TicketBook(head.home / "join.db")
     ticket = book.mint("hf-w1", ttl_s=600)
+    # Whoever read the ticket in the workload's env cannot join first, nor spend the ticket.
+    status, body = head.join(ticket, "hf-w1")
+    assert (status, body["error"]["type"]) == (409, "key_not_attested")
+    assert book.lookup(ticket).redemptions == 0  # type: ignore[union-attr]
     home = tmp_path / "w1"
     worker = _worker(head, f"{subnet}.11", "hf-w1", ticket, home)
     try:
@@ -334,10 +350,13 @@ def test_worker_joins_with_a_ticket_drains_on_sigterm_and_rejoins(
         assert env["RAY_CLOUD_INSTANCE_ID"] == "hf-w1" and env["RAY_NODE_TYPE_NAME"] == "cpu-agent"
         assert ticket not in json.dumps(env)
 
-        # The ticket is spent while its node lives; a made-up one is unknown.
-        status, body = head.join(ticket)
-        assert (status, body["error"]["type"]) == (409, "ticket_in_use")
-        status, body = head.join("made-up-ticket")
+        # The node printed its key's fingerprint; a thief's key is not it, even now that the
+        # fingerprint is public. A made-up ticket is unknown.
+        assert "HYPERFLEET-JOIN-KEY SHA256:" in (home / "agent.log").read_text()
+        status, body = head.join(ticket, "hf-w1")
+        assert (status, body["error"]["type"]) == (409, "key_not_attested")
+        assert book.lookup(ticket).redemptions == 1  # type: ignore[union-attr]
+        status, body = head.join("made-up-ticket", "hf-w1")
         assert (status, body["error"]["type"]) == (401, "unknown_ticket")
         assert head.liveness("hf-w1", "hf-nobody") == ["alive", "absent"]
 
@@ -364,8 +383,9 @@ def test_worker_joins_with_a_ticket_drains_on_sigterm_and_rejoins(
 
         # Terminated for good: the provider revokes, and the ticket is dead.
         book.revoke("hf-w1")
-        status, body = head.join(ticket)
-        assert (status, body["error"]["type"]) == (403, "ticket_revoked")
+        status, body = head.join(ticket, "hf-w1")
+        assert (status, body["error"]["type"]) == (409, "key_not_attested")
+        assert book.lookup(ticket).revoked_at is not None  # type: ignore[union-attr]
     finally:
         stop(worker, STOP_DEADLINE_S)
         book.close()

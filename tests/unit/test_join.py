@@ -6,12 +6,15 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
 
+from cluster.join.consoles import DirectoryConsoles, NoConsoles, attested
 from cluster.join.service import MAX_BODY_BYTES, RateLimiter, build_app
 from cluster.join.tickets import (
     KEEP_EXPIRED_S,
@@ -23,6 +26,15 @@ from cluster.join.tickets import (
     TicketRevoked,
     UnknownTicket,
     ticket_hash,
+)
+from cluster.node.join_key import (
+    MAX_CLOCK_SKEW_S,
+    JoinClaim,
+    JoinKeyError,
+    NodeKey,
+    console_line,
+    fingerprints_in,
+    verify,
 )
 
 HOLDOFF_S = 20.0
@@ -273,52 +285,207 @@ def token_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_join_service_answers_the_token(book: TicketBook, token_file: Path) -> None:
+@pytest.fixture
+def consoles_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "consoles"
+    path.mkdir()
+    return path
+
+
+def _app(book: TicketBook, token_file: Path, consoles_dir: Path, **kwargs: Any) -> TestClient:
+    return TestClient(
+        build_app(book, token_file, always_alive, DirectoryConsoles(consoles_dir), **kwargs)
+    )
+
+
+def _boot(consoles_dir: Path, instance_id: str, *extra_lines: str) -> NodeKey:
+    """A node's boot: a fresh key whose fingerprint it prints to its console."""
+    key = NodeKey.generate()
+    lines = ["starting", console_line(key.fingerprint), *extra_lines]
+    (consoles_dir / f"{instance_id}.log").write_text("\n".join(lines) + "\n")
+    return key
+
+
+def test_join_service_answers_the_token_sealed_to_the_node(
+    book: TicketBook, token_file: Path, consoles_dir: Path
+) -> None:
     ticket = book.mint("vm-1", ttl_s=60)
-    client = TestClient(build_app(book, token_file, always_alive))
-    response = client.post("/v1/join", json={"ticket": ticket})
+    key = _boot(consoles_dir, "vm-1")
+    client = _app(book, token_file, consoles_dir)
+    response = client.post("/v1/join", json=key.signed_request(ticket, "vm-1", time.time()))
     assert response.status_code == 200
-    assert response.json() == {"token": "the-token", "instance_id": "vm-1"}
-    again = client.post("/v1/join", json={"ticket": ticket})
+    answer = response.json()
+    assert set(answer) == {"sealed_token", "instance_id"} and answer["instance_id"] == "vm-1"
+    assert "the-token" not in response.text
+    assert key.open(answer["sealed_token"], "vm-1") == b"the-token"
+    # Sealed to this node's key and instance: no other key opens it, nor another instance id.
+    with pytest.raises(JoinKeyError):
+        NodeKey.generate().open(answer["sealed_token"], "vm-1")
+    with pytest.raises(JoinKeyError):
+        key.open(answer["sealed_token"], "vm-2")
+    again = client.post("/v1/join", json=key.signed_request(ticket, "vm-1", time.time()))
     assert again.status_code == 409
     assert again.json()["error"]["type"] == "ticket_in_use"
     assert int(again.headers["Retry-After"]) >= 1
 
 
+def test_a_thief_with_the_ticket_but_not_the_key_is_refused_and_burns_nothing(
+    book: TicketBook, token_file: Path, consoles_dir: Path
+) -> None:
+    """The ticket is public (Hypercore's List shows env), and so is the node's fingerprint
+    (Logs): neither lets anyone else join, nor lock the node out."""
+    ticket = book.mint("vm-1", ttl_s=60)
+    key = _boot(consoles_dir, "vm-1")
+    client = _app(book, token_file, consoles_dir)
+    thief = NodeKey.generate()
+    stolen = thief.signed_request(ticket, "vm-1", time.time())
+    response = client.post("/v1/join", json=stolen)
+    assert response.status_code == 409
+    assert response.json()["error"]["type"] == "key_not_attested"
+    # The node's public key, read from its request or console, signed by the thief's key.
+    forged = {**stolen, "signing_key": key.signed_request(ticket, "vm-1", 0)["signing_key"]}
+    assert client.post("/v1/join", json=forged).json()["error"]["type"] == "bad_signature"
+    # The node's own request, replayed with the thief's encryption key swapped in.
+    replayed = key.signed_request(ticket, "vm-1", time.time())
+    swapped = {**replayed, "encryption_key": stolen["encryption_key"]}
+    assert client.post("/v1/join", json=swapped).json()["error"]["type"] == "bad_signature"
+    record = book.lookup(ticket)
+    assert record is not None and record.redemptions == 0
+    # The real node still joins.
+    response = client.post("/v1/join", json=replayed)
+    assert response.status_code == 200
+    assert key.open(response.json()["sealed_token"], "vm-1") == b"the-token"
+
+
+def test_a_console_with_two_fingerprints_attests_neither(
+    book: TicketBook, token_file: Path, consoles_dir: Path
+) -> None:
+    ticket = book.mint("vm-1", ttl_s=60)
+    thief = NodeKey.generate()
+    key = _boot(consoles_dir, "vm-1", console_line(thief.fingerprint))
+    client = _app(book, token_file, consoles_dir)
+    for who in (key, thief):
+        response = client.post("/v1/join", json=who.signed_request(ticket, "vm-1", time.time()))
+        assert response.json()["error"]["type"] == "key_not_attested"
+    assert book.lookup(ticket).redemptions == 0  # type: ignore[union-attr]
+
+
+def test_a_ticket_joins_only_the_instance_it_was_minted_for(
+    book: TicketBook, token_file: Path, consoles_dir: Path
+) -> None:
+    ticket = book.mint("vm-1", ttl_s=60)
+    key = _boot(consoles_dir, "vm-2")  # a node of another instance, with its key in its console
+    client = _app(book, token_file, consoles_dir)
+    response = client.post("/v1/join", json=key.signed_request(ticket, "vm-2", time.time()))
+    assert (response.status_code, response.json()["error"]["type"]) == (401, "unknown_ticket")
+    assert book.lookup(ticket).redemptions == 0  # type: ignore[union-attr]
+
+
+def test_a_stale_request_is_refused(book: TicketBook, token_file: Path, consoles_dir: Path) -> None:
+    ticket = book.mint("vm-1", ttl_s=60)
+    key = _boot(consoles_dir, "vm-1")
+    client = _app(book, token_file, consoles_dir, clock=lambda: 10_000.0)
+    old = key.signed_request(ticket, "vm-1", 10_000.0 - MAX_CLOCK_SKEW_S - 1)
+    response = client.post("/v1/join", json=old)
+    assert (response.status_code, response.json()["error"]["type"]) == (401, "bad_signature")
+    fresh = key.signed_request(ticket, "vm-1", 10_000.0)
+    assert client.post("/v1/join", json=fresh).status_code == 200
+
+
+def test_a_head_that_cannot_read_consoles_refuses_every_join(
+    book: TicketBook, token_file: Path
+) -> None:
+    ticket = book.mint("vm-1", ttl_s=60)
+    client = TestClient(build_app(book, token_file, always_alive, NoConsoles()))
+    key = NodeKey.generate()
+    response = client.post("/v1/join", json=key.signed_request(ticket, "vm-1", time.time()))
+    assert (response.status_code, response.json()["error"]["type"]) == (
+        503,
+        "consoles_unavailable",
+    )
+    assert book.lookup(ticket).redemptions == 0  # type: ignore[union-attr]
+
+
+def test_directory_consoles_stay_in_their_directory(tmp_path: Path) -> None:
+    (tmp_path / "outside.log").write_text(console_line("SHA256:" + "A" * 43))
+    consoles = DirectoryConsoles(tmp_path / "consoles")
+    assert consoles.consoles("../outside", "t") == []
+    assert consoles.consoles("..", "t") == []
+    assert consoles.consoles("vm-1", "t") == []
+
+
+def test_fingerprints_count_only_on_a_line_of_their_own() -> None:
+    fp = NodeKey.generate().fingerprint
+    assert fingerprints_in(f"x\n{console_line(fp)}\n") == {fp}
+    assert fingerprints_in(f"x\r\n{console_line(fp)}\r\n") == {fp}
+    assert fingerprints_in(f"said: {console_line(fp)}\n") == set()
+    assert fingerprints_in(f"{console_line(fp)}trailing\n") == set()
+    assert attested([f"{console_line(fp)}\n"], fp)
+    assert not attested(["nothing here"], fp)
+
+
+def test_a_tampered_claim_does_not_verify() -> None:
+    key = NodeKey.generate()
+    request = key.signed_request("ticket", "vm-1", 1_000.0)
+    signature = str(request.pop("signature"))
+    claim = JoinClaim(**request)  # type: ignore[arg-type]
+    verify(claim, signature, 1_000.0)
+    for field, value in (("ticket", "other"), ("instance_id", "vm-2"), ("timestamp", 1_001)):
+        tampered = JoinClaim(**{**request, field: value})  # type: ignore[arg-type]
+        with pytest.raises(JoinKeyError, match="does not verify"):
+            verify(tampered, signature, 1_000.0)
+    with pytest.raises(JoinKeyError):
+        verify(claim, "A" * 86, 1_000.0)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "kind"),
     [
-        (b'{"ticket": "nope"}', 401, "unknown_ticket"),
+        (b'{"ticket": "nope"}', 400, "invalid_request"),  # unsigned: today's request shape
         (b'{"ticket": ""}', 400, "invalid_request"),
-        (b'{"ticket": "x", "more": 1}', 400, "invalid_request"),
         (b"not json", 400, "invalid_request"),
         (b'{"ticket": "' + b"x" * MAX_BODY_BYTES + b'"}', 413, "request_too_large"),
     ],
 )
 def test_join_service_errors(
-    book: TicketBook, token_file: Path, body: bytes, status: int, kind: str
+    book: TicketBook, token_file: Path, consoles_dir: Path, body: bytes, status: int, kind: str
 ) -> None:
-    client = TestClient(build_app(book, token_file, always_alive))
-    response = client.post("/v1/join", content=body)
+    response = _app(book, token_file, consoles_dir).post("/v1/join", content=body)
     assert response.status_code == status
     assert response.json()["error"]["type"] == kind
     assert response.json()["error"]["message"]
 
 
-def test_join_service_other_routes_use_the_error_shape(book: TicketBook, token_file: Path) -> None:
-    client = TestClient(build_app(book, token_file, always_alive))
+def test_join_service_refuses_an_unknown_ticket_and_extra_fields(
+    book: TicketBook, token_file: Path, consoles_dir: Path
+) -> None:
+    client = _app(book, token_file, consoles_dir)
+    request = NodeKey.generate().signed_request("nope", "vm-1", time.time())
+    response = client.post("/v1/join", json=request)
+    assert (response.status_code, response.json()["error"]["type"]) == (401, "unknown_ticket")
+    response = client.post("/v1/join", json={**request, "more": 1})
+    assert (response.status_code, response.json()["error"]["type"]) == (400, "invalid_request")
+
+
+def test_join_service_other_routes_use_the_error_shape(
+    book: TicketBook, token_file: Path, consoles_dir: Path
+) -> None:
+    client = _app(book, token_file, consoles_dir)
     assert client.get("/v1/join").json()["error"]["type"] == "http_error"
     assert client.get("/").status_code == 404
 
 
-def test_join_service_rate_limits_per_address(book: TicketBook, token_file: Path) -> None:
+def test_join_service_rate_limits_per_address(
+    book: TicketBook, token_file: Path, consoles_dir: Path
+) -> None:
     now = [0.0]
     limiter = RateLimiter(per_min=60, burst=3, clock=lambda: now[0])
-    client = TestClient(build_app(book, token_file, always_alive, limiter))
-    codes = [client.post("/v1/join", json={"ticket": "x"}).status_code for _ in range(4)]
+    client = _app(book, token_file, consoles_dir, limiter=limiter)
+    request = NodeKey.generate().signed_request("x", "vm-1", time.time())
+    codes = [client.post("/v1/join", json=request).status_code for _ in range(4)]
     assert codes == [401, 401, 401, 429]
     now[0] += 1.0  # one more token at 1 a second
-    assert client.post("/v1/join", json={"ticket": "x"}).status_code == 401
+    assert client.post("/v1/join", json=request).status_code == 401
 
 
 def test_rate_limiter_is_bounded() -> None:

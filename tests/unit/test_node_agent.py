@@ -29,6 +29,7 @@ from cluster.node.agent import (
 )
 from cluster.node.gpus import Gpu, Inventory, MigInstance, RayGpuOptions, ray_gpu_options
 from cluster.node.join import HeadServices, JoinFailed, RestartBudget, redeem_ticket
+from cluster.node.join_key import JoinClaim, NodeKey, seal, verify
 from cluster.node.ray_start import RayStart, detect_node_ip, ray_start_command
 from cluster.node.settings import NodeRole, NodeSettings, NodeSettingsError
 from hyperfleet.processes import reap_orphans
@@ -325,6 +326,13 @@ class ScriptedJoin(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.seen.append((self.client_address[0], body))
         status, answer, headers = self.script.pop(0) if self.script else (500, {}, {})
+        if "token" in answer:  # the head seals the token to the key the request carries
+            plain = str(answer.pop("token")).encode()
+            instance_id = str(answer["instance_id"])
+            answer = {
+                **answer,
+                "sealed_token": seal(plain, str(body["encryption_key"]), instance_id),
+            }
         payload = json.dumps(answer).encode()
         self.send_response(status)
         for name, value in headers.items():
@@ -360,13 +368,29 @@ def test_redeem_retries_while_the_old_node_is_alive(join_server: str) -> None:
         (503, _refusal("liveness_unknown"), {}),
         (200, {"token": "tok", "instance_id": "hf-7f3a"}, {}),
     ]
-    assert redeem_ticket(join_server, "t", "127.0.0.1", 30, StopFlag()) == ("tok", "hf-7f3a")
-    assert [body for _, body in ScriptedJoin.seen] == [{"ticket": "t"}] * 3
+    key = NodeKey.generate()
+    assert redeem_ticket(join_server, "t", "hf-7f3a", key, "127.0.0.1", 30, StopFlag()) == "tok"
+    bodies = [body for _, body in ScriptedJoin.seen]
+    assert len(bodies) == 3 and len({str(body["nonce"]) for body in bodies}) == 3
+    for body in bodies:  # each a fresh request, signed by the node's key
+        signature = str(body.pop("signature"))
+        assert body["ticket"] == "t" and body["instance_id"] == "hf-7f3a"
+        verify(JoinClaim(**body), signature, time.time())  # type: ignore[arg-type]
+        assert JoinClaim(**body).fingerprint == key.fingerprint  # type: ignore[arg-type]
+
+
+def test_redeem_refuses_a_token_not_sealed_for_it(join_server: str) -> None:
+    ScriptedJoin.script = [(200, {"token": "tok", "instance_id": "hf-other"}, {})]
+    with pytest.raises(JoinFailed, match="not this one"):
+        redeem_ticket(join_server, "t", "hf-7f3a", NodeKey.generate(), "127.0.0.1", 30, StopFlag())
+    ScriptedJoin.script = [(200, {"sealed_token": "A" * 80, "instance_id": "hf-7f3a"}, {})]
+    with pytest.raises(JoinFailed, match="does not open"):
+        redeem_ticket(join_server, "t", "hf-7f3a", NodeKey.generate(), "127.0.0.1", 30, StopFlag())
 
 
 def test_redeem_sends_from_the_node_address(join_server: str) -> None:
     ScriptedJoin.script = [(200, {"token": "tok", "instance_id": "i"}, {})]
-    redeem_ticket(join_server, "t", "127.0.0.23", 10, StopFlag())
+    redeem_ticket(join_server, "t", "i", NodeKey.generate(), "127.0.0.23", 10, StopFlag())
     assert ScriptedJoin.seen[0][0] == "127.0.0.23"
 
 
@@ -374,7 +398,7 @@ def test_redeem_sends_from_the_node_address(join_server: str) -> None:
 def test_redeem_gives_up_on_a_final_refusal(join_server: str, status: int) -> None:
     ScriptedJoin.script = [(status, _refusal("no"), {})]
     with pytest.raises(JoinFailed, match=f"HTTP {status}: refused: no") as failed:
-        redeem_ticket(join_server, "t", "127.0.0.1", 30, StopFlag())
+        redeem_ticket(join_server, "t", "i", NodeKey.generate(), "127.0.0.1", 30, StopFlag())
     assert failed.value.exit_code == 3
     assert len(ScriptedJoin.seen) == 1
 
@@ -385,13 +409,15 @@ def test_redeem_never_echoes_a_200_answer(
     """A 200 answer is the token reply: even a malformed one stays out of errors and logs."""
     ScriptedJoin.script = [(200, {"tokn": "the-secret-token"}, {})]
     with caplog.at_level("DEBUG"), pytest.raises(JoinFailed, match="no token reply") as failed:
-        redeem_ticket(join_server, "t", "127.0.0.1", 30, StopFlag())
+        redeem_ticket(join_server, "t", "i", NodeKey.generate(), "127.0.0.1", 30, StopFlag())
     assert "the-secret-token" not in str(failed.value) + caplog.text
 
 
 def test_redeem_stops_at_its_deadline_when_the_head_is_down() -> None:
     with pytest.raises(JoinFailed, match="could not join"):
-        redeem_ticket("http://127.0.0.1:9", "t", "127.0.0.1", 2.5, StopFlag())
+        redeem_ticket(
+            "http://127.0.0.1:9", "t", "i", NodeKey.generate(), "127.0.0.1", 2.5, StopFlag()
+        )
 
 
 def test_redeem_stops_when_asked() -> None:
@@ -399,7 +425,7 @@ def test_redeem_stops_when_asked() -> None:
     threading.Timer(0.5, stopping.set).start()
     # Well before its 60 s deadline, and saying why.
     with pytest.raises(JoinFailed, match="asked to stop"):
-        redeem_ticket("http://127.0.0.1:9", "t", "127.0.0.1", 60, stopping)
+        redeem_ticket("http://127.0.0.1:9", "t", "i", NodeKey.generate(), "127.0.0.1", 60, stopping)
 
 
 def test_orphans_are_reaped_and_own_children_left_to_popen() -> None:
@@ -483,3 +509,29 @@ def test_a_parked_worker_exits_non_zero_after_the_bound(monkeypatch: pytest.Monk
 def test_a_head_whose_ray_exits_exits_non_zero() -> None:
     agent = NodeAgent(NodeSettings.from_env(head_env()), head_env())
     assert agent._supervise(_ray_that_exits(), None) == EXIT_RAY_FAILED
+
+
+def test_the_join_service_reads_consoles_where_the_autoscaling_config_says(tmp_path: Path) -> None:
+    from autoscaling.provider_config import DEFAULT_IMAGE
+    from cluster.node.join import DEFAULT_NODE_IMAGE, console_source_args
+
+    assert DEFAULT_NODE_IMAGE == DEFAULT_IMAGE
+    config = tmp_path / "autoscaling.yaml"
+    config.write_text(
+        "provider: {hypercore_address: '127.0.0.1:8100', transport: http}\n"
+        "available_node_types:\n"
+        "  cpu: {node_config: {cores: 1}}\n"
+        "  gpu: {node_config: {image: 'ghcr.io/hyperfleet/node-gpu:latest'}}\n"
+    )
+    base = {"HYPERFLEET_NODE_ROLE": "head", "HYPERFLEET_INSTANCE_ID": "h",
+            "HYPERFLEET_NODE_TYPE": "head", "HYPERFLEET_HOME": str(tmp_path)}  # fmt: skip
+    settings = NodeSettings.from_env({**base, "HYPERFLEET_AUTOSCALING_CONFIG": str(config)})
+    assert console_source_args(settings) == [
+        "--hypercore-address=127.0.0.1:8100",
+        "--hypercore-transport=http",
+        "--image=ghcr.io/hyperfleet/node-gpu:latest",
+        f"--image={DEFAULT_IMAGE}",
+    ]
+    consoles = NodeSettings.from_env({**base, "HYPERFLEET_JOIN_CONSOLES_DIR": str(tmp_path)})
+    assert console_source_args(consoles) == [f"--consoles-dir={tmp_path}"]
+    assert console_source_args(NodeSettings.from_env(base)) == []
