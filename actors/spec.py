@@ -7,6 +7,9 @@ Placement is derived here, as a pure function, so the rules are tested without R
 - ``isolation: vm`` asks for the node's single VM-slot resource, so the replica has the VM to itself
   and one tenant's tools never share a VM with another's;
 - ``label_selector`` is passed through (enforced by Ray for actors, unlike node-label strategies).
+
+What a tenant (a user who is not an administrator) may ask for on top of these bounds is the
+ingress's decision (``serve_app/tenancy.py``): the spec says what is possible, not what is allowed.
 """
 
 from __future__ import annotations
@@ -45,6 +48,24 @@ class Resources(BaseModel):
         return self
 
 
+class ToolLimits(BaseModel):
+    """What one tool call's processes may use (``actors/tools/sandbox.py`` applies them).
+
+    ``processes``, ``memory_mb``, ``cpu_s`` and ``file_size_mb`` are rlimits set inside the
+    sandbox (RLIMIT_NPROC counted in the call's own user namespace, RLIMIT_AS and RLIMIT_CPU per
+    process, RLIMIT_FSIZE per file); ``disk_mb`` is the session workspace's quota; ``tmp_mb`` the
+    size of each of the call's in-memory ``/tmp`` and ``/dev/shm``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    processes: int = Field(default=256, ge=8, le=16_384, description="processes and threads")
+    memory_mb: int = Field(default=2048, ge=64, le=1_048_576, description="per process")
+    cpu_s: int = Field(default=120, ge=1, le=86_400, description="CPU seconds per process")
+    file_size_mb: int = Field(default=1024, ge=1, le=1_048_576, description="largest file")
+    disk_mb: int = Field(default=2048, ge=1, le=1_048_576, description="the workspace's quota")
+    tmp_mb: int = Field(default=256, ge=1, le=65_536, description="in-memory tmp dirs, each")
+
+
 class Replicas(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -74,6 +95,7 @@ class AgentSpec(BaseModel):
     session_idle_ttl_s: float = Field(default=900.0, ge=1, le=86_400)
     turn_timeout_s: float = Field(default=600.0, ge=1, le=3_600, description="wall clock per turn")
     tool_timeout_s: float = Field(default=60.0, ge=1, le=3_600)
+    tool_limits: ToolLimits = Field(default_factory=ToolLimits)
     resources: Resources = Field(default_factory=Resources)
     isolation: Literal["vm", "shared"] | None = Field(
         default=None, description="default: vm when a shell tool is offered, else shared"

@@ -5,13 +5,17 @@ from __future__ import annotations
 from .base import Tool, ToolResult
 from .builtin import bash_tool, file_tools
 from .custom import CustomToolError, load_custom_tool
-from .sandbox import Sandbox
+from .egress import EgressFirewall, EgressUnavailable
+from .sandbox import Sandbox, SandboxLimits
 from .workspace import PathEscapeError, Workspace
 
 __all__ = [
     "CustomToolError",
+    "EgressFirewall",
+    "EgressUnavailable",
     "PathEscapeError",
     "Sandbox",
+    "SandboxLimits",
     "Tool",
     "ToolResult",
     "Workspace",

@@ -3,11 +3,12 @@ confined to the workspace by path resolution."""
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from .base import Tool, ToolResult
 from .sandbox import Sandbox, SandboxUnavailable
-from .workspace import PathEscapeError, Workspace
+from .workspace import MIB, PathEscapeError, Workspace
 
 MAX_READ_BYTES = 256 * 1024
 MAX_WRITE_BYTES = 1024 * 1024
@@ -23,6 +24,20 @@ def _string_input(tool_input: dict[str, Any], name: str, required: bool = True) 
     return value
 
 
+def _exit_note(exit_code: int, sandbox: Sandbox, workspace: Workspace) -> str:
+    """What a non-zero exit says, naming the limit that killed the command when one did (bwrap
+    exits with 128 + the signal that ended the command)."""
+    limits = {
+        signal.SIGXCPU: f"its CPU time limit of {sandbox.limits.cpu_s} s",
+        signal.SIGXFSZ: f"its file size limit of {sandbox.file_size_limit(workspace) / MIB:g} MiB",
+    }
+    signals = {int(s): s for s in limits}
+    killed_by = signals.get(exit_code - 128)
+    if killed_by is None:
+        return f"[exit code {exit_code}]"
+    return f"[exit code {exit_code}: killed by {killed_by.name}, over {limits[killed_by]}]"
+
+
 def bash_tool(sandbox: Sandbox, timeout_s: float) -> Tool:
     async def run(tool_input: dict[str, Any], workspace: Workspace) -> ToolResult:
         try:
@@ -32,10 +47,13 @@ def bash_tool(sandbox: Sandbox, timeout_s: float) -> Tool:
         except (ValueError, SandboxUnavailable) as e:
             return ToolResult(str(e), is_error=True)
         note = "\n[output truncated]" if done.truncated else ""
+        if done.stopped is not None:
+            return ToolResult(f"{done.output}{note}\n[stopped: {done.stopped}]", True)
         if done.exit_code is None:
             return ToolResult(f"{done.output}{note}\n[timed out after {timeout_s:g} s]", True)
         if done.exit_code != 0:
-            return ToolResult(f"{done.output}{note}\n[exit code {done.exit_code}]", True)
+            exit_note = _exit_note(done.exit_code, sandbox, workspace)
+            return ToolResult(f"{done.output}{note}\n{exit_note}", True)
         return ToolResult(done.output + note)
 
     return Tool(

@@ -25,6 +25,8 @@ def test_defaults() -> None:
         ({"resources": {"mig_profile": "1g.10gb", "gpus": 0.5}}, "not both"),
         ({"replicas": {"min": 3, "max": 2}}, "above replicas.max"),
         ({"max_turns": 0}, "greater than or equal to 1"),
+        ({"tool_limits": {"processes": 1}}, "greater than or equal to 8"),
+        ({"tool_limits": {"swap_mb": 1}}, "Extra inputs"),
         ({"unknown": 1}, "Extra inputs"),
     ],
 )

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from actors.tools import CustomToolError, PathEscapeError, Sandbox, Workspace, build_tools
+from actors.tools.egress import blocked_destinations, rules
 
 FIXTURE = "tests.unit.fixtures.custom_tools"
 
@@ -109,3 +115,77 @@ async def test_bash_without_bubblewrap_refuses(workspace: Workspace) -> None:
     tools = build_tools(("bash",), sandbox, 5)
     result = await tools["bash"].run({"command": "echo hi"}, workspace)
     assert result.is_error and "bubblewrap" in result.content
+
+
+_REMOVE_AS_OWNER = """
+import os, pathlib, sys
+from actors.tools.workspace import remove_tree
+agent = pathlib.Path(sys.argv[1]) / "agent"
+deep = agent / "session" / "d" / "e"
+deep.mkdir(parents=True)
+(deep / "f").write_text("kept")
+os.symlink(sys.argv[2], agent / "session" / "link")
+os.chmod(deep, 0o500)
+os.chmod(deep.parent, 0o000)
+remove_tree(agent)
+print("left:", agent.exists())
+"""
+
+
+def test_a_workspace_tree_is_removed_even_where_a_tool_made_it_read_only(tmp_path: Path) -> None:
+    """A replica that is not root runs its tools as its own user: what they leave read-only it
+    must still remove (as the tree's owner, without root's bypass of permissions)."""
+    base = Path(tempfile.mkdtemp(prefix="hf-rm-"))
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o755)
+    argv = [sys.executable, "-c", _REMOVE_AS_OWNER, str(base), str(outside)]
+    if os.geteuid() == 0:
+        base.chmod(0o777)  # the owner below is nobody, not root
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("needs setpriv to run as an unprivileged owner")
+        argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+    try:
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() == "left: False"
+        assert (outside.stat().st_mode & 0o777) == 0o755  # a link's target is left alone
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_egress_chain_covers_every_form_of_a_blocked_address() -> None:
+    v4, v6 = blocked_destinations(["192.0.2.2", "fe80::1%eth0", "203.0.113.0/24", "10.1.2.3"])
+    v4_nets = [ipaddress.ip_network(n) for n in v4]
+    v6_nets = [ipaddress.ip_network(n) for n in v6]
+
+    def covered(address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return any(ip in n for n in (v4_nets if ip.version == 4 else v6_nets))
+
+    for address in (
+        "192.0.2.2",
+        "203.0.113.77",
+        "224.0.0.251",
+        "239.255.255.250",
+        "255.255.255.255",
+    ):
+        assert covered(address), address
+    for address in ("ff02::1", "fe80::2", "fd12::1", "::ffff:8.8.8.8", "64:ff9b::203.0.113.77"):
+        assert covered(address), address
+    assert covered("2002:cb00:714d::1")  # 6to4 of 203.0.113.77
+    assert covered("64:ff9b::10.9.9.9") and covered("2002:a09:909::")  # of 10/8
+    for address in ("8.8.8.8", "192.0.2.3", "2001:4860:4860::8888", "64:ff9b::8.8.8.8"):
+        assert not covered(address), address
+    assert "10.1.2.3/32" not in v4  # inside 10.0.0.0/8: collapsed
+    table = rules(v4)
+    assert table.startswith("*filter\n:HYPERFLEET-EGRESS - [0:0]\n")  # declared: emptied first
+    assert "-A HYPERFLEET-EGRESS -d 203.0.113.0/24 -j REJECT\n" in table
+    assert table.endswith("COMMIT\n")
