@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .host import SessionHost
     from .loop import AgentLoop, LoopConfig
     from .pricing import Usage, price_of
-    from .spec import AgentSpec, Replicas, Resources, placement_options
+    from .spec import AgentSpec, Replicas, Resources, ToolLimits, placement_options
     from .store import RedisSessionStore, SessionStore, SqliteSessionStore, open_store
     from .store.actor import start_on_head, start_store_actor
 
@@ -65,6 +65,7 @@ _SOURCES = {
     "SessionHost": ".host",
     "SessionStore": ".store",
     "SqliteSessionStore": ".store",
+    "ToolLimits": ".spec",
     "Usage": ".pricing",
     "open_store": ".store",
     "placement_options": ".spec",
@@ -98,6 +99,7 @@ __all__ = [
     "SqliteSessionStore",
     "StaleSessionError",
     "StoreError",
+    "ToolLimits",
     "UpstreamError",
     "Usage",
     "build_host",

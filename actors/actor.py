@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -21,21 +22,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from hyperfleet.errors import InvalidRequestError
 from hyperfleet.metering import Reservation, UsageRecord
 from hyperfleet.names import CONTROL_ACTOR_NAME
 from hyperfleet.names import NAMESPACE as NAMESPACE  # re-exported: actors.NAMESPACE
 
-from .breaker import CircuitBreaker
+from .breaker import BREAKERS, CircuitBreaker
 from .host import SessionHost
 from .loop import STREAM_BACKOFF_S, AgentLoop, LoopConfig
 from .meter import UsageMeter
 from .model_client import PendingClient
 from .spec import AgentSpec, placement_options
 from .store import SessionStore, TurnRecord, open_store
-from .tools import Sandbox, build_tools
+from .tools import EgressFirewall, EgressUnavailable, Sandbox, SandboxLimits, build_tools
+from .tools.workspace import MIB
 
 if TYPE_CHECKING:
     import anthropic
@@ -64,6 +66,24 @@ class RuntimeConfig(BaseModel):
     custom_tools: tuple[str, ...] = Field(
         default=(), description="module:function tools agents may use (platform code, trusted)"
     )
+    egress_blocked: tuple[str, ...] = Field(
+        default=(),
+        description="addresses or CIDRs egress tools may not reach, besides the cluster's own "
+        "(say, the Hypercore host's public address)",
+    )
+    egress_refresh_s: float = Field(
+        default=30.0, gt=0, le=3_600, description="how often the egress rules learn new nodes"
+    )
+
+    @field_validator("egress_blocked")
+    @classmethod
+    def _networks(cls, blocked: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in blocked:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError as e:
+                raise ValueError(f"egress_blocked: {e}") from e
+        return blocked
 
 
 def default_workspaces() -> Path:
@@ -102,6 +122,25 @@ def _meter_retryable(error: Exception) -> bool:
     return isinstance(error, (TimeoutError, ray.exceptions.RayActorError))
 
 
+def sandbox_limits(spec: AgentSpec) -> SandboxLimits:
+    """The spec's ``tool_limits`` as the sandbox applies them."""
+    limits = spec.tool_limits
+    return SandboxLimits(
+        processes=limits.processes,
+        memory_bytes=limits.memory_mb * MIB,
+        cpu_s=limits.cpu_s,
+        file_size_bytes=limits.file_size_mb * MIB,
+        tmp_bytes=limits.tmp_mb * MIB,
+    )
+
+
+def node_addresses() -> list[str]:
+    """Every node's address in Ray's node table (live or recently dead): egress tools may reach
+    none of them."""
+    nodes = ray.nodes()  # type: ignore[no-untyped-call]
+    return sorted({str(node["NodeManagerAddress"]) for node in nodes})
+
+
 def replica_name(agent_id: str, index: int) -> str:
     return f"agent-{agent_id}-{index}"
 
@@ -115,6 +154,8 @@ def build_host(
     store: SessionStore | None = None,
     on_commit: Callable[[str, TurnRecord, Reservation | None], None] | None = None,
     stream_backoff_s: float = STREAM_BACKOFF_S,
+    credential: SecretStr | None = None,
+    firewall: EgressFirewall | None = None,
 ) -> SessionHost:
     """What a replica runs, wired from the agent's spec and the platform's runtime config: the
     spec's tools in the sandbox, the agent loop with its circuit breaker, the store, the
@@ -125,9 +166,20 @@ def build_host(
         store: the session store; default, the one ``runtime.store_url`` names.
         on_commit: called with each committed turn, to meter it.
         stream_backoff_s: the loop's wait before retrying a broken stream (tests shorten it).
+        credential: the Anthropic key ``client`` calls with: the loop shares this process's
+            circuit breaker for it (``breaker.BREAKERS``); None, a breaker of its own.
+        firewall: the egress firewall of the spec's tools; default, one that knows the
+            operator's ``egress_blocked`` but not the cluster's nodes (``AgentActor`` gives its
+            own, which lists them).
     """
-    tools = build_tools(
-        spec.tools, Sandbox(egress=spec.egress), spec.tool_timeout_s, runtime.custom_tools
+    if firewall is None:
+        firewall = EgressFirewall(runtime.egress_blocked, refresh_s=runtime.egress_refresh_s)
+    sandbox = Sandbox(egress=spec.egress, limits=sandbox_limits(spec), firewall=firewall)
+    tools = build_tools(spec.tools, sandbox, spec.tool_timeout_s, runtime.custom_tools)
+    breaker = (
+        BREAKERS.for_credential(credential.get_secret_value())
+        if credential is not None
+        else CircuitBreaker()
     )
     config = LoopConfig(
         model=spec.model,
@@ -141,7 +193,7 @@ def build_host(
         agent_id,
         spec,
         store if store is not None else open_store(runtime.store_url),
-        AgentLoop(client, config, tools, CircuitBreaker()),
+        AgentLoop(client, config, tools, breaker),
         Path(runtime.workspaces) if runtime.workspaces else default_workspaces(),
         on_commit=on_commit,
     )
@@ -149,16 +201,43 @@ def build_host(
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class AgentActor:
-    def __init__(self, agent_id: str, index: int, spec: AgentSpec, runtime: RuntimeConfig) -> None:
+    def __init__(
+        self,
+        agent_id: str,
+        index: int,
+        spec: AgentSpec,
+        runtime: RuntimeConfig,
+        own_key: SecretStr | None = None,
+    ) -> None:
+        """``own_key`` is the agent's own Anthropic key when ``spawn_replica`` took it out of
+        the spec; a spec given here directly (a batch job's) may carry it itself."""
         self.name = replica_name(agent_id, index)
-        key = spec.anthropic_api_key or runtime.anthropic_api_key or _key_from_environment()
+        key = (
+            own_key
+            or spec.anthropic_api_key
+            or runtime.anthropic_api_key
+            or _key_from_environment()
+        )
         self._client = PendingClient(lambda: _build_client(key, runtime), self.name)
         self.agent_id = agent_id
         self._control: Any = None
         self._usage = UsageMeter(self._send_usage, self.name, _meter_retryable)
-        self.host = build_host(agent_id, spec, runtime, self._client, on_commit=self._record_usage)
+        self._firewall = EgressFirewall(
+            runtime.egress_blocked, node_addresses, refresh_s=runtime.egress_refresh_s
+        )
+        self.host = build_host(
+            agent_id,
+            spec,
+            runtime,
+            self._client,
+            on_commit=self._record_usage,
+            credential=key,
+            firewall=self._firewall,
+        )
         self._sweep_interval_s = runtime.sweep_interval_s
         self._sweeper: asyncio.Task[None] | None = None
+        self._egress_refresher: asyncio.Task[None] | None = None
+        self._egress_refresh_s = runtime.egress_refresh_s if spec.egress else None
 
     def _record_usage(self, owner: str, turn: TurnRecord, reservation: Reservation | None) -> None:
         """Meters a committed turn in the control store (when the HTTP API runs with it)."""
@@ -184,6 +263,19 @@ class AgentActor:
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        if self._egress_refresh_s is not None and self._egress_refresher is None:
+            self._egress_refresher = asyncio.get_running_loop().create_task(
+                self._refresh_egress(self._egress_refresh_s)
+            )
+
+    async def _refresh_egress(self, interval_s: float) -> None:
+        """Keeps the egress rules current as nodes join, even while a long tool runs."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await asyncio.to_thread(self._firewall.refresh)
+            except EgressUnavailable as e:
+                logger.error("%s: egress rules not refreshed: %s", self.name, e)
 
     async def _sweep(self) -> None:
         while True:
@@ -263,20 +355,27 @@ class AgentActor:
             logger.error("%s: %d turns not metered yet", self.name, self._usage.pending)
 
     async def __ray_shutdown__(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._egress_refresher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._flush_usage()
         await self._client.close()
 
 
 def spawn_replica(agent_id: str, index: int, spec: AgentSpec, runtime: RuntimeConfig) -> Any:
-    """Starts replica ``index`` of an agent (or returns it if it runs); placed from its spec."""
+    """Starts replica ``index`` of an agent (or returns it if it runs); placed from its spec.
+
+    The agent's own Anthropic key travels as an argument of its own: a small argument is inlined
+    in the actor's creation task (which the GCS keeps in memory, to restart the replica), while
+    one over 100 KiB (a spec with a long system prompt) would go through the object store, which
+    spills to disk under memory pressure (docs/security.md)."""
+    without_key = spec.model_copy(update={"anthropic_api_key": None})
     return AgentActor.options(  # type: ignore[attr-defined]
         name=replica_name(agent_id, index),
         namespace=NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
         **placement_options(spec),
-    ).remote(agent_id, index, spec, runtime)
+    ).remote(agent_id, index, without_key, runtime, spec.anthropic_api_key)

@@ -3,18 +3,47 @@
 Closed: calls pass; ``failure_threshold`` consecutive failures open it. Open: calls fail fast with
 ``CircuitOpenError`` carrying how long until it half-opens. Half-open after ``cooldown_s``: one
 trial call passes; its success closes the breaker, its failure opens it again.
+
+A call goes through ``attempt()``, a context manager that records an outcome on every exit: the
+call says ``succeeded()`` or ``failed()``, and a call that leaves any other way (the API refused
+the request with a 4xx, which says nothing of its health; the turn was cancelled or timed out; a
+bug) is neutral, and a half-open trial that ends so lets the next call be the trial. Without it,
+a trial that left early kept the breaker refusing every call until the replica restarted.
+
+One breaker per credential (``BreakerRegistry``): an outage of the API, or a revoked or
+rate-limited key, is a property of the key, so every agent loop in a process that uses the same
+key shares its breaker, and a key of one tenant never opens another's. Replicas in different
+processes each keep their own: a breaker is a local guess, and sharing it would put a network
+call in front of each model call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 from hyperfleet.errors import CircuitOpenError
 
 FAILURE_THRESHOLD = 5
 COOLDOWN_S = 30.0
+MAX_CREDENTIALS = 1_024  # breakers kept per process; the least recently used goes first
+
+
+class Attempt:
+    """One call through the breaker: it says how the call went before it leaves ``attempt``."""
+
+    def __init__(self) -> None:
+        self.outcome: Literal["success", "failure"] | None = None
+
+    def succeeded(self) -> None:
+        self.outcome = "success"
+
+    def failed(self) -> None:
+        self.outcome = "failure"
 
 
 class CircuitBreaker:
@@ -39,14 +68,32 @@ class CircuitBreaker:
             return "half_open"
         return "open"
 
-    def check(self) -> None:
-        """Raises ``CircuitOpenError`` unless a call may go through now."""
+    @contextlib.contextmanager
+    def attempt(self) -> Iterator[Attempt]:
+        """Lets one call through (or raises ``CircuitOpenError``) and records its outcome
+        however it leaves: ``failed()`` counts a failure, ``succeeded()`` closes the breaker,
+        and neither (an exception included) releases a half-open trial without a verdict."""
+        trial = self.check()
+        attempt = Attempt()
+        try:
+            yield attempt
+        finally:
+            if attempt.outcome == "success":
+                self.record_success()
+            elif attempt.outcome == "failure":
+                self.record_failure(trial)
+            elif trial:
+                self._trial_running = False
+
+    def check(self) -> bool:
+        """Raises ``CircuitOpenError`` unless a call may go through now; True when that call is
+        the half-open trial, whose outcome must then be recorded (``attempt`` does)."""
         state = self.state
         if state == "closed":
-            return
+            return False
         if state == "half_open" and not self._trial_running:
             self._trial_running = True
-            return
+            return True
         assert self._opened_at is not None
         wait_s = max(0.0, self.cooldown_s - (self._clock() - self._opened_at))
         raise CircuitOpenError(
@@ -59,9 +106,44 @@ class CircuitBreaker:
         self._opened_at = None
         self._trial_running = False
 
-    def record_failure(self) -> None:
+    def record_failure(self, trial: bool | None = None) -> None:
+        """Counts a failure; ``trial`` says whether it was the half-open trial's (None: whether
+        a trial is running), which opens the breaker again at once."""
         self._failures += 1
-        was_trial = self._trial_running
-        self._trial_running = False
+        was_trial = self._trial_running if trial is None else trial
+        if was_trial:
+            self._trial_running = False
         if was_trial or self._failures >= self.failure_threshold:
             self._opened_at = self._clock()
+
+
+class BreakerRegistry:
+    """The breaker of each credential a process uses, keyed by a SHA-256 of the credential (no
+    plaintext key is kept), at most ``max_credentials`` of them."""
+
+    def __init__(
+        self,
+        max_credentials: int = MAX_CREDENTIALS,
+        make: Callable[[], CircuitBreaker] = CircuitBreaker,
+    ) -> None:
+        self._max = max_credentials
+        self._make = make
+        self._breakers: OrderedDict[str, CircuitBreaker] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._breakers)
+
+    def for_credential(self, credential: str) -> CircuitBreaker:
+        digest = hashlib.sha256(credential.encode()).hexdigest()
+        breaker = self._breakers.get(digest)
+        if breaker is None:
+            breaker = self._breakers[digest] = self._make()
+            while len(self._breakers) > self._max:
+                # A loop still holding an evicted breaker keeps using it; a new loop for that
+                # credential starts with a fresh one.
+                self._breakers.popitem(last=False)
+        self._breakers.move_to_end(digest)
+        return breaker
+
+
+BREAKERS = BreakerRegistry()  # this process's: replicas' loops take theirs from here

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -38,7 +37,7 @@ from .session import Session, digest
 from .spec import AgentSpec
 from .store import SessionRecord, SessionStore, TurnRecord
 from .tools import Workspace
-from .tools.workspace import sandbox_uid
+from .tools.workspace import MIB, remove_tree, sandbox_uid
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +74,7 @@ class SessionHost:
         self._loading: dict[str, asyncio.Future[Session]] = {}
         self._inflight: dict[tuple[str, str], tuple[str, asyncio.Future[TurnRecord]]] = {}
         self.draining = False
+        self.retired = False  # the agent is being deleted: its workspaces are gone for good
         self.turns_completed = 0
         self.turns_failed = 0
 
@@ -100,8 +100,12 @@ class SessionHost:
         return {"id": record.session_id, "agent_id": self.agent_id, "created_at": record.created_at}
 
     def _new_session(self, record: SessionRecord) -> Session:
+        if self.retired:  # a request racing the agent's deletion must not recreate its files
+            raise NotFoundError(f"no session {record.session_id}: its agent is deleted")
         workspace = Workspace(
-            self.workspaces / self.agent_id / record.session_id, sandbox_uid(self.spec.egress)
+            self.workspaces / self.agent_id / record.session_id,
+            sandbox_uid(self.spec.egress),
+            disk_quota_bytes=self.spec.tool_limits.disk_mb * MIB,
         )
         workspace.create()
         return Session(record=record, workspace=workspace, last_used=self._clock())
@@ -171,7 +175,7 @@ class SessionHost:
         await self.store.close_session(session_id)
         self._sessions.pop(session_id, None)
         # The transcript stays in the store; the workspace's files go with the session.
-        await asyncio.to_thread(shutil.rmtree, session.workspace.root, True)
+        await asyncio.to_thread(remove_tree, session.workspace.root)
 
     async def transcript(
         self, session_id: str, owner: str | None = None, after: int = 0, limit: int = 50
@@ -388,8 +392,10 @@ class SessionHost:
 
     async def purge(self) -> None:
         """Removes this agent's workspace files on this node (the agent is being deleted; its
-        transcripts stay in the store). Call after ``drain``."""
-        await asyncio.to_thread(shutil.rmtree, self.workspaces / self.agent_id, True)
+        transcripts stay in the store), and from then on loads no session, so that nothing
+        writes them back. Call after ``drain``."""
+        self.retired = True
+        await asyncio.to_thread(remove_tree, self.workspaces / self.agent_id)
 
 
 def _turn_end(turn: TurnRecord, replayed: bool) -> dict[str, Any]:

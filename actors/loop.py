@@ -179,30 +179,38 @@ class AgentLoop:
         params = self._params(messages)
         last_error: Exception | None = None
         for attempt in range(self.config.stream_attempts):
-            self.breaker.check()
             coalescer = TextCoalescer(emit)
             reply = ReplyAccumulator()
-            try:
-                stream = await client.messages.create(**params, stream=True)
-                async with stream:
-                    async for event in stream:
-                        text = reply.add(event)
-                        if text:
-                            await coalescer.add(text)
-                message = reply.result()
-                await coalescer.flush()
-                self.breaker.record_success()
-                return message
-            except anthropic.APIStatusError as e:
-                if e.status_code in _CLIENT_ERRORS:
-                    raise UpstreamError(f"the model API refused the request: {e.message}") from e
-                self.breaker.record_failure()
-                if e.response.status_code != 200:  # the SDK already retried this one
-                    raise UpstreamError(f"the model API failed: {e.message}") from e
-                last_error = e
-            except (anthropic.APIConnectionError, httpx2.TransportError, IncompleteReplyError) as e:
-                self.breaker.record_failure()
-                last_error = e
+            # Every way out of this block records an outcome (``CircuitBreaker.attempt``): a 4xx
+            # or a cancellation during a half-open trial must not leave the breaker refusing.
+            with self.breaker.attempt() as call:
+                try:
+                    stream = await client.messages.create(**params, stream=True)
+                    async with stream:
+                        async for event in stream:
+                            text = reply.add(event)
+                            if text:
+                                await coalescer.add(text)
+                    message = reply.result()
+                    await coalescer.flush()
+                    call.succeeded()
+                    return message
+                except anthropic.APIStatusError as e:
+                    if e.status_code in _CLIENT_ERRORS:  # neutral: the API answered
+                        raise UpstreamError(
+                            f"the model API refused the request: {e.message}"
+                        ) from e
+                    call.failed()
+                    if e.response.status_code != 200:  # the SDK already retried this one
+                        raise UpstreamError(f"the model API failed: {e.message}") from e
+                    last_error = e
+                except (
+                    anthropic.APIConnectionError,
+                    httpx2.TransportError,
+                    IncompleteReplyError,
+                ) as e:
+                    call.failed()
+                    last_error = e
             started = reply.started
             await coalescer.flush()
             if started:

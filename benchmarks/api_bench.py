@@ -197,7 +197,8 @@ def _worker_main(
                 work_dir / f"c-{mode}-{gate}.db", redis_url if gate == "redis" else None
             )
             ray.get(control.ping.remote(), timeout=60)
-            ray.get(control.create_user.remote("usr_b", "bench", {"requests_per_minute": 10**7}))
+            quotas = {"requests_per_minute": 10**7, "max_sessions": 10**6}
+            ray.get(control.create_user.remote("usr_b", "bench", quotas))
             user_key = ray.get(control.issue_key.remote("usr_b")).api_key
             runtime: dict[str, Any] = {"anthropic_base_url": emulator_url, "anthropic_api_key": KEY}
             config: dict[str, Any] = {"runtime": runtime, "ip_requests_per_minute": 10**7}

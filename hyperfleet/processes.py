@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import psutil
 
+from .private import open_private
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -58,19 +60,38 @@ READY_POLL_S = 0.1
 PROBE_TIMEOUT_S = 2.0
 
 
+def started_since_boot_s(process: psutil.Process) -> float:
+    """When ``process`` started, in seconds since the machine booted (to the clock tick).
+
+    Not psutil's ``create_time()`` itself: that is this plus the boot time as the wall clock
+    tells it now, which moves whenever the clock is stepped (NTP, a resumed VM), so a process
+    compared by it would look gone, and be left running, after a step. The kernel's start
+    ticks never move; this recovers them from ``create_time()``, which adds that boot time."""
+    return round(process.create_time() - psutil.boot_time(), 2)
+
+
+def boot_id() -> str:
+    """This boot of the machine (Linux's random boot id; "" where there is none): a process
+    recorded in another boot is gone, whatever now holds its pid."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 @dataclass(frozen=True)
 class ProcessId:
-    """One process over time: its pid and its start time (psutil's ``create_time``, seconds
-    since the epoch). The pid alone may name another process once this one has exited."""
+    """One process over time: its pid and when it started (``started_since_boot_s``). The pid
+    alone may name another process once this one has exited."""
 
     pid: int
-    start_time_s: float
+    started_s: float
 
     @classmethod
     def of(cls, pid: int) -> ProcessId | None:
         """The process that holds ``pid`` now (a zombie included); None if none does."""
         try:
-            return cls(pid, psutil.Process(pid).create_time())
+            return cls(pid, started_since_boot_s(psutil.Process(pid)))
         except psutil.Error:
             return None
 
@@ -94,7 +115,7 @@ class ProcessId:
     def _running(self) -> psutil.Process | None:
         try:
             process = psutil.Process(self.pid)
-            if process.create_time() != self.start_time_s:
+            if started_since_boot_s(process) != self.started_s:
                 return None
             if process.status() == psutil.STATUS_ZOMBIE:
                 return None
@@ -105,7 +126,7 @@ class ProcessId:
 
 def _id(process: psutil.Process) -> ProcessId | None:
     try:
-        return ProcessId(process.pid, process.create_time())
+        return ProcessId(process.pid, started_since_boot_s(process))
     except psutil.Error:
         return None
 
@@ -409,14 +430,18 @@ def spawn(
     env: Mapping[str, str] | None = None,
     log: Path | None = None,
     pass_fds: Collection[int] = (),
+    umask: int | None = None,
 ) -> subprocess.Popen[bytes]:
     """Starts ``argv`` to be supervised.
 
     In its own session: a terminal's Ctrl-C reaches only its supervisor, which decides what its
     children get, and ``stop`` can signal its group. Its stdin is /dev/null; its output is
-    appended to ``log`` (created with its folder), or else goes where this process's goes.
+    appended to ``log`` (a 0600 file, its missing folders 0700: a log may hold what a secret
+    file would), or else goes where this process's goes. ``umask`` (say ``PRIVATE_UMASK``) is
+    the child's, for a server whose own files must be private; None: this process's.
     """
     env_copy = None if env is None else dict(env)
+    child_umask = -1 if umask is None else umask  # -1: Popen leaves the umask as it is
     if log is None:
         return subprocess.Popen(
             argv,
@@ -424,9 +449,9 @@ def spawn(
             env=env_copy,
             start_new_session=True,
             pass_fds=tuple(pass_fds),
+            umask=child_umask,
         )
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
+    with os.fdopen(open_private(log, os.O_WRONLY | os.O_APPEND), "ab") as out:
         return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -435,6 +460,7 @@ def spawn(
             env=env_copy,
             start_new_session=True,
             pass_fds=tuple(pass_fds),
+            umask=child_umask,
         )
 
 

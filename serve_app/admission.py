@@ -12,9 +12,8 @@ contract by one conformance suite (``tests/integration/test_admission_conformanc
   moving windows and, for a turn, takes its reservation against the day's used-token counter,
   which the control store mirrors into Redis each time it meters a commit
   (``redis_budget.py``); so limits and budgets are exact across replicas. Keys and session
-  routes are cached per ingress replica: a revoked key stops working at once on the replica that
-  revoked it and within ``AUTH_CACHE_TTL_S`` on the others; a quota change applies within the
-  same time.
+  routes are cached per ingress replica: a revoked key stops working, and a quota change applies,
+  at once on the replica that made the change and within ``AUTH_CACHE_TTL_S`` on the others.
 
 Why a script of our own and not the ``limits`` library's Redis storage: ``limits`` checks one
 window per call and reports a window's remaining count in a second call, so the IP, the key and
@@ -108,6 +107,10 @@ class Gate(Protocol):
         """Drops a revoked key from any cache, so it stops working here at once."""
         ...
 
+    def forget_user(self, user_id: str) -> None:
+        """Drops a user whose quotas changed from any cache, so they apply here at once."""
+        ...
+
     def forget_routes(self, session_id: str | None = None, agent_id: str | None = None) -> None:
         """Drops a session's cached route, or every one of an agent's: the next request reads
         it from the control store again."""
@@ -137,6 +140,9 @@ class ControlGate:
 
     def forget_key(self, prefix: str) -> None:
         return None
+
+    def forget_user(self, user_id: str) -> None:
+        return None  # every call reads the user from the store
 
     def forget_routes(self, session_id: str | None = None, agent_id: str | None = None) -> None:
         return None
@@ -411,6 +417,9 @@ class RedisGate:
 
     def forget_key(self, prefix: str) -> None:
         self._users.drop_where(lambda user: user is not None and user.key_prefix == prefix)
+
+    def forget_user(self, user_id: str) -> None:
+        self._users.drop_where(lambda user: user is not None and user.id == user_id)
 
     def forget_routes(self, session_id: str | None = None, agent_id: str | None = None) -> None:
         if session_id is not None:

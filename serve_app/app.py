@@ -14,6 +14,7 @@ answer of an admitted request, errors included, and the handlers see only an adm
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import uuid
@@ -21,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -35,11 +36,15 @@ from .backend import Control, Replicas
 from .errors import ApiError, QuotaExceededError, error_response, not_found
 from .inputs import client_of, int_param, json_body, key_of, validate
 from .models import MessageIn, Quotas, SpawnRequest, UserCreate, UserPatch
+from .readiness import Readiness
 from .records import Admission, Agent, Route, User
+from .sealing import REDACTED
+from .tenancy import TenantPolicy, TenantSpecError, check_not_the_head, check_tenant_spec
 
 logger = logging.getLogger(__name__)
 
 DRAIN_S = 30.0
+READY_CHECK_TIMEOUT_S = 5.0
 TRANSCRIPT_LIMIT_MAX = 200
 
 
@@ -78,13 +83,29 @@ class Turn:
 
 class Api:
     def __init__(
-        self, control: Control, replicas: Replicas, gate: Gate, ip_per_minute: int = 100
+        self,
+        control: Control,
+        replicas: Replicas,
+        gate: Gate,
+        ip_per_minute: int = 100,
+        readiness: Readiness | None = None,
+        tenants: TenantPolicy | None = None,
+        default_quotas: Quotas | None = None,
     ) -> None:
+        """``readiness`` (default: the control store's and the session store's checks, cached
+        for ``readiness.READY_CACHE_S``) answers ``GET /ready``. ``tenants`` is what a user who
+        is not an administrator may ask of an agent; ``default_quotas``, what a new user gets
+        for the quotas its creator leaves out."""
         self.control = control
         self.replicas = replicas
         self.gate = gate
         self.ip_per_minute = ip_per_minute
+        self.tenants = tenants or TenantPolicy()
+        self.default_quotas = default_quotas or Quotas()
         self._specs: dict[str, AgentSpec] = {}
+        self.readiness = readiness or Readiness(
+            {"control_store": control.has_admin, "session_store": _ping_session_store}
+        )
 
     # Admission: applied to every route (``routes.py`` says which kind) ---------------------
 
@@ -176,19 +197,7 @@ class Api:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
-        checks: dict[str, str] = {}
-        try:
-            await self.control.has_admin()
-            checks["control_store"] = "ok"
-        except HyperfleetError as e:
-            checks["control_store"] = e.message
-        from actors.store.actor import ActorSessionStore
-
-        try:
-            await ActorSessionStore(timeout_s=5).ping()
-            checks["session_store"] = "ok"
-        except HyperfleetError as e:
-            checks["session_store"] = e.message
+        checks = await self.readiness.answer()  # at most a second old: no key, no limit
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ok, **checks}, status_code=200 if ok else 503)
 
@@ -198,7 +207,10 @@ class Api:
         self._require_admin(user)
         body = validate(UserCreate, await json_body(request))
         user_id = "usr_" + uuid.uuid4().hex[:16]
-        created = await self.control.create_user(user_id, body.name, body.quotas.model_dump())
+        quotas = Quotas.model_validate(
+            {**self.default_quotas.model_dump(), **body.quotas.model_dump(exclude_unset=True)}
+        )
+        created = await self.control.create_user(user_id, body.name, quotas.model_dump())
         key = await self.control.issue_key(user_id)
         out = {
             "id": user_id,
@@ -228,6 +240,7 @@ class Api:
         updated = await self.control.set_quotas(target.id, quotas.model_dump())
         if updated is None:
             raise not_found(f"user {target.id}")
+        self.gate.forget_user(target.id)  # the new quotas apply here at once
         return JSONResponse(updated.public())
 
     async def create_key(self, request: Request, user: User) -> Response:
@@ -262,15 +275,22 @@ class Api:
             check_custom_tools(spec.tools, self.replicas.runtime.custom_tools)
         except CustomToolError as e:
             raise ApiError(422, "validation_error", f"tools: {e}") from e
+        if not user.is_admin:  # an administrator's agents are the platform's own
+            try:
+                check_tenant_spec(spec, self.tenants)
+                if spec.label_selector:
+                    check_not_the_head(spec.label_selector, await self.replicas.head_labels())
+            except TenantSpecError as e:
+                raise ApiError(422, "validation_error", str(e)) from e
         agent_id = "agt_" + uuid.uuid4().hex[:16]
         count = max(1, spec.replicas.min)
         spec_json = spec.model_dump_json()
-        if spec.anthropic_api_key is not None:  # stored for the replicas, never shown
+        if spec.anthropic_api_key is not None:  # sealed by the control store, never shown
             data = json.loads(spec_json)
             data["anthropic_api_key"] = spec.anthropic_api_key.get_secret_value()
             spec_json = json.dumps(data)
         await self.control.create_agent(agent_id, user.id, spec_json, count, user.max_agents)
-        self._specs[agent_id] = spec
+        self._specs[agent_id] = _redacted(spec)  # kept for the agent's answers: no key in it
         try:
             ready = await self.replicas.spawn(agent_id, spec, count)
         except ApiError:
@@ -351,7 +371,15 @@ class Api:
                     raise
                 last = e
                 continue
-            await self.control.add_route(session["id"], agent.id, user.id, index)
+            try:
+                await self.control.add_route(session["id"], agent.id, user.id, index)
+            except QuotaExceededError:
+                # Over max_sessions (checked with the insert, so concurrent opens cannot both
+                # pass): the session just opened is closed again, and the answer is a 403.
+                opened = Route(session["id"], agent.id, user.id, index, 0.0, 0)
+                with contextlib.suppress(HyperfleetError):
+                    await self.replicas.close_session(opened, user.id)
+                raise
             return JSONResponse(session, status_code=201)
         assert last is not None
         raise last
@@ -423,6 +451,20 @@ class Api:
     async def usage(self, request: Request, user: User) -> Response:
         rows = await self.control.usage(user.id)
         return JSONResponse({"data": [asdict(row) for row in rows]})
+
+
+def _redacted(spec: AgentSpec) -> AgentSpec:
+    """``spec`` as the control store hands it out (``sealing.REDACTED`` for its own key)."""
+    if spec.anthropic_api_key is None:
+        return spec
+    return spec.model_copy(update={"anthropic_api_key": SecretStr(REDACTED)})
+
+
+async def _ping_session_store() -> None:
+    # Imported here: the store's Ray shell is needed by this check alone.
+    from actors.store.actor import ActorSessionStore
+
+    await ActorSessionStore(timeout_s=READY_CHECK_TIMEOUT_S).ping()
 
 
 def _public_turn(turn: dict[str, Any]) -> dict[str, Any]:

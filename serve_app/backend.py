@@ -34,9 +34,24 @@ from .records import Admission, Agent, IssuedKey, Route, UsageRow, User
 logger = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT_S = 10.0
+HEAD_RESOURCE = "node:__internal_head__"  # what Ray's node table gives the head node alone
 TURN_CALL_TIMEOUT_S = 3_700.0  # a turn's own wall-clock limit (at most an hour) bounds it first
 REPLICA_CALL_TIMEOUT_S = 30.0  # every other replica call: an unplaced replica must not hang us
 REPLICA_READY_S = 15.0
+
+# The control store is a detached actor that outlives a code upgrade; its methods changed in
+# 2026-12 (from one string-dispatched ``call``). An ingress or a stack that finds an actor with
+# another protocol refuses it with a message rather than failing every call.
+CONTROL_PROTOCOL = 2
+CONTROL_START_TIMEOUT_S = 60.0  # a new actor's first answer: its process starts first
+
+
+class ControlStoreMismatch(HyperfleetError):
+    """The running control-store actor speaks another protocol (an older Hyperfleet started
+    it): stop the stack or the actor, and start it again."""
+
+    status_code = 503
+    error_type = "control_store_mismatch"
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
@@ -55,6 +70,9 @@ class ControlStoreActor:
 
     def ping(self) -> str:
         return "ok"
+
+    def protocol(self) -> int:
+        return CONTROL_PROTOCOL
 
     def create_user(
         self, user_id: str, name: str, quotas: Mapping[str, Any], is_admin: bool = False
@@ -123,10 +141,26 @@ class ControlStoreActor:
         return self._store.usage(user_id)
 
 
-def start_control_actor(path: Path, redis_url: str | None = None) -> Any:
+def start_control_actor(
+    path: Path, redis_url: str | None = None, name: str = CONTROL_ACTOR_NAME
+) -> Any:
     """Starts (or finds) the control-store actor on the head node; returns its handle. With
-    ``redis_url`` it mirrors each user's daily usage there (what ``RedisGate`` reads)."""
-    return start_on_head(ControlStoreActor, CONTROL_ACTOR_NAME, path, redis_url)
+    ``redis_url`` it mirrors each user's daily usage there (what ``RedisGate`` reads).
+
+    Raises:
+        ControlStoreMismatch: the actor found speaks another protocol.
+    """
+    handle = start_on_head(ControlStoreActor, name, path, redis_url)
+    found = None
+    if hasattr(handle, "protocol"):  # an actor from before CONTROL_PROTOCOL has no such method
+        found = ray.get(handle.protocol.remote(), timeout=CONTROL_START_TIMEOUT_S)
+    if found != CONTROL_PROTOCOL:
+        raise ControlStoreMismatch(
+            f"the running control store (actor {name!r}, namespace {NAMESPACE!r}) "
+            f"speaks protocol {found or 1}, this Hyperfleet {CONTROL_PROTOCOL}: an older "
+            "Hyperfleet started it. Stop it (hyperfleet down) and start again."
+        )
+    return handle
 
 
 def _cause(error: RayTaskError) -> BaseException:
@@ -140,13 +174,16 @@ class Control:
     bounded by ``timeout_s``. A store that cannot be reached, or does not answer in time, is a
     503 (``ApiError``) to retry; an error the store raised (a quota) is raised as itself."""
 
-    def __init__(self, timeout_s: float = CONTROL_TIMEOUT_S) -> None:
+    def __init__(
+        self, timeout_s: float = CONTROL_TIMEOUT_S, name: str = CONTROL_ACTOR_NAME
+    ) -> None:
         self._timeout_s = timeout_s
+        self._name = name
         self._handle: Any = None
 
     def _actor(self) -> Any:
         if self._handle is None:
-            self._handle = ray.get_actor(CONTROL_ACTOR_NAME, namespace=NAMESPACE)
+            self._handle = ray.get_actor(self._name, namespace=NAMESPACE)
         return self._handle
 
     async def _call(self, method: str, *args: Any) -> Any:
@@ -154,6 +191,8 @@ class Control:
             return await asyncio.wait_for(
                 getattr(self._actor(), method).remote(*args), self._timeout_s
             )
+        except AttributeError as e:  # an actor an older Hyperfleet started: no such method
+            raise unavailable("the control store (it runs another Hyperfleet version)", e) from e
         except RayTaskError as e:
             raise _cause(e) from None
         except (TimeoutError, GetTimeoutError, RayActorError, ValueError) as e:
@@ -257,6 +296,21 @@ class Replicas:
     def __init__(self, runtime: RuntimeConfig) -> None:
         self.runtime = runtime
         self._handles: dict[str, Any] = {}
+        self._head_labels: dict[str, str] | None = None
+
+    async def head_labels(self) -> dict[str, str]:
+        """The head node's labels, from Ray's node table (read once per ingress replica: the
+        head of a running cluster does not change); a tenant may not select them."""
+        if self._head_labels is None:
+            try:
+                nodes = await asyncio.wait_for(asyncio.to_thread(ray.nodes), CONTROL_TIMEOUT_S)
+            except (TimeoutError, ConnectionError, RuntimeError) as e:
+                raise unavailable("the cluster's node table", e) from e
+            heads = [n for n in nodes if HEAD_RESOURCE in (n.get("Resources") or {})]
+            self._head_labels = {
+                str(k): str(v) for head in heads for k, v in (head.get("Labels") or {}).items()
+            }
+        return dict(self._head_labels)
 
     def handle(self, agent_id: str, index: int) -> Any:
         name = replica_name(agent_id, index)

@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from hyperfleet.metering import RESERVATION_TTL_S, Reservation, UsageRecord, utc_day
+from hyperfleet.private import create_private, private_database
 
 from . import keys
 from .errors import QuotaExceededError
 from .ratelimit import MovingWindows
 from .records import Admission, Agent, IssuedKey, Route, UsageRow, User, over_budget
+from .sealing import KEY_FIELD, KeySealer, redact_spec
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -40,6 +42,7 @@ CREATE TABLE IF NOT EXISTS routes (
     session_id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, owner TEXT NOT NULL,
     replica INTEGER NOT NULL, created_at REAL NOT NULL, closed INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS routes_agent ON routes(agent_id, closed);
+CREATE INDEX IF NOT EXISTS routes_owner ON routes(owner, closed);
 CREATE TABLE IF NOT EXISTS usage (
     user_id TEXT NOT NULL, agent_id TEXT NOT NULL, day TEXT NOT NULL,
     input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0,
@@ -49,9 +52,8 @@ CREATE TABLE IF NOT EXISTS usage (
     PRIMARY KEY (user_id, agent_id, day));
 CREATE TABLE IF NOT EXISTS metered_turns (turn_id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS metered_turns_at ON metered_turns(at);
--- Reservations had integer ids before they had one type for both gates (text ids); the old
--- table's holds would have expired within RESERVATION_TTL_S anyway.
-DROP TABLE IF EXISTS reservations;
+-- Reservations had integer ids (table ``reservations``) before they had one type for both gates
+-- (text ids). The old table is left as it is: its holds expire within RESERVATION_TTL_S.
 CREATE TABLE IF NOT EXISTS turn_reservations (
     id TEXT PRIMARY KEY, user_id TEXT NOT NULL, day TEXT NOT NULL,
     tokens INTEGER NOT NULL, created_at REAL NOT NULL);
@@ -65,6 +67,7 @@ TOKEN_FIELDS = (
 )
 MAX_AGENTS_LISTED = 1_000
 DEFAULT_MAX_TOKENS = 4096  # an AgentSpec's default
+DEFAULT_CORES = 1.0  # an AgentSpec's default
 # A replica resends a batch within seconds; turn ids are kept far longer than that.
 METERED_TURNS_KEPT_S = 2 * 86_400.0
 PRUNE_METERED_EVERY = 1_000  # batches
@@ -80,6 +83,17 @@ _ADD_USAGE = (
 )
 
 
+CORES_SLACK = 1e-9  # cores are fractions: 0.1 + 0.2 may be 0.30000000000000004
+
+
+def _cores_of(spec_json: str) -> float:
+    """An agent's cores per replica, from its stored spec (an AgentSpec's JSON)."""
+    try:
+        return float(json.loads(spec_json).get("resources", {}).get("cores", DEFAULT_CORES))
+    except (ValueError, AttributeError, TypeError):
+        return DEFAULT_CORES
+
+
 def today() -> str:
     """The UTC day budgets count in now."""
     return utc_day(time.time())
@@ -91,8 +105,9 @@ UsageMirror = Callable[[str, str, int, list[Reservation]], None]
 
 
 class ControlStore:
-    """The control plane's state. The server secret that keys are hashed with is created next to
-    the database on first start (mode 0600) and never leaves this process.
+    """The control plane's state. The server secret that keys are hashed with, and the key that
+    seals tenants' own Anthropic keys (``sealing.py``), are created next to the database on first
+    start (mode 0600, like the database and its -wal/-shm) and never leave this process.
 
     ``clock`` (seconds since the epoch) times the rate-limit windows, reservations and the day a
     budget counts in; tests pass a fake one."""
@@ -103,12 +118,11 @@ class ControlStore:
         used_mirror: UsageMirror | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_database(path)
         secret_path = path.with_suffix(".secret")
-        if not secret_path.exists():
-            secret_path.touch(mode=0o600)
-            secret_path.write_bytes(secrets.token_bytes(32))
+        create_private(secret_path, secrets.token_bytes(32))
         self._secret = secret_path.read_bytes()
+        self._sealer = KeySealer(path.with_suffix(".sealing-key"))
         self._clock = clock
         self._windows = MovingWindows(clock)
         self._max_tokens: dict[str, int] = {}  # per agent; a spec never changes
@@ -118,7 +132,11 @@ class ControlStore:
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.execute("PRAGMA busy_timeout = 5000")
+        # Deleted and overwritten content is zeroed, not left in free space: a key sealed in
+        # place of its plaintext leaves no plaintext behind.
+        self._db.execute("PRAGMA secure_delete = ON")
         self._db.executescript(_SCHEMA)
+        self._seal_plaintext_keys()
 
     def close(self) -> None:
         self._db.close()
@@ -224,6 +242,8 @@ class ControlStore:
     def create_agent(
         self, agent_id: str, owner: str, spec_json: str, replicas: int, max_agents: int
     ) -> Agent:
+        """Stores an agent; the Anthropic key in ``spec_json``, if any, is stored sealed."""
+        now = self._clock()
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -231,10 +251,13 @@ class ControlStore:
                 "SELECT COUNT(*) FROM agents WHERE owner = ? AND status != 'deleted'", (owner,)
             ).fetchone()
             if count >= max_agents:
-                raise QuotaExceededError(f"you have {count} agents, your quota is {max_agents}")
+                raise QuotaExceededError(
+                    f"max_agents: you have {count} agents, your quota is {max_agents}"
+                )
+            self._check_capacity(owner, replicas, replicas * _cores_of(spec_json))
             db.execute(
                 "INSERT INTO agents VALUES (?, ?, ?, 'starting', ?, ?)",
-                (agent_id, owner, spec_json, replicas, self._clock()),
+                (agent_id, owner, self._sealer.seal_spec(spec_json, agent_id), replicas, now),
             )
         except BaseException:
             db.execute("ROLLBACK")
@@ -244,6 +267,30 @@ class ControlStore:
         assert agent is not None  # inserted just now
         return agent
 
+    def _check_capacity(self, owner: str, replicas: int, cores: float) -> None:
+        """Raises ``QuotaExceededError`` unless ``replicas`` more replicas of ``cores`` cores in
+        all fit in the owner's ``max_replicas`` and ``max_cores``, next to the agents they have
+        (not deleted). Call inside the transaction that stores the agent; the quotas are read
+        there, so a quota just lowered applies at once, whichever ingress replica is asked."""
+        user = self.get_user(owner)
+        if user is None:
+            return
+        rows = self._db.execute(
+            "SELECT spec, replicas FROM agents WHERE owner = ? AND status != 'deleted'", (owner,)
+        ).fetchall()
+        used_replicas = sum(int(n) for _, n in rows)
+        used_cores = sum(_cores_of(spec) * int(n) for spec, n in rows)
+        if used_replicas + replicas > user.max_replicas:
+            raise QuotaExceededError(
+                f"max_replicas: your agents run {used_replicas} replicas and this one asks for "
+                f"{replicas}; your quota is {user.max_replicas}"
+            )
+        if used_cores + cores > user.max_cores + CORES_SLACK:
+            raise QuotaExceededError(
+                f"max_cores: your replicas take {used_cores:g} cores and this agent asks for "
+                f"{cores:g}; your quota is {user.max_cores:g}"
+            )
+
     def get_agent(self, agent_id: str) -> Agent | None:
         row = self._db.execute(
             "SELECT id, owner, spec, status, replicas, created_at FROM agents WHERE id = ?",
@@ -251,7 +298,37 @@ class ControlStore:
         ).fetchone()
         if row is None or row[3] == "deleted":
             return None
-        return Agent(*row)
+        return Agent(row[0], row[1], redact_spec(row[2]), *row[3:])
+
+    def replica_spec(self, agent_id: str) -> str | None:
+        """The agent's spec with its Anthropic key opened, for whoever starts its replicas (never
+        for an HTTP answer); None for an unknown or deleted agent."""
+        row = self._db.execute(
+            "SELECT spec FROM agents WHERE id = ? AND status != 'deleted'", (agent_id,)
+        ).fetchone()
+        return None if row is None else self._sealer.open_spec(row[0], agent_id)
+
+    def _seal_plaintext_keys(self) -> None:
+        """Seals the keys that a version before sealing stored in plaintext, once, at start;
+        then truncates the WAL, so that no copy of a plaintext page is left in it."""
+        rows = self._db.execute(
+            "SELECT id, spec FROM agents WHERE spec LIKE ?", (f'%"{KEY_FIELD}"%',)
+        ).fetchall()
+        changed = []
+        for agent_id, spec in rows:
+            sealed = self._sealer.seal_spec(spec, agent_id)
+            if sealed != spec:
+                changed.append((sealed, agent_id))
+        if not changed:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany("UPDATE agents SET spec = ? WHERE id = ?", changed)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def list_agents(self, owner: str | None) -> list[Agent]:
         query = "SELECT id FROM agents WHERE status != 'deleted'"
@@ -268,10 +345,30 @@ class ControlStore:
     # Session routes -----------------------------------------------------------------------
 
     def add_route(self, session_id: str, agent_id: str, owner: str, replica: int) -> None:
-        self._db.execute(
-            "INSERT INTO routes VALUES (?, ?, ?, ?, ?, 0)",
-            (session_id, agent_id, owner, replica, self._clock()),
-        )
+        """Records an opened session's route, or raises ``QuotaExceededError`` when the owner has
+        ``max_sessions`` open already (counted and inserted in one transaction)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            user = self.get_user(owner)
+            (open_sessions,) = db.execute(
+                "SELECT COUNT(*) FROM routes r JOIN agents a ON a.id = r.agent_id "
+                "WHERE r.owner = ? AND r.closed = 0 AND a.status != 'deleted'",
+                (owner,),
+            ).fetchone()
+            if user is not None and open_sessions >= user.max_sessions:
+                raise QuotaExceededError(
+                    f"max_sessions: you have {open_sessions} open sessions, your quota is "
+                    f"{user.max_sessions}; close sessions you are done with"
+                )
+            db.execute(
+                "INSERT INTO routes VALUES (?, ?, ?, ?, ?, 0)",
+                (session_id, agent_id, owner, replica, self._clock()),
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def get_route(self, session_id: str) -> Route | None:
         """A session's route, or None when it is unknown, closed or its agent deleted."""

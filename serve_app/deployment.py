@@ -13,7 +13,9 @@ from actors import RuntimeConfig
 from .admission import ControlGate, Gate, RedisGate
 from .app import Api
 from .backend import Control, Replicas
+from .models import Quotas
 from .routes import build_app
+from .tenancy import TenantPolicy
 
 APP_NAME = "hyperfleet"
 
@@ -25,6 +27,9 @@ class IngressConfig(BaseModel):
     ip_requests_per_minute: int = Field(default=100, ge=1)
     # With Redis, admission runs in the ingress (limits and budgets in Redis): no Ray hop.
     redis_url: str | None = Field(default=None, pattern=r"^rediss?://")
+    # What tenants' agents may ask for, and the quotas a new user gets unless its creator says.
+    tenants: TenantPolicy = Field(default_factory=TenantPolicy)
+    default_quotas: Quotas = Field(default_factory=Quotas)
 
 
 @serve.deployment(
@@ -42,7 +47,14 @@ class Ingress:
             if parsed.redis_url is None
             else RedisGate(control, parsed.redis_url)
         )
-        self.api = Api(control, Replicas(parsed.runtime), gate, parsed.ip_requests_per_minute)
+        self.api = Api(
+            control,
+            Replicas(parsed.runtime),
+            gate,
+            parsed.ip_requests_per_minute,
+            tenants=parsed.tenants,
+            default_quotas=parsed.default_quotas,
+        )
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return build_app(self.api)

@@ -4,6 +4,7 @@ against a model, and integer query parameters. Each bad input is a 4xx naming wh
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -13,6 +14,14 @@ from .errors import ApiError
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_JSON_DEPTH = 32
+# ASCII digits only: ``str.isdigit`` also accepts "²" and other digits ``int`` refuses (a 500),
+# and a bound on the length keeps ``int`` from parsing thousands of them.
+_ASCII_INTEGER = re.compile(r"[0-9]{1,18}")
+
+
+def _ascii_int(raw: str) -> int | None:
+    """``raw`` as a non-negative integer, if it is one written in ASCII digits; else None."""
+    return int(raw) if _ASCII_INTEGER.fullmatch(raw) else None
 
 
 def _depth(value: Any, level: int = 0) -> int:
@@ -26,8 +35,8 @@ def _depth(value: Any, level: int = 0) -> int:
 
 
 async def json_body(request: Request) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    declared = _ascii_int(request.headers.get("content-length") or "")
+    if declared is not None and declared > MAX_BODY_BYTES:
         raise ApiError(413, "request_too_large", f"the body is over {MAX_BODY_BYTES} bytes")
     chunks: list[bytes] = []
     size = 0
@@ -72,6 +81,7 @@ def int_param(request: Request, name: str, default: int, low: int, high: int) ->
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    value = _ascii_int(raw)
+    if value is None or not low <= value <= high:
         raise ApiError(422, "validation_error", f"{name}: must be an integer in [{low}, {high}]")
-    return int(raw)
+    return value

@@ -8,15 +8,34 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from actors import AgentSpec, Resources
 
+from .records import (
+    DEFAULT_MAX_AGENTS,
+    DEFAULT_MAX_CORES,
+    DEFAULT_MAX_REPLICAS,
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_REQUESTS_PER_MINUTE,
+)
+
 MAX_MESSAGE_CHARS = 200_000
 
 
 class Quotas(BaseModel):
+    """A user's quotas; the defaults are the operator's (``IngressConfig.default_quotas``)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    max_agents: int = Field(default=50, ge=0, le=100_000)
-    requests_per_minute: int = Field(default=100, ge=1, le=1_000_000)
+    max_agents: int = Field(default=DEFAULT_MAX_AGENTS, ge=0, le=100_000)
+    requests_per_minute: int = Field(default=DEFAULT_REQUESTS_PER_MINUTE, ge=1, le=1_000_000)
     tokens_per_day: int | None = Field(default=None, ge=0)
+    max_replicas: int = Field(
+        default=DEFAULT_MAX_REPLICAS, ge=0, le=100_000, description="replicas of all agents"
+    )
+    max_cores: float = Field(
+        default=DEFAULT_MAX_CORES, ge=0, le=1_000_000, description="cores of all replicas"
+    )
+    max_sessions: int = Field(
+        default=DEFAULT_MAX_SESSIONS, ge=0, le=10_000_000, description="open sessions"
+    )
 
 
 class QuotasPatch(BaseModel):
@@ -25,6 +44,9 @@ class QuotasPatch(BaseModel):
     max_agents: int | None = Field(default=None, ge=0, le=100_000)
     requests_per_minute: int | None = Field(default=None, ge=1, le=1_000_000)
     tokens_per_day: int | None = Field(default=None, ge=0)
+    max_replicas: int | None = Field(default=None, ge=0, le=100_000)
+    max_cores: float | None = Field(default=None, ge=0, le=1_000_000)
+    max_sessions: int | None = Field(default=None, ge=0, le=10_000_000)
 
 
 class UserCreate(BaseModel):

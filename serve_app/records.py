@@ -6,7 +6,7 @@ checks every reader. The HTTP layer turns them into JSON (``app.py``); pydantic 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hyperfleet.metering import Reservation
@@ -16,6 +16,9 @@ from .ratelimit import Decision
 # A quota not set on a user takes these (the API's ``Quotas`` model has the same defaults).
 DEFAULT_MAX_AGENTS = 50
 DEFAULT_REQUESTS_PER_MINUTE = 100
+DEFAULT_MAX_REPLICAS = 50  # replicas of all of a user's agents (each agent runs at least one)
+DEFAULT_MAX_CORES = 50.0  # cores of all of a user's replicas
+DEFAULT_MAX_SESSIONS = 1_000  # open sessions of all of a user's agents
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,18 @@ class User:
     @property
     def requests_per_minute(self) -> int:
         return int(self.quotas.get("requests_per_minute", DEFAULT_REQUESTS_PER_MINUTE))
+
+    @property
+    def max_replicas(self) -> int:
+        return int(self.quotas.get("max_replicas", DEFAULT_MAX_REPLICAS))
+
+    @property
+    def max_cores(self) -> float:
+        return float(self.quotas.get("max_cores", DEFAULT_MAX_CORES))
+
+    @property
+    def max_sessions(self) -> int:
+        return int(self.quotas.get("max_sessions", DEFAULT_MAX_SESSIONS))
 
     @property
     def tokens_per_day(self) -> int | None:
@@ -65,7 +80,9 @@ class IssuedKey:
 class Agent:
     id: str
     owner: str
-    spec: str  # the AgentSpec's JSON, with its Anthropic key if it has one: never shown as is
+    # The AgentSpec's JSON, an Anthropic key of its own "redacted" (sealing.py): never shown as
+    # is, nor in a repr that a log line or a traceback would print.
+    spec: str = field(repr=False)
     status: str  # starting, ready, pending, draining or deleted
     replicas: int
     created_at: float

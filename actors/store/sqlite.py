@@ -17,6 +17,7 @@ from hyperfleet.errors import (
     StaleSessionError,
     StoreError,
 )
+from hyperfleet.private import private_database
 
 from .base import SessionRecord, TurnRecord
 
@@ -46,7 +47,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS turns_key ON turns(session_id, idempotency_key
 
 class SqliteSessionStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Transcripts are tenants' data: the file and its -wal/-shm are 0600, a new folder 0700.
+        private_database(path)
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

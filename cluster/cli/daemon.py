@@ -12,19 +12,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from hyperfleet import processes
+from hyperfleet.private import private_dir, write_private
 from hyperfleet.processes import ProcessId
 
 STOP_GRACE_S = 10.0
 
 
-def _start_time_of_ticks(ticks: int) -> float:
-    """A start time recorded as Linux clock ticks since boot, as psutil's ``create_time`` gives
-    it (the same arithmetic, so the two compare equal): a stack started by an older Hyperfleet
-    can still be stopped by this one."""
-    return (int(ticks) / os.sysconf("SC_CLK_TCK")) + psutil.boot_time()
+def _seconds_of_ticks(ticks: int) -> float:
+    """A start time recorded as Linux clock ticks since boot (pid files of Hyperfleet before
+    2026-12), in ``ProcessId``'s seconds: a stack started by an older Hyperfleet can still be
+    stopped by this one."""
+    return round(int(ticks) / os.sysconf("SC_CLK_TCK"), 2)
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,10 @@ class Daemons:
         try:
             record = json.loads(self._pidfile(name).read_text())
             if "start_ticks" in record:  # written before 2026-12 (Linux clock ticks since boot)
-                return ProcessId(int(record["pid"]), _start_time_of_ticks(record["start_ticks"]))
-            return ProcessId(int(record["pid"]), float(record["start_time_s"]))
+                return ProcessId(int(record["pid"]), _seconds_of_ticks(record["start_ticks"]))
+            if record["boot_id"] != processes.boot_id():
+                return None  # started in an earlier boot: whatever holds the pid is not it
+            return ProcessId(int(record["pid"]), float(record["started_since_boot_s"]))
         except (OSError, ValueError, KeyError, TypeError):  # none, or not one of ours
             return None
 
@@ -61,20 +62,29 @@ class Daemons:
             return DaemonState(name, None, False, log)
         return DaemonState(name, recorded.pid, recorded.alive(), log)
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> DaemonState:
-        """Starts ``argv`` detached from this terminal, its output appended to its log."""
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        umask: int | None = None,
+    ) -> DaemonState:
+        """Starts ``argv`` detached from this terminal, its output appended to its log (0600);
+        ``umask`` is the process's (``hyperfleet.processes.spawn``)."""
         current = self.state(name)
         if current.running:
             return current
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        process = processes.spawn(argv, env=env, log=current.log)
+        private_dir(self.run_dir)
+        private_dir(self.logs_dir)
+        process = processes.spawn(argv, env=env, log=current.log, umask=umask)
         started = ProcessId.of(process.pid)
         record = {
             "pid": process.pid,
-            "start_time_s": started.start_time_s if started else None,
+            "started_since_boot_s": started.started_s if started else None,
+            "boot_id": processes.boot_id(),
             "argv": argv,
         }
-        self._pidfile(name).write_text(json.dumps(record))
+        write_private(self._pidfile(name), json.dumps(record))
         return self.state(name)
 
     def stop(self, name: str, grace_s: float = STOP_GRACE_S) -> bool:

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from hyperfleet.private import PRIVATE_UMASK, private_dir
 from hyperfleet.processes import StartError, spawn, stop, tail, wait_http_ok, wait_port
 
 READY_TIMEOUT_S = 60.0
@@ -55,7 +56,9 @@ def ray_head_argv(
 
 
 def redis_argv(binary: str, port: int, data_dir: Path) -> list[str]:
-    """redis-server on loopback, fsyncing every write (what the Redis session store expects)."""
+    """redis-server on loopback, fsyncing every write (what the Redis session store expects).
+    Run it with ``PRIVATE_UMASK`` in a ``private_dir``: Redis has no setting for the mode of its
+    files (the append-only log holds every committed turn), so its umask makes them 0600."""
     argv = [binary, "--port", str(port), "--bind", LOOPBACK, "--dir", str(data_dir)]
     return [*argv, "--save", "", "--appendonly", "yes", "--appendfsync", "always"]
 
@@ -98,8 +101,8 @@ def start_redis(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise StartError("redis-server is not installed (Debian: apt-get install redis-server)")
-    log = data_dir / "redis.log"
-    process = spawn(redis_argv(binary, port, data_dir), log=log)
+    log = private_dir(data_dir) / "redis.log"
+    process = spawn(redis_argv(binary, port, data_dir), log=log, umask=PRIVATE_UMASK)
     if not wait_port(port, READY_TIMEOUT_S, process):
         stop(process)
         raise StartError(f"redis-server did not start:\n{tail(log)}")

@@ -22,10 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from hyperfleet import ports
+from hyperfleet.errors import HyperfleetError
+from hyperfleet.private import (
+    FILE_MODE,
+    PRIVATE_UMASK,
+    create_private,
+    private_dir,
+    private_tree,
+    tighten,
+    write_private,
+)
 from hyperfleet.processes import tail, wait_http_ok, wait_port
 from hyperfleet.resources import VM_SLOT_RESOURCE
 
 from .daemon import STOP_GRACE_S, Daemons
+from .prerequisites import missing_prerequisites
 from .servers import LOOPBACK_RAY_ENV, emulator_argv, ray_head_argv, redis_argv
 from .settings import Settings
 
@@ -64,14 +75,21 @@ def _daemons(settings: Settings) -> Daemons:
 
 def _secret_file(path: Path, make: Callable[[], str]) -> str:
     """Reads a generated secret, creating it (mode 0600) on first use."""
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = make()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-    return value
+    create_private(path, make() + "\n")  # an existing one is kept (and tightened to 0600)
+    return path.read_text().strip()
+
+
+def private_home(settings: Settings) -> Path:
+    """``$HYPERFLEET_HOME`` 0700, with the stack's files in it 0600 and its folders (data, logs,
+    pid files) 0700 through and through: what an older version made with the umask's modes is
+    tightened. Other folders in the home (the Hypercore stand-in's, workspaces) are not walked."""
+    home = private_dir(settings.home)
+    for entry in home.iterdir():
+        if entry.is_file() and not entry.is_symlink():
+            tighten(entry, FILE_MODE)
+    for folder in (home / "data", settings.logs_dir, settings.run_dir):
+        private_tree(folder)
+    return home
 
 
 def ray_env(settings: Settings) -> dict[str, str]:
@@ -94,9 +112,12 @@ def up(
     progress: Callable[[str], None] = print,
     redis_port: int = DEFAULT_REDIS_PORT,
 ) -> StackInfo:
-    """Starts the local stack; a part that runs already is left as it is."""
+    """Starts the local stack; a part that runs already is left as it is. What the machine
+    lacks (``prerequisites.py``) is said first, with how to get it."""
+    for warning in missing_prerequisites(settings):
+        progress(warning)
     daemons = _daemons(settings)
-    settings.home.mkdir(parents=True, exist_ok=True)
+    private_home(settings)
     os.environ.update(ray_env(settings))
     emulator_url = None
     base_url: str | None
@@ -145,7 +166,10 @@ def up(
 
         data = settings.home / "data"
         store = start_store_actor(data / "sessions.db")
-        control = start_control_actor(data / "control.db", redis_url)
+        try:
+            control = start_control_actor(data / "control.db", redis_url)
+        except HyperfleetError as e:  # the running control store is an older Hyperfleet's
+            raise StackError(str(e)) from e
         ray.get([store.ping.remote(), control.ping.remote()], timeout=READY_TIMEOUT_S)
 
         progress(f"[5/{STEPS}] admin key ...")
@@ -164,7 +188,7 @@ def up(
         "emulator": emulator_url,
         "redis": redis_url,
     }
-    _state_file(settings).write_text(json.dumps(recorded))
+    write_private(_state_file(settings), json.dumps(recorded))
     return StackInfo(api_url, admin_key, settings.home / "admin.key", emulator_url)
 
 
@@ -196,9 +220,8 @@ def _redis(
         progress(f"[2/{STEPS}] no Redis ({why}): SQLite stores behind head-pinned actors")
         return None
     progress(f"[2/{STEPS}] redis-server on 127.0.0.1:{port} ...")
-    data = settings.home / "data" / "redis"
-    data.mkdir(parents=True, exist_ok=True)
-    server = daemons.start(REDIS, redis_argv(binary, port, data), dict(os.environ))
+    data = private_dir(settings.home / "data" / "redis")
+    server = daemons.start(REDIS, redis_argv(binary, port, data), dict(os.environ), PRIVATE_UMASK)
     if not wait_port(port, READY_TIMEOUT_S) or not daemons.state(REDIS).running:
         daemons.stop(REDIS)
         raise StackError(f"redis-server did not start; its log:\n{tail(server.log)}")

@@ -201,3 +201,21 @@ def test_readme_batch_snippet_runs(runtime: RuntimeConfig, ray_cluster: RayClust
         assert lines[-1] == "turns committed: 2"
     finally:
         ray.kill(handle, no_restart=True)
+
+
+def test_an_egress_replica_runs_its_tools_behind_the_cluster_wide_firewall(
+    runtime: RuntimeConfig,
+) -> None:
+    """A replica of an egress agent lists the cluster's nodes from Ray's node table (in a
+    thread of the actor) before its first egress tool runs, then runs it."""
+    if os.geteuid() != 0:
+        pytest.skip("the egress firewall needs root")
+    spec = AgentSpec(tools=("bash",), egress=True, resources=Resources(cores=0.25, memory_mb=128))
+    handle = spawn_replica("t" + uuid.uuid4().hex[:8], 0, spec, runtime)
+    try:
+        sid = _get(handle.open_session.remote(owner="alice"))["id"]
+        turn = _get(handle.send.remote(sid, '[[tool bash {"command": "echo behind-it"}]]'))
+        # Not "the cluster's nodes cannot be listed": the firewall had them, and let it run.
+        assert _text(turn) == 'The tool bash returned: "behind-it".'
+    finally:
+        ray.kill(handle, no_restart=True)

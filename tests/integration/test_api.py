@@ -73,7 +73,14 @@ def test_health_ready_openapi(api_server: ApiServer) -> None:
 def test_users_and_keys(admin: Client, api_server: ApiServer) -> None:
     bob = new_user(admin, api_server, requests_per_minute=500)
     me = bob.ok("GET", f"/v1/users/{bob.user_id}")
-    assert me["quotas"] == {"max_agents": 50, "requests_per_minute": 500, "tokens_per_day": None}
+    assert me["quotas"] == {
+        "max_agents": 50,
+        "requests_per_minute": 500,
+        "tokens_per_day": None,
+        "max_replicas": 50,
+        "max_cores": 50.0,
+        "max_sessions": 1000,
+    }
     assert bob.request("POST", "/v1/users", json={"name": "x"}).status_code == 403
     carol = new_user(admin, api_server)
     assert bob.request("GET", f"/v1/users/{carol.user_id}").status_code == 404
@@ -350,3 +357,49 @@ def test_deleting_an_agent_removes_its_workspace_files(
     assert note.read_text() == "kept\n"
     alice.ok("DELETE", f"/v1/agents/{created['id']}")
     assert not (workspaces_root / created["id"]).exists()
+
+
+def test_only_an_administrator_places_a_shell_beside_others(
+    admin: Client, alice: Client, api_server: ApiServer
+) -> None:
+    head = ray.get_runtime_context().get_node_id()  # the local cluster's one node, its head
+    shared_shell = {
+        "tools": ["bash"],
+        "isolation": "shared",
+        "resources": {"cores": 0.25, "memory_mb": 128},
+    }
+    refused = alice.request("POST", "/v1/agents", json=shared_shell)
+    assert refused.status_code == 422 and refused.json()["error"]["message"].startswith(
+        "isolation:"
+    )
+    pinned = {"tools": ["read_file"], "label_selector": {"ray.io/node-id": head}}
+    refused = alice.request("POST", "/v1/agents", json=pinned)
+    assert refused.status_code == 422
+    assert "label_selector.ray.io/node-id" in refused.json()["error"]["message"]
+    # An administrator's agents are the platform's own: packed, pinned, as asked.
+    created = admin.ok("POST", "/v1/agents", 201, json={**shared_shell, **pinned})
+    try:
+        assert created["isolation"] == "shared" and created["status"] == "ready"
+        detail = admin.ok("GET", f"/v1/agents/{created['id']}")
+        assert detail["replicas"][0]["node_id"] == head
+    finally:
+        admin.ok("DELETE", f"/v1/agents/{created['id']}")
+
+
+def test_open_sessions_are_a_quota(admin: Client, api_server: ApiServer) -> None:
+    capped = new_user(admin, api_server, max_sessions=2)
+    created = capped.ok("POST", "/v1/agents", 201, json={"tools": ["read_file"]})
+    try:
+        first, _ = new_session(capped, created["id"]), new_session(capped, created["id"])
+        over = capped.request("POST", f"/v1/agents/{created['id']}/sessions")
+        assert over.status_code == 403 and over.json()["error"]["type"] == "quota_exceeded"
+        assert over.json()["error"]["message"].startswith("max_sessions: you have 2 open")
+        # The session the replica opened for the refused request was closed again.
+        assert capped.ok("GET", f"/v1/agents/{created['id']}")["sessions"] == 2
+        capped.ok("DELETE", f"/v1/sessions/{first}")
+        new_session(capped, created["id"])
+        admin.ok("PATCH", f"/v1/users/{capped.user_id}", json={"quotas": {"max_sessions": 1}})
+        lowered = capped.request("POST", f"/v1/agents/{created['id']}/sessions")
+        assert lowered.status_code == 403  # at once, whichever ingress replica answers
+    finally:
+        capped.ok("DELETE", f"/v1/agents/{created['id']}")

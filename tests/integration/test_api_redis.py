@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,17 @@ import pytest
 import ray
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from starlette.testclient import TestClient
 
+from actors import RuntimeConfig
 from serve_app import APP_NAME, build, start_control_actor
 from serve_app.admission import AUTH_CACHE_TTL_S, RedisGate
-from serve_app.backend import Control
-from serve_app.control import today
+from serve_app.app import Api
+from serve_app.backend import Control, Replicas
+from serve_app.control import ControlStore, today
 from serve_app.errors import ApiError
 from serve_app.redis_budget import used_key
+from serve_app.routes import build_app
 
 from .api_client import (
     HELD_TURN,
@@ -356,3 +361,46 @@ def test_a_deleted_agents_session_is_404_on_every_ingress_replica(
     # 503 to retry) and reads the route again: 404 from then on, not 503 until the cache expires.
     assert statuses.count(503) <= 1 and statuses.count(404) + statuses.count(503) == 10, statuses
     assert statuses[-1] == 404
+
+
+class _StoreCalls:
+    """``Control`` without Ray: each call is the control store's own method, awaited."""
+
+    def __init__(self, store: ControlStore) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._store, name)
+
+        async def call(*args: Any) -> Any:
+            return method(*args)
+
+        return call
+
+    def release_soon(self, reservation: Any) -> None:
+        self._store.release(reservation)
+
+
+def test_a_lowered_quota_applies_at_once_on_the_ingress_that_lowered_it(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # One ingress replica in this process, so every request below is answered by the one
+    # that lowered the quota (the other replicas take up to AUTH_CACHE_TTL_S).
+    store = ControlStore(tmp_path / "control.db")
+    control: Any = _StoreCalls(store)
+    api = Api(control, Replicas(RuntimeConfig()), RedisGate(control, redis_server.url), 10**6)
+    store.create_user("usr_admin", "admin", {}, True)
+    admin = {"Authorization": "Bearer " + store.issue_key("usr_admin").api_key}
+    user_id = "usr_" + uuid.uuid4().hex[:12]
+    store.create_user(user_id, "u", {"requests_per_minute": 100})
+    user = {"Authorization": "Bearer " + store.issue_key(user_id).api_key}
+    with TestClient(build_app(api)) as client:
+        assert [client.get("/v1/usage", headers=user).status_code for _ in range(3)] == [200] * 3
+        patched = client.patch(
+            f"/v1/users/{user_id}", json={"quotas": {"requests_per_minute": 3}}, headers=admin
+        )
+        assert patched.status_code == 200 and patched.json()["quotas"]["requests_per_minute"] == 3
+        # The fourth request of a minute whose limit is now 3 (before: the cached user's 100).
+        refused = client.get("/v1/usage", headers=user)
+    assert refused.status_code == 429 and refused.headers["ratelimit-limit"] == "3"
+    store.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,19 @@ def _hyperfleet(
     )
 
 
+def _wider_than_private(home: Path) -> dict[str, str]:
+    """Each file under ``home`` that is not 0600 and each folder that is not 0700, with its mode
+    (the stack's state, keys, logs, pid files, databases with their WAL, Redis's files)."""
+    wide = {}
+    for path in [home, *home.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode != (0o700 if path.is_dir() else 0o600):
+            wide[str(path.relative_to(home))] = oct(mode)
+    return wide
+
+
 def _curl_block() -> str:
     match = re.search(
         r"<!-- curl-conversation -->\s*```sh\n(.*?)```", README.read_text(), re.DOTALL
@@ -63,6 +77,7 @@ def test_up_chat_curl_status_down(tmp_path: Path) -> None:
         assert key_file.stat().st_mode & 0o777 == 0o600
         assert key_file.read_text().strip() in up.stdout
         assert f"redis-server on 127.0.0.1:{ports[3]}" in up.stdout  # installed here
+        assert "warning:" not in up.stdout  # every prerequisite is installed here
         again = _hyperfleet(home, "up", *flags)
         assert again.returncode == 0, again.stderr
         assert key_file.read_text().strip() in again.stdout  # the same admin, not a new one
@@ -95,6 +110,10 @@ def test_up_chat_curl_status_down(tmp_path: Path) -> None:
 
         status = json.loads(_hyperfleet(home, "status").stdout)
         assert status["api"]["healthy"] is True
+        # While everything runs and has written: SQLite's WAL files, Redis's append-only files.
+        assert {"control.db-wal", "sessions.db"} <= {p.name for p in (home / "data").iterdir()}
+        assert any((home / "data" / "redis").rglob("*.aof"))
+        assert _wider_than_private(home) == {}
         assert status["ray-head"]["running"] and status["emulator"]["running"]
         assert status["redis"]["running"]
         deleted = _hyperfleet(home, "agents", "delete", agent_id)

@@ -128,3 +128,55 @@ def test_the_openapi_document_is_the_route_table(http: tuple[TestClient, Control
             operation = document["paths"][route.operation.path][route.operation.method]
             assert ("security" in operation) == route.operation.authenticated
             assert str(route.operation.status) in operation["responses"]
+
+
+async def test_a_flood_of_ready_probes_makes_one_control_store_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    import httpx
+
+    from actors.store.actor import ActorSessionStore
+
+    store = ControlStore(tmp_path / "control.db")
+    calls = {"control_store": 0, "session_store": 0}
+    has_admin = store.has_admin
+
+    def counted_has_admin() -> bool:
+        calls["control_store"] += 1
+        return has_admin()
+
+    async def counted_ping(self: ActorSessionStore) -> None:
+        calls["session_store"] += 1
+        await asyncio.sleep(0.01)  # a Ray hop: the probes overlap it
+
+    monkeypatch.setattr(store, "has_admin", counted_has_admin)
+    monkeypatch.setattr(ActorSessionStore, "ping", counted_ping)
+    control: Any = InProcessControl(store)
+    api = Api(control, Replicas(RuntimeConfig()), ControlGate(control), IP_PER_MINUTE)
+    transport = httpx.ASGITransport(app=build_app(api))
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        answers = await asyncio.gather(*(client.get("/ready") for _ in range(50)))
+    assert {a.status_code for a in answers} == {200}
+    assert answers[0].json() == {"ready": True, "control_store": "ok", "session_store": "ok"}
+    # One check for the flood, not two store calls per probe (100 before the cache).
+    assert calls == {"control_store": 1, "session_store": 1}
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "query", ["limit=²", "after=²", "limit=٣", "limit=" + "9" * 5000, "limit=-1", "after=1.5"]
+)
+def test_a_transcript_page_that_is_not_an_ascii_integer_is_a_422(
+    http: tuple[TestClient, ControlStore], query: str
+) -> None:
+    client, store = http
+    store.create_user("usr_a", "a", {})
+    auth = {"Authorization": "Bearer " + store.issue_key("usr_a").api_key}
+    store.create_agent("agt_a", "usr_a", "{}", 1, 10)
+    store.add_route("ses_a", "agt_a", "usr_a", 0)
+    answer = client.get(f"/v1/sessions/ses_a/messages?{query}", headers=auth)
+    assert answer.status_code == 422, answer.text  # "²".isdigit() was a 500
+    name = query.split("=")[0]
+    assert answer.json()["error"]["message"].startswith(f"{name}: must be an integer")

@@ -56,3 +56,31 @@ def test_up_without_redis_says_why_and_uses_the_sqlite_stores(tmp_path: Path) ->
     url = stack._redis(given, stack._daemons(given), 6390, said.append)
     assert url == "redis://:pw@10.0.0.9:6379/0" and "pw" not in said[-1]
     assert not (tmp_path / "run").exists()  # no local redis-server was started
+
+
+def test_up_says_which_prerequisites_are_missing_and_how_to_get_them(tmp_path: Path) -> None:
+    from cluster.cli.prerequisites import missing_prerequisites
+
+    settings = Settings.from_env({"HYPERFLEET_HOME": str(tmp_path)})
+
+    def bare(binary: str) -> str | None:  # a fresh Debian: none of them
+        return None
+
+    lines = missing_prerequisites(settings, bare, is_root=True)
+    assert len(lines) == 3 and all(line.startswith("warning: ") for line in lines)
+    redis, bwrap, iptables = lines
+    assert "redis-server not installed" in redis and "slower SQLite path" in redis
+    assert redis.endswith("apt-get install -y redis-server")
+    assert "bwrap not installed" in bwrap and "bash and other shell tools will fail" in bwrap
+    assert bwrap.endswith("apt-get install -y bubblewrap")
+    assert "iptables and ip6tables not installed" in iptables
+    assert iptables.endswith("apt-get install -y iptables")
+
+    def installed(binary: str) -> str | None:
+        return f"/usr/bin/{binary}"
+
+    assert missing_prerequisites(settings, installed, is_root=True) == []
+    # Not root: tool egress needs root anyway. No local Redis wanted: no word of it.
+    off = Settings.from_env({"HYPERFLEET_HOME": str(tmp_path), "HYPERFLEET_REDIS": "off"})
+    only_bwrap = missing_prerequisites(off, bare, is_root=False)
+    assert len(only_bwrap) == 1 and "bubblewrap" in only_bwrap[0]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 from cluster.cli.daemon import Daemons
+from hyperfleet import processes
 
 
 def test_start_state_stop_a_real_process(tmp_path: Path) -> None:
@@ -29,7 +31,12 @@ def test_a_reused_pid_is_not_signalled(tmp_path: Path) -> None:
     daemons = Daemons(tmp_path / "run", tmp_path / "logs")
     (tmp_path / "run").mkdir()
     # Our own pid with a start time that is not ours: a stale record must not kill us.
-    record = {"pid": __import__("os").getpid(), "start_time_s": -1.0, "argv": []}
+    record = {
+        "pid": __import__("os").getpid(),
+        "started_since_boot_s": -1.0,
+        "boot_id": processes.boot_id(),
+        "argv": [],
+    }
     (tmp_path / "run" / "ghost.json").write_text(json.dumps(record))
     assert not daemons.state("ghost").running
     assert not daemons.stop("ghost")
@@ -76,3 +83,20 @@ def test_a_pid_file_from_before_start_times_in_seconds_still_stops_its_process(
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+def test_a_pid_file_from_an_earlier_boot_is_not_ours(tmp_path: Path) -> None:
+    # After a reboot the recorded pid and start time may name a new process: never signal it.
+    me = processes.ProcessId.of(os.getpid())
+    assert me is not None
+    (tmp_path / "run").mkdir()
+    record = {
+        "pid": me.pid,
+        "started_since_boot_s": me.started_s,
+        "boot_id": "an-earlier-boot",
+        "argv": [],
+    }
+    (tmp_path / "run" / "ghost.json").write_text(json.dumps(record))
+    daemons = Daemons(tmp_path / "run", tmp_path / "logs")
+    assert not daemons.state("ghost").running
+    assert not daemons.stop("ghost")

@@ -175,7 +175,7 @@ def test_a_reused_pid_is_not_signalled(roles: Roles) -> None:
     process = roles.start("stubborn")
     running = roles.ready("stubborn")
     # The same pid with another start time: what a pid file says after the pid was reused.
-    stale = ProcessId(running.pid, running.start_time_s - 1.0)
+    stale = ProcessId(running.pid, running.started_s - 1.0)
     assert not stale.alive()
     assert not stale.send_signal(signal.SIGKILL)
     assert stop(stale, grace_s=0.0) is None
@@ -215,3 +215,25 @@ async def test_stop_async_kills_a_stubborn_tree_within_the_bounds(roles: Roles) 
     assert await stop_async(process, grace_s=0.5, leftover_grace_s=0.0, kill_wait_s=5.0) is None
     assert process.returncode == -signal.SIGKILL
     assert not child.alive()
+
+
+def test_a_process_stays_itself_when_the_wall_clock_is_stepped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # psutil's create_time() is the start ticks plus the boot time by the wall clock, which
+    # moves when the clock is stepped (NTP, a resumed VM): identity must not.
+    import psutil._pslinux
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        recorded = ProcessId.of(child.pid)
+        assert recorded is not None and recorded.alive()
+        real_boot_time = psutil._pslinux.boot_time
+        monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: real_boot_time() + 1.0)
+        assert recorded.alive()
+        assert recorded.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=WAIT_S) == -signal.SIGTERM
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=WAIT_S)
