@@ -8,7 +8,7 @@ contract by one conformance suite (``tests/integration/test_admission_conformanc
   ``ratelimit.MovingWindows``, its reservations SQLite rows). It costs a Ray hop (about 1-3 ms
   here) on every request.
 - ``RedisGate`` (a ``redis_url`` is configured): the hot path stays in the ingress process, and
-  a request costs one Redis round trip. One Lua script (``_ADMIT``) runs the IP's and the key's
+  a request costs one Redis round trip. One Lua script (``_ADMIT``) runs the IP's and the user's
   moving windows and, for a turn, takes its reservation against the day's used-token counter,
   which the control store mirrors into Redis each time it meters a commit
   (``redis_budget.py``); so limits and budgets are exact across replicas. Keys and session
@@ -16,7 +16,7 @@ contract by one conformance suite (``tests/integration/test_admission_conformanc
   at once on the replica that made the change and within ``AUTH_CACHE_TTL_S`` on the others.
 
 Why a script of our own and not the ``limits`` library's Redis storage: ``limits`` checks one
-window per call and reports a window's remaining count in a second call, so the IP, the key and
+window per call and reports a window's remaining count in a second call, so the IP, the user and
 their headers took three round trips, 1.9 ms of the 7.4 ms a turn added over a bare Serve forward
 (benchmarks/api_bench.py). The script's windows are the same moving windows as
 ``MovingWindows`` (``ratelimit.py`` states the rules both follow).
@@ -44,7 +44,7 @@ from redis.exceptions import RedisError
 from hyperfleet.metering import RESERVATION_TTL_S, Reservation, utc_day
 
 from .errors import unavailable
-from .ratelimit import WINDOW_MS, Decision
+from .ratelimit import WINDOW_MS, Decision, user_window
 from .records import Admission, Route, User, over_budget
 from .redis_budget import DAY_KEY_TTL_S, reservation_member, reserved_key, used_key
 
@@ -79,13 +79,14 @@ class Gate(Protocol):
     (503) when its backend cannot be reached, never hangs a request.
 
     The contract both gates keep: the client address's window first (a request it refuses is
-    not looked up), then the key, then the key's own window (``ratelimit.py``'s rules); a
+    not looked up), then the key, then its user's window, one per user whichever key a request
+    carries (``ratelimit.py``'s rules); a
     turn's reservation only for an admitted caller's own session and only when the user has a
     ``tokens_per_day``; refused (``Admission.over_budget``) when used + reserved + the turn's
     ``max_tokens`` exceeds it (the request still counts in its windows)."""
 
     async def admit(self, api_key: str | None, client_ip: str, ip_per_minute: int) -> Admission:
-        """The per-IP limit, then the key, then the key's own limit."""
+        """The per-IP limit, then the key, then its user's limit."""
         ...
 
     async def begin_message(
@@ -178,7 +179,7 @@ class _TtlCache:
             del self._entries[key]
 
 
-# One round trip admits a request: its moving windows (the client IP's, then the key's) and, for
+# One round trip admits a request: its moving windows (the client IP's, then the user's) and, for
 # a turn of a user with a daily budget, its token reservation. A window is a sorted set of
 # request ids scored by arrival in ms (Redis's own clock unless the caller gives one, so ingress
 # replicas on hosts whose clocks differ share one timeline); a request refused by a window is not
@@ -326,7 +327,7 @@ class RedisGate:
         member: str,
         hold: Callable[[User], _Hold | None],
     ) -> tuple[User | None, Decision, tuple[int, int] | None]:
-        """The IP's window, the key, the key's window and ``hold(user)``'s reservation: (user or
+        """The IP's window, the key, its user's window and ``hold(user)``'s reservation: (user or
         None, decision, (used, reserved) when the budget refused the reservation, else None)."""
         ip = ("hf:rl:ip:" + client_ip, ip_per_minute)
         found, user = self._cached_user(api_key)
@@ -339,9 +340,9 @@ class RedisGate:
             user = await self._user(api_key) if not found else None
             if user is None:
                 return None, decision, None
-            windows = [_key_window(user)]
+            windows = [_user_window(user)]
         else:
-            windows = [ip, _key_window(user)]
+            windows = [ip, _user_window(user)]
         refused, decision, used, reserved = await self._run(windows, member, hold(user))
         if len(windows) == 2 and refused == 1:
             return None, decision, None  # the IP's window refused it
@@ -437,8 +438,8 @@ def _digest(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()  # never keep plaintext keys
 
 
-def _key_window(user: User) -> tuple[str, int]:
-    return f"hf:rl:key:{user.key_prefix}", user.requests_per_minute
+def _user_window(user: User) -> tuple[str, int]:
+    return user_window(user.id), user.requests_per_minute
 
 
 def _no_hold(user: User) -> None:

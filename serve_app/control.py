@@ -24,7 +24,7 @@ from hyperfleet.private import create_private, private_database
 
 from . import keys
 from .errors import QuotaExceededError
-from .ratelimit import MovingWindows
+from .ratelimit import MovingWindows, user_window
 from .records import Admission, Agent, IssuedKey, Route, UsageRow, User, over_budget
 from .sealing import KEY_FIELD, KeySealer, redact_spec
 
@@ -169,12 +169,33 @@ class ControlStore:
         return self.get_user(user_id)
 
     def issue_key(self, user_id: str) -> IssuedKey:
-        """A new key for the user: the plaintext is returned here, once, and never stored."""
+        """A new key for the user: the plaintext is returned here, once, and never stored.
+
+        Raises ``QuotaExceededError`` when the user has ``max_keys`` live (unrevoked) keys
+        already (counted and inserted in one transaction); revoking a key frees its place. The
+        limit keeps keys from multiplying a user's ``requests_per_minute``, which is counted per
+        user, not per key, and bounds the keys a user can leave lying around."""
         key = keys.new_key(self._secret)
-        self._db.execute(
-            "INSERT INTO api_keys VALUES (?, ?, ?, ?, 0)",
-            (key.prefix, user_id, key.secret_hash, self._clock()),
-        )
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            user = self.get_user(user_id)
+            (live,) = db.execute(
+                "SELECT COUNT(*) FROM api_keys WHERE user_id = ? AND revoked = 0", (user_id,)
+            ).fetchone()
+            if user is not None and live >= user.max_keys:
+                raise QuotaExceededError(
+                    f"max_keys: you have {live} live API keys, your quota is {user.max_keys}; "
+                    "revoke keys you no longer use"
+                )
+            db.execute(
+                "INSERT INTO api_keys VALUES (?, ?, ?, ?, 0)",
+                (key.prefix, user_id, key.secret_hash, self._clock()),
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
         return IssuedKey(key.prefix, key.plaintext)
 
     def authenticate(self, api_key: str) -> User | None:
@@ -192,16 +213,15 @@ class ControlStore:
         return None if user is None else replace(user, key_prefix=prefix)
 
     def admit(self, api_key: str | None, client_ip: str, ip_per_minute: int) -> Admission:
-        """One call per request: the per-IP limit, the key, then the key's own limit."""
+        """One call per request: the per-IP limit, the key, then its user's limit (one window per
+        user, whichever of the user's keys the request carries)."""
         by_ip = self._windows.hit("ip:" + client_ip, ip_per_minute)
         if not by_ip.allowed:
             return Admission(None, by_ip)
         user = self.authenticate(api_key) if api_key else None
         if user is None:
             return Admission(None, by_ip)
-        return Admission(
-            user, self._windows.hit(f"key:{user.key_prefix}", user.requests_per_minute)
-        )
+        return Admission(user, self._windows.hit(user_window(user.id), user.requests_per_minute))
 
     def revoke_key(self, prefix: str, requester: str | None) -> bool:
         """Revokes a key; ``requester`` None is an admin, else only the key's own user."""

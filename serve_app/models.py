@@ -11,6 +11,7 @@ from actors import AgentSpec, Resources
 from .records import (
     DEFAULT_MAX_AGENTS,
     DEFAULT_MAX_CORES,
+    DEFAULT_MAX_KEYS,
     DEFAULT_MAX_REPLICAS,
     DEFAULT_MAX_SESSIONS,
     DEFAULT_REQUESTS_PER_MINUTE,
@@ -36,6 +37,10 @@ class Quotas(BaseModel):
     max_sessions: int = Field(
         default=DEFAULT_MAX_SESSIONS, ge=0, le=10_000_000, description="open sessions"
     )
+    # At least 1: a new user is created together with its first key.
+    max_keys: int = Field(
+        default=DEFAULT_MAX_KEYS, ge=1, le=10_000, description="live (unrevoked) API keys"
+    )
 
 
 class QuotasPatch(BaseModel):
@@ -47,6 +52,7 @@ class QuotasPatch(BaseModel):
     max_replicas: int | None = Field(default=None, ge=0, le=100_000)
     max_cores: float | None = Field(default=None, ge=0, le=1_000_000)
     max_sessions: int | None = Field(default=None, ge=0, le=10_000_000)
+    max_keys: int | None = Field(default=None, ge=1, le=10_000)
 
 
 class UserCreate(BaseModel):

@@ -1,4 +1,4 @@
-"""Request rate limits per API key and per client address: moving windows, and what they decide.
+"""Request rate limits per user and per client address: moving windows, and what they decide.
 
 Two stores keep the windows, one per admission gate (``admission.py``): this module's
 ``MovingWindows``, in the control-store actor's memory (``ControlGate``; exact across ingress
@@ -13,6 +13,8 @@ replicas because that one actor serialises every call), and the Lua script ``_AD
 - An admitted request's reset is when its window's oldest entry leaves it; a refused one's is when
   enough entries have left for one more (a window may hold more than its limit after the limit
   was lowered). Seconds, rounded up.
+- A user's ``requests_per_minute`` is one window per user (``user_window``), whichever of the
+  user's keys a request carries: a window per key let a user multiply the quota by minting keys.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ from dataclasses import dataclass
 
 WINDOW_MS = 60_000  # requests per minute
 SWEEP_EVERY = 10_000  # hits: then windows with nothing left in them are dropped
+
+
+def user_window(user_id: str) -> str:
+    """The name of a user's ``requests_per_minute`` window, the same in both stores."""
+    return "hf:rl:user:" + user_id
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ DEFAULT_REQUESTS_PER_MINUTE = 100
 DEFAULT_MAX_REPLICAS = 50  # replicas of all of a user's agents (each agent runs at least one)
 DEFAULT_MAX_CORES = 50.0  # cores of all of a user's replicas
 DEFAULT_MAX_SESSIONS = 1_000  # open sessions of all of a user's agents
+DEFAULT_MAX_KEYS = 10  # live (unrevoked) API keys
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class User:
     @property
     def max_sessions(self) -> int:
         return int(self.quotas.get("max_sessions", DEFAULT_MAX_SESSIONS))
+
+    @property
+    def max_keys(self) -> int:
+        return int(self.quotas.get("max_keys", DEFAULT_MAX_KEYS))
 
     @property
     def tokens_per_day(self) -> int | None:

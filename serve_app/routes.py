@@ -2,7 +2,7 @@
 document says of it (``openapi.py`` builds the document from ``OPERATIONS``).
 
 Three kinds of route: ``Open`` (no key, no limits), ``Keyed`` (admitted by ``Api.keyed``: the
-client address's window, the key, the key's window) and ``TurnRoute`` (admitted by ``Api.turn``,
+client address's window, the key, its user's window) and ``TurnRoute`` (admitted by ``Api.turn``,
 with the session's route and the turn's token reservation in the same step). Starlette matches
 routes in order, so ``/v1/agents/spawn`` comes before ``/v1/agents/{agent_id}``.
 """
@@ -43,7 +43,7 @@ class Open:
 
 @dataclass(frozen=True)
 class Keyed:
-    """A route behind admission: the client address's window, the key, then the key's window."""
+    """A route behind admission: the client address's window, the key, then its user's window."""
 
     operation: Operation
     handler: Callable[[Api, Request, User], Awaitable[Response]]

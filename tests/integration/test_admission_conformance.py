@@ -211,18 +211,35 @@ async def test_the_key_window_comes_after_the_address_window(admissions: Admissi
     assert seen[3].user is None  # refused before its key was looked at
 
 
-async def test_each_key_has_its_own_window(admissions: Admissions) -> None:
-    caller = admissions.caller(requests_per_minute=1)
+async def test_a_users_keys_share_one_window(admissions: Admissions) -> None:
+    caller = admissions.caller(requests_per_minute=3)
     other_key = admissions.key(caller)
-    first = await admissions.admit(caller.key)
-    again = await admissions.admit(caller.key)
-    other = await admissions.admit(other_key)
-    assert _decisions([first, again, other]) == [
-        Decision(True, 1, 0, 60),
-        Decision(False, 1, 0, 60),
-        Decision(True, 1, 0, 60),
+    stranger = admissions.caller(requests_per_minute=3)
+    seen = []
+    for key in (caller.key, other_key, caller.key, other_key):  # at 0, 10, 20 and 30 s
+        seen.append(await admissions.admit(key))
+        admissions.clock.advance(10)
+    # One window of 3 for both keys, and its headers, whichever key a request carries.
+    assert _decisions(seen) == [
+        Decision(True, 3, 2, 60),
+        Decision(True, 3, 1, 50),
+        Decision(True, 3, 0, 40),
+        Decision(False, 3, 0, 30),
     ]
-    assert other.user is not None and other.user.id == caller.user.id
+    assert seen[1].user is not None and seen[1].user.id == caller.user.id
+    assert seen[1].user.key_prefix == other_key.split("_")[1]
+    assert seen[3].decision.headers() == {
+        "ratelimit-limit": "3",
+        "ratelimit-remaining": "0",
+        "ratelimit-reset": "30",
+        "Retry-After": "30",
+    }
+    # A third key minted now (40 s) gets no more: the user's window is still full.
+    assert (await admissions.admit(admissions.key(caller))).decision == Decision(False, 3, 0, 20)
+    # Another user's window is its own.
+    assert (await admissions.admit(stranger.key)).decision == Decision(True, 3, 2, 60)
+    admissions.clock.advance(20)  # 60 s: the first request has left, whichever key made it
+    assert (await admissions.admit(other_key)).decision == Decision(True, 3, 0, 10)
 
 
 async def test_a_lowered_limit_waits_until_enough_requests_left(admissions: Admissions) -> None:

@@ -80,6 +80,7 @@ def test_users_and_keys(admin: Client, api_server: ApiServer) -> None:
         "max_replicas": 50,
         "max_cores": 50.0,
         "max_sessions": 1000,
+        "max_keys": 10,
     }
     assert bob.request("POST", "/v1/users", json={"name": "x"}).status_code == 403
     carol = new_user(admin, api_server)
@@ -403,3 +404,27 @@ def test_open_sessions_are_a_quota(admin: Client, api_server: ApiServer) -> None
         assert lowered.status_code == 403  # at once, whichever ingress replica answers
     finally:
         capped.ok("DELETE", f"/v1/agents/{created['id']}")
+
+
+def test_a_users_keys_share_its_rate_limit_and_are_bounded(
+    admin: Client, api_server: ApiServer
+) -> None:
+    limited = new_user(admin, api_server, requests_per_minute=8, max_keys=3)
+    # The admin mints the keys, so that only the requests below count in the user's minute.
+    second = admin.ok("POST", f"/v1/users/{limited.user_id}/keys", 201)
+    other = Client(api_server.base_url, second["api_key"], limited.user_id)
+    responses = [c.request("GET", "/v1/agents") for _ in range(8) for c in (limited, other)]
+    admitted = [r for r in responses if r.status_code == 200]
+    assert len(admitted) == 8, [r.status_code for r in responses]
+    assert {r.status_code for r in responses} == {200, 429}
+    assert [r.headers["ratelimit-remaining"] for r in admitted] == [
+        str(n) for n in range(7, -1, -1)
+    ]
+    third = admin.ok("POST", f"/v1/users/{limited.user_id}/keys", 201)
+    refused = admin.request("POST", f"/v1/users/{limited.user_id}/keys")
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"]["type"] == "quota_exceeded"
+    assert refused.json()["error"]["message"].startswith("max_keys: you have 3 live API keys")
+    admin.ok("DELETE", f"/v1/keys/{third['prefix']}")  # a revoked key frees its place
+    admin.ok("POST", f"/v1/users/{limited.user_id}/keys", 201)
+    other.http.close()

@@ -28,6 +28,7 @@ from serve_app.app import Api
 from serve_app.backend import Control, Replicas
 from serve_app.control import ControlStore, today
 from serve_app.errors import ApiError
+from serve_app.ratelimit import user_window
 from serve_app.redis_budget import used_key
 from serve_app.routes import build_app
 
@@ -255,12 +256,12 @@ class _CountingControl(Control):
 def test_admission_is_one_round_trip_once_the_key_and_route_are_known(
     admin: Client, redis_api: ApiServer, redis_server: RedisServer
 ) -> None:
-    user = new_user(admin, redis_api, tokens_per_day=9_000, requests_per_minute=3)
+    # 5 a minute: the two requests below and three of the scenario's four.
+    user = new_user(admin, redis_api, tokens_per_day=9_000, requests_per_minute=5)
     agent = user.ok("POST", "/v1/agents", 201, json={"max_tokens": 4000})
     try:
         sid = new_session(user, agent["id"])
-        # A second key, from the admin: its own window, untouched by the requests above (and
-        # the user's first key keeps one request of its three for the cleanup).
+        # A second key, from the admin: it shares the user's window with the first key.
         user_id = user.user_id
         key = admin.ok("POST", f"/v1/users/{user_id}/keys", 201)["api_key"]
         redis = Redis.from_url(redis_server.url)
@@ -278,7 +279,7 @@ def test_admission_is_one_round_trip_once_the_key_and_route_are_known(
             second = await gate.begin_message(key, ip, 100, sid)
             sent, calls = client.sent - sent_before, control.calls[len(learned) :]
             assert second.decision.allowed and second.decision.remaining == 1
-            # Windows pass (3 of 3), the budget does not: 8,000 held of 9,000.
+            # Windows pass (5 of 5), the budget does not: 8,000 held of 9,000.
             third = await gate.begin_message(key, ip, 100, sid)
             assert third.over_budget is not None and third.reservation is None
             fourth = await gate.begin_message(key, ip, 100, sid)
@@ -302,14 +303,17 @@ def test_admission_is_one_round_trip_once_the_key_and_route_are_known(
         assert seen["learned"] == ["authenticate", "get_route"]
         assert seen["sent"] == 1 and seen["calls"] == []  # one round trip, no control call
         decision = seen["fourth"].decision
-        assert not decision.allowed and decision.limit == 3 and decision.remaining == 0
+        assert not decision.allowed and decision.limit == 5 and decision.remaining == 0
         assert 1 <= decision.reset_s <= 60
         assert seen["held"] == 2 and redis.zcard(reserved_set) == 0
-        # A request a window refused is not counted in it: 3 in the key's, 4 in the IP's.
-        prefix = key.split("_")[1]
-        assert redis.zcard(f"hf:rl:key:{prefix}") == 3
+        # A request a window refused is not counted in it: 5 in the user's (both keys'), 4 in
+        # the IP's.
+        assert redis.zcard(user_window(user_id)) == 5
         assert redis.zcard(f"hf:rl:ip:{ip}") == 4
     finally:
+        # The user's minute is spent: empty its window so that the cleanup is admitted.
+        with Redis.from_url(redis_server.url) as windows:
+            windows.delete(user_window(user.user_id))
         user.ok("DELETE", f"/v1/agents/{agent['id']}")
 
 

@@ -199,6 +199,7 @@ def test_new_quotas_are_set_like_the_others(http: Http) -> None:
         "max_replicas": 50,
         "max_cores": 50.0,
         "max_sessions": 7,  # the operator's default here
+        "max_keys": 10,
     }
     patched = http.client.patch(
         f"/v1/users/{created['id']}",
@@ -212,3 +213,33 @@ def test_new_quotas_are_set_like_the_others(http: Http) -> None:
         f"/v1/users/{created['id']}", json={"quotas": {"max_cores": -1}}, headers=admin
     )
     assert bad.status_code == 422 and "max_cores" in bad.json()["error"]["message"]
+
+
+def test_live_keys_are_a_quota_checked_with_the_insert(tmp_path: Path) -> None:
+    path = tmp_path / "control.db"
+    setup = ControlStore(path)
+    setup.create_user("usr_k", "k", {"max_keys": 4})
+    first = setup.issue_key("usr_k")
+    stores = [ControlStore(path) for _ in range(10)]
+    issued: list[str] = []
+    refused: list[str] = []
+    start = threading.Barrier(10)
+
+    def issue_one(n: int) -> None:
+        start.wait(10)
+        try:
+            issued.append(stores[n].issue_key("usr_k").prefix)
+        except QuotaExceededError as e:
+            refused.append(e.message)
+
+    threads = [threading.Thread(target=issue_one, args=(n,)) for n in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(issued) == 3 and len(refused) == 7
+    assert refused[0].startswith("max_keys: you have 4 live API keys, your quota is 4")
+    assert setup.revoke_key(first.prefix, "usr_k")  # a revoked key frees its place
+    assert setup.authenticate(setup.issue_key("usr_k").api_key) is not None
+    for store in [setup, *stores]:
+        store.close()
