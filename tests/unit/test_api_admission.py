@@ -8,7 +8,7 @@ Ray in the unit tier); ``tests/integration/test_api.py`` drives them all over HT
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +22,9 @@ from serve_app.backend import Replicas
 from serve_app.control import ControlStore
 from serve_app.routes import ROUTES, Open, build_app
 
+from .in_process_control import InProcessControl
+
 IP_PER_MINUTE = 50
-
-
-class InProcessControl:
-    """``serve_app.backend.Control`` without Ray: each method is the store's, awaited."""
-
-    def __init__(self, store: ControlStore) -> None:
-        self._store = store
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        method = getattr(self._store, name)
-
-        async def call(*args: Any) -> Any:
-            return method(*args)
-
-        return call
-
-    def release_soon(self, reservation: Any) -> None:
-        self._store.release(reservation)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ and the real control store in-process. Every refusal here comes before any repli
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +21,7 @@ from serve_app.errors import QuotaExceededError
 from serve_app.models import Quotas
 from serve_app.routes import build_app
 
-
-class InProcessControl:
-    """``serve_app.backend.Control`` without Ray: each method is the store's, awaited."""
-
-    def __init__(self, store: ControlStore) -> None:
-        self._store = store
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        method = getattr(self._store, name)
-
-        async def call(*args: Any) -> Any:
-            return method(*args)
-
-        return call
-
-    def release_soon(self, reservation: Any) -> None:
-        self._store.release(reservation)
+from .in_process_control import InProcessControl
 
 
 class HeadOf(Replicas):
