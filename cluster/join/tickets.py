@@ -26,11 +26,9 @@ ticket cannot both win.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import hashlib
 import logging
-import os
 import secrets
 import sqlite3
 import threading
@@ -40,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hyperfleet.errors import HyperfleetError
+from hyperfleet.private import private_database
 
 logger = logging.getLogger("hyperfleet.join")
 
@@ -145,8 +144,9 @@ class TicketBook:
         rejoin_holdoff_s: float = DEFAULT_REJOIN_HOLDOFF_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        _create_private(db_path)
+        # 0600 before SQLite opens it, so its -wal and -shm are too: the file holds hashes only,
+        # but a reader could still learn instance ids.
+        private_database(db_path)
         self.db_path = db_path
         self._rejoin_holdoff_s = rejoin_holdoff_s
         self._clock = clock
@@ -157,10 +157,6 @@ class TicketBook:
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.executescript(_SCHEMA)
-        # A -wal/-shm left by an older version may predate the 0600 database: fix it too.
-        for path in _sidecars(db_path):
-            with contextlib.suppress(FileNotFoundError):
-                path.chmod(0o600)
 
     def close(self) -> None:
         with self._lock:
@@ -267,21 +263,3 @@ class TicketBook:
                 record.redemptions + 1,
             )
         return record.instance_id
-
-
-def _sidecars(db_path: Path) -> tuple[Path, Path]:
-    return db_path.with_name(db_path.name + "-wal"), db_path.with_name(db_path.name + "-shm")
-
-
-def _create_private(db_path: Path) -> None:
-    """Creates ``db_path`` (if missing) as an owner-only file, before SQLite opens it.
-
-    SQLite gives the -wal and -shm files the mode of the database file, so they are 0600 too;
-    a chmod after ``sqlite3.connect`` would leave them at the umask's mode. The file holds
-    hashes only, but a reader could still learn instance ids.
-    """
-    fd = os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
-    finally:
-        os.close(fd)

@@ -44,6 +44,7 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from types import FrameType
 
+from hyperfleet.private import write_private
 from hyperfleet.processes import reap_orphans, spawn, stop
 
 from . import gpus
@@ -92,16 +93,6 @@ def ray_nodes_at(
     return frozenset(node.node_id for node in nodes)
 
 
-def write_secret(path: Path, value: str) -> None:
-    """Writes ``value`` to ``path`` with mode 0600 from the start (never readable by others)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-    os.replace(tmp, path)
-
-
 def with_autoscaling_config_file(settings: NodeSettings) -> NodeSettings:
     """The settings with an inline ``HYPERFLEET_AUTOSCALING_CONFIG_JSON`` written to a file
     under ``HYPERFLEET_HOME``: ``ray start`` reads the config from a file (YAML, a superset of
@@ -117,7 +108,7 @@ def ensure_head_token(home: Path) -> Path:
     """The head's Ray auth token file, generated on first start and kept across restarts."""
     path = home / TOKEN_FILE
     if not path.exists() or not path.read_text().strip():
-        write_secret(path, secrets.token_hex(32))
+        write_private(path, secrets.token_hex(32) + "\n")
         logger.info("generated the cluster's Ray auth token in %s", path)
     path.chmod(0o600)
     return path
@@ -222,7 +213,7 @@ class NodeAgent:
                     return EXIT_STOPPED
                 raise
             token_path = settings.home / TOKEN_FILE
-            write_secret(token_path, token)
+            write_private(token_path, token + "\n")
             logger.info("joined: the head gave this node the cluster's token")
         try:
             for attempt in range(1, RAY_START_ATTEMPTS + 1):
