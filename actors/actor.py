@@ -17,25 +17,25 @@ import contextlib
 import ipaddress
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from hyperfleet.errors import InvalidRequestError
-from hyperfleet.metering import Reservation, UsageRecord
+from hyperfleet.errors import HyperfleetError, InvalidRequestError
+from hyperfleet.metering import Charge, Reservation, UsageRecord
 from hyperfleet.names import CONTROL_ACTOR_NAME
 from hyperfleet.names import NAMESPACE as NAMESPACE  # re-exported: actors.NAMESPACE
 
 from .breaker import BREAKERS, CircuitBreaker
 from .host import SessionHost
 from .loop import STREAM_BACKOFF_S, AgentLoop, LoopConfig
-from .meter import UsageMeter
+from .meter import ControlUnavailable, Metering, OutboxMetering, UsageRefused
 from .model_client import PendingClient
 from .spec import AgentSpec, placement_options
-from .store import SessionStore, TurnRecord, open_store
+from .store import SessionStore, open_store
 from .tools import EgressFirewall, EgressUnavailable, Sandbox, SandboxLimits, build_tools
 from .tools.workspace import MIB
 
@@ -62,7 +62,18 @@ class RuntimeConfig(BaseModel):
     )
     max_retries: int = Field(default=2, ge=0, le=10)
     request_timeout_s: float = Field(default=120.0, gt=0, le=3_600)
-    sweep_interval_s: float = Field(default=30.0, gt=0)
+    sweep_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="how often idle sessions leave memory and the usage outbox is swept",
+    )
+    usage_outbox_grace_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="how long a usage record waits in the outbox for its own replica's meter "
+        "before any replica's sweep sends it",
+    )
     custom_tools: tuple[str, ...] = Field(
         default=(), description="module:function tools agents may use (platform code, trusted)"
     )
@@ -117,11 +128,6 @@ def _build_client(key: SecretStr, runtime: RuntimeConfig) -> anthropic.AsyncAnth
     )
 
 
-def _meter_retryable(error: Exception) -> bool:
-    """The control store is restarting or slow: the batch may not have arrived."""
-    return isinstance(error, (TimeoutError, ray.exceptions.RayActorError))
-
-
 def sandbox_limits(spec: AgentSpec) -> SandboxLimits:
     """The spec's ``tool_limits`` as the sandbox applies them."""
     limits = spec.tool_limits
@@ -152,7 +158,7 @@ def build_host(
     client: anthropic.AsyncAnthropic | PendingClient,
     *,
     store: SessionStore | None = None,
-    on_commit: Callable[[str, TurnRecord, Reservation | None], None] | None = None,
+    metering: Metering | None = None,
     stream_backoff_s: float = STREAM_BACKOFF_S,
     credential: SecretStr | None = None,
     firewall: EgressFirewall | None = None,
@@ -164,7 +170,7 @@ def build_host(
     Args:
         client: the model client (a replica's ``PendingClient``; a test's own client).
         store: the session store; default, the one ``runtime.store_url`` names.
-        on_commit: called with each committed turn, to meter it.
+        metering: where the turns' usage goes (``OutboxMetering``; None, nowhere).
         stream_backoff_s: the loop's wait before retrying a broken stream (tests shorten it).
         credential: the Anthropic key ``client`` calls with: the loop shares this process's
             circuit breaker for it (``breaker.BREAKERS``); None, a breaker of its own.
@@ -195,8 +201,52 @@ def build_host(
         store if store is not None else open_store(runtime.store_url),
         AgentLoop(client, config, tools, breaker),
         Path(runtime.workspaces) if runtime.workspaces else default_workspaces(),
-        on_commit=on_commit,
+        metering=metering,
     )
+
+
+class RayControlLink:
+    """``ControlLink`` over Ray: the control-store actor, looked up by name (again after it
+    died: one started anew is another actor), each call bounded by ``METER_CALL_TIMEOUT_S``."""
+
+    def __init__(self) -> None:
+        self._control: Any = None
+
+    def _actor(self) -> Any:
+        if self._control is None:
+            self._control = ray.get_actor(CONTROL_ACTOR_NAME, namespace=NAMESPACE)
+        return self._control
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            ref = getattr(self._actor(), method).remote(*args)
+            return await asyncio.wait_for(ref, METER_CALL_TIMEOUT_S)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, HyperfleetError) and e.cause.status_code == 503:
+                raise ControlUnavailable(e.cause.message) from None  # its Redis, say
+            raise UsageRefused(repr(e.cause)[:500]) from None
+        except (TimeoutError, ray.exceptions.RayActorError) as e:
+            if isinstance(e, ray.exceptions.RayActorError):
+                self._control = None
+            raise ControlUnavailable(f"the control store did not answer {method}: {e!r}") from e
+
+    async def record_usages(self, batch: list[UsageRecord]) -> bool:
+        try:
+            self._actor()
+        except ValueError:  # batch jobs without the HTTP API: there is nothing to meter to
+            return False
+        await self._call("record_usages", batch)
+        return True
+
+    async def charge(
+        self, record: UsageRecord, reservation: Reservation, next_tokens: int
+    ) -> Charge:
+        try:
+            self._actor()
+        except ValueError as e:
+            raise ControlUnavailable("there is no control store to check the budget") from e
+        charge: Charge = await self._call("charge", record, reservation, next_tokens)
+        return charge
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -220,8 +270,10 @@ class AgentActor:
         )
         self._client = PendingClient(lambda: _build_client(key, runtime), self.name)
         self.agent_id = agent_id
-        self._control: Any = None
-        self._usage = UsageMeter(self._send_usage, self.name, _meter_retryable)
+        store = open_store(runtime.store_url)
+        self._metering = OutboxMetering(
+            self.name, store, runtime.usage_outbox_grace_s, RayControlLink()
+        )
         self._firewall = EgressFirewall(
             runtime.egress_blocked, node_addresses, refresh_s=runtime.egress_refresh_s
         )
@@ -230,7 +282,8 @@ class AgentActor:
             spec,
             runtime,
             self._client,
-            on_commit=self._record_usage,
+            store=store,
+            metering=self._metering,
             credential=key,
             firewall=self._firewall,
         )
@@ -238,27 +291,6 @@ class AgentActor:
         self._sweeper: asyncio.Task[None] | None = None
         self._egress_refresher: asyncio.Task[None] | None = None
         self._egress_refresh_s = runtime.egress_refresh_s if spec.egress else None
-
-    def _record_usage(self, owner: str, turn: TurnRecord, reservation: Reservation | None) -> None:
-        """Meters a committed turn in the control store (when the HTTP API runs with it)."""
-        self._usage.add(
-            UsageRecord(turn.turn_id, owner, self.agent_id, turn.usage, turn.cost_usd, reservation)
-        )
-
-    async def _send_usage(self, batch: list[UsageRecord]) -> None:
-        if self._control is None:
-            try:
-                self._control = ray.get_actor(CONTROL_ACTOR_NAME, namespace=NAMESPACE)
-            except ValueError:  # batch jobs without the HTTP API: there is nothing to meter to
-                logger.warning("%s: no control store; %d turns not metered", self.name, len(batch))
-                return
-        try:
-            await asyncio.wait_for(self._control.record_usages.remote(batch), METER_CALL_TIMEOUT_S)
-        except ray.exceptions.RayActorError:
-            # Look the name up again on the retry: a control store started anew (``hyperfleet
-            # down`` then ``up``) is another actor, and this handle's would never come back.
-            self._control = None
-            raise
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None:
@@ -283,6 +315,15 @@ class AgentActor:
             evicted = self.host.evict_idle()
             if evicted:
                 logger.info("%s evicted %d idle sessions", self.name, evicted)
+            try:
+                found = await self._metering.sweep()
+            except HyperfleetError as e:
+                logger.warning("%s: the usage outbox could not be read: %s", self.name, e)
+            except Exception:  # a supervisory loop: it must outlive one bad sweep
+                logger.exception("%s: the usage outbox sweep failed", self.name)
+            else:
+                if found:
+                    logger.info("%s: metering %d records left in the outbox", self.name, found)
 
     async def open_session(self, owner: str, session_id: str | None = None) -> dict[str, Any]:
         self._ensure_sweeper()
@@ -351,8 +392,8 @@ class AgentActor:
         return handed
 
     async def _flush_usage(self) -> None:
-        if not await self._usage.flush(METER_FLUSH_S):
-            logger.error("%s: %d turns not metered yet", self.name, self._usage.pending)
+        if not await self._metering.flush(METER_FLUSH_S):
+            logger.error("%s: usage not sent yet (the outbox keeps it)", self.name)
 
     async def __ray_shutdown__(self) -> None:
         for task in (self._sweeper, self._egress_refresher):

@@ -8,6 +8,11 @@ is reloaded from the store on its next access, transparently.
 Idempotency: a send with a key that is running joins that run; one that was committed returns the
 committed turn; either with a different message is ``IdempotencyConflictError``. So 50 concurrent
 duplicates make one model call.
+
+Metering: every request that carries the API's token reservation hands it to a ``TurnMeter``,
+which ends it whatever happens: with the turn's final usage record (committed with the turn, or
+on its own when the turn fails, times out or is cancelled), or, for a request that made no model
+call (a replay, a busy session, a bad message), with a record that only ends it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from hyperfleet.metering import Reservation
 
 from .events import EventType, event
 from .loop import AgentLoop
+from .meter import Metering, TurnMeter
 from .session import Session, digest
 from .spec import AgentSpec
 from .store import SessionRecord, SessionStore, TurnRecord
@@ -58,7 +64,7 @@ class SessionHost:
         workspaces: Path,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
-        on_commit: Callable[[str, TurnRecord, Reservation | None], None] | None = None,
+        metering: Metering | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.spec = spec
@@ -67,9 +73,8 @@ class SessionHost:
         self.workspaces = workspaces
         self._clock = clock
         self._wall = wall_clock
-        # Meters each committed turn: (owner, turn, the API's token reservation for it, ended
-        # together with the usage so a budget never counts neither).
-        self._on_commit = on_commit
+        # Where the turns' usage goes (None: nowhere, a host without a control plane).
+        self._metering = metering
         self._sessions: dict[str, Session] = {}
         self._loading: dict[str, asyncio.Future[Session]] = {}
         self._inflight: dict[tuple[str, str], tuple[str, asyncio.Future[TurnRecord]]] = {}
@@ -260,6 +265,38 @@ class SessionHost:
         reservation: Reservation | None = None,
     ) -> tuple[TurnRecord, bool]:
         """Runs (or replays) one turn; the flag says it was replayed, not run."""
+        meter = TurnMeter(
+            "turn_" + uuid.uuid4().hex,
+            owner or "",
+            self.agent_id,
+            self.spec.model,
+            reservation,
+            self._metering,
+        )
+        try:
+            return await self._join_or_run(session_id, content, key, owner, emit, meter)
+        finally:
+            if not meter.finalized:  # no model call: the reservation ends here
+                await self._meter(meter, in_outbox=False)
+
+    async def _meter(self, meter: TurnMeter, in_outbox: bool) -> None:
+        if self._metering is None:
+            return
+        for charge in meter.unsettled():
+            await self._metering.record(charge, in_outbox=False)
+        record = meter.final()
+        if record is not None:
+            await self._metering.record(record, in_outbox)
+
+    async def _join_or_run(
+        self,
+        session_id: str,
+        content: str | list[dict[str, Any]],
+        key: str | None,
+        owner: str | None,
+        emit: Any,
+        meter: TurnMeter,
+    ) -> tuple[TurnRecord, bool]:
         _check_content(content)
         request_digest = digest(content)
         if key is not None:
@@ -278,7 +315,7 @@ class SessionHost:
             self._inflight[(session_id, key)] = (request_digest, future)
         try:
             turn, replayed = await self._run_once(
-                session_id, content, key, request_digest, owner, emit, reservation
+                session_id, content, key, request_digest, owner, emit, meter
             )
             if future is not None:
                 future.set_result(turn)
@@ -300,7 +337,7 @@ class SessionHost:
         request_digest: str,
         owner: str | None,
         emit: Any,
-        reservation: Reservation | None,
+        meter: TurnMeter,
     ) -> tuple[TurnRecord, bool]:
         if self.draining:
             raise CapacityError("this replica is draining", retry_after_s=CAPACITY_RETRY_AFTER_S)
@@ -317,21 +354,25 @@ class SessionHost:
         if session.busy:
             raise SessionBusyError("a turn is running in this session", session_id=session_id)
         async with session.turn_lock:
-            turn_id = "turn_" + uuid.uuid4().hex
+            turn_id = meter.turn_id
+            meter.owner = session.record.owner
             await emit("turn_start", {"turn_id": turn_id, "session_id": session_id})
             try:
                 async with asyncio.timeout(self.spec.turn_timeout_s):
                     outcome = await self.loop.run(
-                        session.messages, content, session.workspace, emit
+                        session.messages, content, session.workspace, emit, meter
                     )
             except TimeoutError as e:
                 self.turns_failed += 1
+                await self._meter(meter, in_outbox=False)
                 raise UpstreamError(
                     f"the turn ran past its {self.spec.turn_timeout_s:g} s limit",
                     session_id=session_id,
                 ) from e
-            except HyperfleetError:
+            except BaseException:
+                # Failed, refused by the budget, or cancelled: its calls are metered all the same.
                 self.turns_failed += 1
+                await self._meter(meter, in_outbox=False)
                 raise
             turn = TurnRecord(
                 session_id=session_id,
@@ -348,18 +389,20 @@ class SessionHost:
                 idempotency_key=key,
                 content=outcome.content,
             )
+            usage = meter.final()
             try:
-                await self.store.commit_turn(turn, expected_version=session.version)
+                await self.store.commit_turn(turn, session.version, usage)
             except BaseException:
                 # Stale (someone else owns it now) or unknown (the reply was lost, the commit may
                 # have happened): forget our copy either way; it reloads from the store next time.
+                # Its calls are metered with the same record the commit carried: once, either way.
                 self._sessions.pop(session_id, None)
                 self.turns_failed += 1
+                await self._meter(meter, in_outbox=False)
                 raise
             session.apply(turn, restore_seq=False)
             self.turns_completed += 1
-            if self._on_commit is not None:
-                self._on_commit(session.record.owner, turn, reservation)
+            await self._meter(meter, in_outbox=True)
             await emit("turn_end", _turn_end(turn, replayed=False))
             return turn, False
 

@@ -11,6 +11,11 @@ content block is retried here with backoff, since nothing was shown yet. A break
 ends the turn with ``UpstreamError``: nothing of it is committed and the caller may send the same
 message again. Every failure and success feeds the credential's circuit breaker.
 
+Metering: every model call's usage goes to the turn's ``TurnMeter`` as soon as the call ends, a
+call that broke included (what its stream reported). Before the tools of a call run, and before a
+stream attempt is retried, the meter meters what is new and checks the day's budget for the next
+call (``hyperfleet.metering``).
+
 Prompt caching: ``cache_control`` marks the tools, the system prompt and the end of the
 conversation so far, so each call of a long tool loop reads the previous call's prefix.
 """
@@ -18,9 +23,10 @@ conversation so far, so each call of a long tool loop reads the previous call's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +34,7 @@ from hyperfleet.errors import UpstreamError
 
 from .breaker import CircuitBreaker
 from .events import Emit, TextCoalescer
+from .meter import TurnMeter
 from .model_client import PendingClient
 from .pricing import Usage
 from .reply import IncompleteReplyError, ModelReply, ReplyAccumulator
@@ -93,22 +100,29 @@ class AgentLoop:
         user_content: str | list[dict[str, Any]],
         workspace: Workspace,
         emit: Emit,
+        meter: TurnMeter | None = None,
     ) -> TurnOutcome:
-        """Runs one turn. Raises ``UpstreamError`` (or ``CircuitOpenError``) if the model fails."""
+        """Runs one turn. Raises ``UpstreamError`` (or ``CircuitOpenError``) if the model fails,
+        ``BudgetExceededError`` if ``meter`` refuses a call. The outcome's usage is every call's
+        that ``meter`` counted, broken attempts included."""
+        if meter is None:
+            meter = TurnMeter("", "", "", self.config.model, None, None)
         added: list[dict[str, Any]] = [{"role": "user", "content": user_content}]
-        usage = Usage()
         calls = 0
         stop_reason = "max_turns"
         content: list[dict[str, Any]] = []
+        meter.start()
         while calls < self.config.max_turns:
             calls += 1
-            message = await self._call([*history, *added], emit)
-            usage += message.usage
+            message = await self._call([*history, *added], emit, meter)
             content = message.content
             added.append({"role": "assistant", "content": content})
             if message.stop_reason != "tool_use":
                 stop_reason = message.stop_reason or "end_turn"
                 break
+            # Metered before the tools run (they may run long), and the next call checked
+            # against the day's budget.
+            await meter.checkpoint(self.config.max_tokens, calls < self.config.max_turns)
             uses = [b for b in content if b["type"] == "tool_use"]
             for use in uses:
                 await emit(
@@ -134,7 +148,7 @@ class AgentLoop:
                     block["is_error"] = True
                 blocks.append(block)
             added.append({"role": "user", "content": blocks})
-        return TurnOutcome(added, content, stop_reason, usage, calls)
+        return TurnOutcome(added, content, stop_reason, sum(meter.calls, Usage()), calls)
 
     async def _run_tool(self, use: dict[str, Any], workspace: Workspace) -> ToolResult:
         tool = self.tools.get(use["name"])
@@ -167,7 +181,9 @@ class AgentLoop:
             params["temperature"] = self.config.temperature
         return params
 
-    async def _call(self, messages: list[dict[str, Any]], emit: Emit) -> ModelReply:
+    async def _call(
+        self, messages: list[dict[str, Any]], emit: Emit, meter: TurnMeter
+    ) -> ModelReply:
         if isinstance(self.client, PendingClient):
             self.client = await self.client.get()
         client = self.client
@@ -179,11 +195,14 @@ class AgentLoop:
         params = self._params(messages)
         last_error: Exception | None = None
         for attempt in range(self.config.stream_attempts):
+            if attempt:
+                # A broken attempt that reported usage is billed; the retry sends its input again.
+                await meter.checkpoint(self.config.max_tokens)
             coalescer = TextCoalescer(emit)
             reply = ReplyAccumulator()
             # Every way out of this block records an outcome (``CircuitBreaker.attempt``): a 4xx
             # or a cancellation during a half-open trial must not leave the breaker refusing.
-            with self.breaker.attempt() as call:
+            with self.breaker.attempt() as call, _metered(reply, meter):
                 try:
                     stream = await client.messages.create(**params, stream=True)
                     async with stream:
@@ -221,3 +240,15 @@ class AgentLoop:
         raise UpstreamError(
             f"the model stream failed {self.config.stream_attempts} times: {last_error}"
         ) from last_error
+
+
+@contextlib.contextmanager
+def _metered(reply: ReplyAccumulator, meter: TurnMeter) -> Iterator[None]:
+    """Gives ``meter`` the attempt's usage however it ends (finished, broken, cancelled by the
+    turn's timeout); an attempt whose stream never started reported none and is not a call."""
+    try:
+        yield
+    finally:
+        usage = reply.usage()
+        if usage != Usage():
+            meter.add(usage)

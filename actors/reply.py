@@ -98,14 +98,18 @@ class ReplyAccumulator:
             raise IncompleteReplyError("the model stream ended before message_stop")
         for index in sorted({*self._text, *self._json}):
             self._finish_block(index)
-        usage = Usage(
+        return ModelReply(self.content, self._stop_reason, self.usage())
+
+    def usage(self) -> Usage:
+        """The tokens the stream has reported so far: all of them once it finished; of a stream
+        that broke, what its ``message_start`` (the input) and last ``message_delta`` counted."""
+        return Usage(
             self._usage.get("input_tokens", 0),
             self._usage.get("output_tokens", 0),
             self._usage.get("cache_read_input_tokens", 0),
             self._usage.get("cache_creation_input_tokens", 0),
             self._one_hour,
         )
-        return ModelReply(self.content, self._stop_reason, usage)
 
 
 _COUNTS = (

@@ -7,6 +7,7 @@
     │   ├── SessionBusyError           a turn is already running in the session
     │   └── IdempotencyConflictError   the key was used for a different message
     ├── StaleSessionError              409: a commit's session version is behind the store's
+    ├── BudgetExceededError            403: the day's token budget cannot cover a turn's next call
     ├── CapacityError                  503 + retry_after_s: the replica is full or draining
     ├── UpstreamError                  502: the model API failed the turn
     │   └── CircuitOpenError           503 + retry_after_s: the credential's breaker is open
@@ -100,3 +101,11 @@ class StoreError(HyperfleetError):
     status_code = 503
     error_type = "store_unavailable"
     retryable = True
+
+
+class BudgetExceededError(HyperfleetError):
+    """The user's daily token budget cannot cover a turn's next model call (admission's refusal
+    is the same type, from the API)."""
+
+    status_code = 403
+    error_type = "quota_exceeded"

@@ -44,7 +44,7 @@ from redis.exceptions import RedisError
 from hyperfleet.metering import RESERVATION_TTL_S, Reservation, utc_day
 
 from .errors import unavailable
-from .ratelimit import WINDOW_MS, Decision, user_window
+from .ratelimit import NOT_LIMITED, WINDOW_MS, Decision, user_window
 from .records import Admission, Route, User, over_budget
 from .redis_budget import DAY_KEY_TTL_S, reservation_member, reserved_key, used_key
 
@@ -63,10 +63,17 @@ class ControlClient(Protocol):
 
     async def authenticate(self, api_key: str) -> User | None: ...
 
-    async def admit(self, api_key: str | None, client_ip: str, ip_per_minute: int) -> Admission: ...
+    async def admit(
+        self, api_key: str | None, client_ip: str, ip_per_minute: int | None
+    ) -> Admission: ...
 
     async def begin_message(
-        self, api_key: str | None, client_ip: str, ip_per_minute: int, session_id: str
+        self,
+        api_key: str | None,
+        client_ip: str,
+        ip_per_minute: int | None,
+        session_id: str,
+        input_tokens: int = 0,
     ) -> Admission: ...
 
     async def get_route(self, session_id: str) -> Route | None: ...
@@ -85,15 +92,25 @@ class Gate(Protocol):
     ``tokens_per_day``; refused (``Admission.over_budget``) when used + reserved + the turn's
     ``max_tokens`` exceeds it (the request still counts in its windows)."""
 
-    async def admit(self, api_key: str | None, client_ip: str, ip_per_minute: int) -> Admission:
-        """The per-IP limit, then the key, then its user's limit."""
+    async def admit(
+        self, api_key: str | None, client_ip: str, ip_per_minute: int | None
+    ) -> Admission:
+        """The per-IP limit (none when ``ip_per_minute`` is None: an exempt address), then the
+        key, then its user's limit."""
         ...
 
     async def begin_message(
-        self, api_key: str | None, client_ip: str, ip_per_minute: int, session_id: str
+        self,
+        api_key: str | None,
+        client_ip: str,
+        ip_per_minute: int | None,
+        session_id: str,
+        input_tokens: int = 0,
     ) -> Admission:
         """``admit``, the session's route (None when unknown or not the caller's) and, when
-        admitted, the turn's reservation or why the budget refused it."""
+        admitted, the turn's reservation (the agent's ``max_tokens`` and ``input_tokens``, the
+        message's estimate: ``hyperfleet.metering.estimate_tokens``) or why the budget refused
+        it."""
         ...
 
     def release(self, reservation: Reservation | None) -> None:
@@ -124,13 +141,22 @@ class ControlGate:
     def __init__(self, control: ControlClient) -> None:
         self._control = control
 
-    async def admit(self, api_key: str | None, client_ip: str, ip_per_minute: int) -> Admission:
+    async def admit(
+        self, api_key: str | None, client_ip: str, ip_per_minute: int | None
+    ) -> Admission:
         return await self._control.admit(api_key, client_ip, ip_per_minute)
 
     async def begin_message(
-        self, api_key: str | None, client_ip: str, ip_per_minute: int, session_id: str
+        self,
+        api_key: str | None,
+        client_ip: str,
+        ip_per_minute: int | None,
+        session_id: str,
+        input_tokens: int = 0,
     ) -> Admission:
-        return await self._control.begin_message(api_key, client_ip, ip_per_minute, session_id)
+        return await self._control.begin_message(
+            api_key, client_ip, ip_per_minute, session_id, input_tokens
+        )
 
     def release(self, reservation: Reservation | None) -> None:
         if reservation is not None:
@@ -323,26 +349,31 @@ class RedisGate:
         self,
         api_key: str | None,
         client_ip: str,
-        ip_per_minute: int,
+        ip_per_minute: int | None,
         member: str,
         hold: Callable[[User], _Hold | None],
     ) -> tuple[User | None, Decision, tuple[int, int] | None]:
-        """The IP's window, the key, its user's window and ``hold(user)``'s reservation: (user or
-        None, decision, (used, reserved) when the budget refused the reservation, else None)."""
-        ip = ("hf:rl:ip:" + client_ip, ip_per_minute)
+        """The IP's window (none for an exempt address), the key, its user's window and
+        ``hold(user)``'s reservation: (user or None, decision, (used, reserved) when the budget
+        refused the reservation, else None)."""
+        ip = [] if ip_per_minute is None else [("hf:rl:ip:" + client_ip, ip_per_minute)]
         found, user = self._cached_user(api_key)
         if not found or user is None:
             # The key is not known here yet: the IP's window first, so an unknown key's
             # requests are limited before they reach the control store.
-            refused, decision, _, _ = await self._run([ip], member)
-            if refused or api_key is None:
+            decision = NOT_LIMITED
+            if ip:
+                refused, decision, _, _ = await self._run(ip, member)
+                if refused:
+                    return None, decision, None
+            if api_key is None:
                 return None, decision, None
             user = await self._user(api_key) if not found else None
             if user is None:
                 return None, decision, None
             windows = [_user_window(user)]
         else:
-            windows = [ip, _user_window(user)]
+            windows = [*ip, _user_window(user)]
         refused, decision, used, reserved = await self._run(windows, member, hold(user))
         if len(windows) == 2 and refused == 1:
             return None, decision, None  # the IP's window refused it
@@ -350,7 +381,9 @@ class RedisGate:
             return user, decision, (used, reserved)
         return user, decision, None
 
-    async def admit(self, api_key: str | None, client_ip: str, ip_per_minute: int) -> Admission:
+    async def admit(
+        self, api_key: str | None, client_ip: str, ip_per_minute: int | None
+    ) -> Admission:
         user, decision, _ = await self._admitted(
             api_key, client_ip, ip_per_minute, _request_id(), _no_hold
         )
@@ -365,7 +398,12 @@ class RedisGate:
         return route  # type: ignore[no-any-return]
 
     async def begin_message(
-        self, api_key: str | None, client_ip: str, ip_per_minute: int, session_id: str
+        self,
+        api_key: str | None,
+        client_ip: str,
+        ip_per_minute: int | None,
+        session_id: str,
+        input_tokens: int = 0,
     ) -> Admission:
         day = self._today()
         member = _request_id()
@@ -377,7 +415,8 @@ class RedisGate:
             budget = user.tokens_per_day
             if not cached or budget is None or known.owner != user.id:
                 return None
-            taken.append((Reservation(member, user.id, day, known.max_tokens), budget))
+            tokens = known.max_tokens + input_tokens
+            taken.append((Reservation(member, user.id, day, tokens, "redis"), budget))
             return taken[0]
 
         user, decision, over = await self._admitted(api_key, client_ip, ip_per_minute, member, hold)
@@ -390,7 +429,8 @@ class RedisGate:
         if budget is None:  # nothing to hold the turn against
             return Admission(user, decision, route)
         if not taken:  # the route was not cached: a round trip for the reservation alone
-            taken.append((Reservation(member, user.id, day, route.max_tokens), budget))
+            tokens = route.max_tokens + input_tokens
+            taken.append((Reservation(member, user.id, day, tokens, "redis"), budget))
             refused, _, used, reserved = await self._run([], member, taken[0])
             over = (used, reserved) if refused else None
         reservation = taken[0][0]

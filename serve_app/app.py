@@ -29,12 +29,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from actors import AgentSpec
 from actors.tools import CustomToolError, check_custom_tools
 from hyperfleet.errors import HyperfleetError
-from hyperfleet.metering import Reservation
+from hyperfleet.metering import Reservation, estimate_tokens
 
 from .admission import Gate
 from .backend import Control, Replicas
+from .client_address import ClientAddresses
 from .errors import ApiError, QuotaExceededError, error_response, not_found
-from .inputs import client_of, int_param, json_body, key_of, validate
+from .inputs import int_param, json_body, key_of, peer_of, validate
 from .models import MessageIn, Quotas, SpawnRequest, UserCreate, UserPatch
 from .readiness import Readiness
 from .records import Admission, Agent, Route, User
@@ -91,15 +92,18 @@ class Api:
         readiness: Readiness | None = None,
         tenants: TenantPolicy | None = None,
         default_quotas: Quotas | None = None,
+        addresses: ClientAddresses | None = None,
     ) -> None:
         """``readiness`` (default: the control store's and the session store's checks, cached
         for ``readiness.READY_CACHE_S``) answers ``GET /ready``. ``tenants`` is what a user who
         is not an administrator may ask of an agent; ``default_quotas``, what a new user gets
-        for the quotas its creator leaves out."""
+        for the quotas its creator leaves out. ``addresses`` finds a request's client for
+        ``ip_per_minute`` (default: the TCP peer, no proxy trusted, none exempt)."""
         self.control = control
         self.replicas = replicas
         self.gate = gate
         self.ip_per_minute = ip_per_minute
+        self.addresses = addresses or ClientAddresses()
         self.tenants = tenants or TenantPolicy()
         self.default_quotas = default_quotas or Quotas()
         self._specs: dict[str, AgentSpec] = {}
@@ -116,9 +120,14 @@ class Api:
         user, headers = await self._admit(request)
         return await _answer(headers, handler(self, request, user))
 
+    def _client(self, request: Request) -> tuple[str, int | None]:
+        """The request's per-address window and its limit (None: the address is exempt)."""
+        key = self.addresses.rate_key(peer_of(request), request.headers)
+        return ("exempt", None) if key is None else (key, self.ip_per_minute)
+
     async def _admit(self, request: Request) -> tuple[User, dict[str, str]]:
         """Rate limits and the key: the caller, and rate-limit headers for the answer."""
-        admitted = await self.gate.admit(key_of(request), client_of(request), self.ip_per_minute)
+        admitted = await self.gate.admit(key_of(request), *self._client(request))
         return self._caller(admitted, request)
 
     @staticmethod
@@ -151,7 +160,7 @@ class Api:
             _, headers = await self._admit(request)
             return _with_headers(error_response(e), headers)
         admitted = await self.gate.begin_message(
-            key_of(request), client_of(request), self.ip_per_minute, session_id
+            key_of(request), *self._client(request), session_id, estimate_tokens(content)
         )
         user, headers = self._caller(admitted, request)
 
@@ -404,41 +413,39 @@ class Api:
         return JSONResponse(await self.replicas.transcript(route, user.id, after, limit))
 
     async def send_message(self, request: Request, turn: Turn) -> Response:
-        # The replica meters a committed turn and the control store ends its reservation in the
-        # same call; the ingress releases only turns that did not commit a new turn.
+        # From the call on, the replica owns the turn's reservation: it meters every model call
+        # and ends the reservation however the turn ends (``hyperfleet.metering``). The ingress
+        # ends it only when no replica was called, and never because its client went away.
+        self._reach(turn)
         if turn.stream:
             return StreamingResponse(self._stream(turn), media_type="text/event-stream")
         args = (turn.route, turn.content, turn.idempotency_key, turn.user.id, turn.reservation)
         try:
             answer = await self.replicas.send(*args)
-        except BaseException as e:
+        except HyperfleetError as e:
+            self._unreachable(e, turn.route.id)
+            raise
+        return JSONResponse(_public_turn(answer))
+
+    def _reach(self, turn: Turn) -> None:
+        """Finds the session's replica; one that cannot be found ran nothing, so the turn's
+        reservation ends here."""
+        try:
+            self.replicas.handle(turn.route.agent_id, turn.route.replica)
+        except HyperfleetError as e:
             self.gate.release(turn.reservation)
             self._unreachable(e, turn.route.id)
             raise
-        if answer.get("replayed"):
-            self.gate.release(turn.reservation)
-        return JSONResponse(_public_turn(answer))
 
     async def _stream(self, turn: Turn) -> AsyncIterator[bytes]:
-        committed = False
         args = (turn.route, turn.content, turn.idempotency_key, turn.user.id, turn.reservation)
         try:
             async for event in self.replicas.stream(*args):
-                if event["type"] == "turn_end" and not event["data"].get("replayed"):
-                    committed = True
                 yield _sse(event)
         except HyperfleetError as e:
             self._unreachable(e, turn.route.id)
             error = {"status_code": e.status_code, **e.to_json()}
             yield _sse({"type": "error", "seq": 0, "data": error})
-        except GeneratorExit:
-            # The client went away; the turn runs on to its commit, which ends the reservation
-            # (a turn that then fails holds it until it expires, RESERVATION_TTL_S).
-            committed = True
-            raise
-        finally:
-            if not committed:
-                self.gate.release(turn.reservation)
 
     def _unreachable(self, error: BaseException, session_id: str) -> None:
         """A replica that cannot be reached may be a deleted agent's: the session's next request

@@ -24,7 +24,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors import AgentSpec, RuntimeConfig, replica_name, spawn_replica, start_on_head
 from hyperfleet.errors import HyperfleetError
-from hyperfleet.metering import Reservation, UsageRecord
+from hyperfleet.metering import Charge, Reservation, UsageRecord
 from hyperfleet.names import CONTROL_ACTOR_NAME, NAMESPACE
 
 from .control import ControlStore
@@ -40,9 +40,10 @@ REPLICA_CALL_TIMEOUT_S = 30.0  # every other replica call: an unplaced replica m
 REPLICA_READY_S = 15.0
 
 # The control store is a detached actor that outlives a code upgrade; its methods changed in
-# 2026-12 (from one string-dispatched ``call``). An ingress or a stack that finds an actor with
-# another protocol refuses it with a message rather than failing every call.
-CONTROL_PROTOCOL = 2
+# 2026-12 (from one string-dispatched ``call``; 3: ``charge``, and usage records' ``turns``). An
+# ingress or a stack that finds an actor with another protocol refuses it with a message rather
+# than failing every call.
+CONTROL_PROTOCOL = 3
 CONTROL_START_TIMEOUT_S = 60.0  # a new actor's first answer: its process starts first
 
 
@@ -91,13 +92,20 @@ class ControlStoreActor:
     def authenticate(self, api_key: str) -> User | None:
         return self._store.authenticate(api_key)
 
-    def admit(self, api_key: str | None, client_ip: str, ip_per_minute: int) -> Admission:
+    def admit(self, api_key: str | None, client_ip: str, ip_per_minute: int | None) -> Admission:
         return self._store.admit(api_key, client_ip, ip_per_minute)
 
     def begin_message(
-        self, api_key: str | None, client_ip: str, ip_per_minute: int, session_id: str
+        self,
+        api_key: str | None,
+        client_ip: str,
+        ip_per_minute: int | None,
+        session_id: str,
+        input_tokens: int = 0,
     ) -> Admission:
-        return self._store.begin_message(api_key, client_ip, ip_per_minute, session_id)
+        return self._store.begin_message(
+            api_key, client_ip, ip_per_minute, session_id, input_tokens
+        )
 
     def revoke_key(self, prefix: str, requester: str | None) -> bool:
         return self._store.revoke_key(prefix, requester)
@@ -136,6 +144,9 @@ class ControlStoreActor:
 
     def record_usages(self, records: list[UsageRecord]) -> int:
         return self._store.record_usages(records)
+
+    def charge(self, record: UsageRecord, reservation: Reservation, next_tokens: int) -> Charge:
+        return self._store.charge(record, reservation, next_tokens)
 
     def usage(self, user_id: str) -> list[UsageRow]:
         return self._store.usage(user_id)
@@ -227,15 +238,22 @@ class Control:
         user: User | None = await self._call("authenticate", api_key)
         return user
 
-    async def admit(self, api_key: str | None, client_ip: str, ip_per_minute: int) -> Admission:
+    async def admit(
+        self, api_key: str | None, client_ip: str, ip_per_minute: int | None
+    ) -> Admission:
         admitted: Admission = await self._call("admit", api_key, client_ip, ip_per_minute)
         return admitted
 
     async def begin_message(
-        self, api_key: str | None, client_ip: str, ip_per_minute: int, session_id: str
+        self,
+        api_key: str | None,
+        client_ip: str,
+        ip_per_minute: int | None,
+        session_id: str,
+        input_tokens: int = 0,
     ) -> Admission:
         admitted: Admission = await self._call(
-            "begin_message", api_key, client_ip, ip_per_minute, session_id
+            "begin_message", api_key, client_ip, ip_per_minute, session_id, input_tokens
         )
         return admitted
 
@@ -367,7 +385,7 @@ class Replicas:
         owner: str,
         reservation: Reservation | None,
     ) -> dict[str, Any]:
-        """Runs a turn on the session's replica; its reservation ends when the turn commits."""
+        """Runs a turn on the session's replica, which from the call on owns its reservation."""
         args = (route.id, content, idempotency_key, owner, reservation)
         turn: dict[str, Any] = await self._call(
             route.agent_id, route.replica, "send", TURN_CALL_TIMEOUT_S, *args

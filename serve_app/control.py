@@ -2,29 +2,31 @@
 
 One SQLite file on the head, behind one actor (``ControlStoreActor``) that runs one call at a time,
 so quota checks (agents per user, tokens per day) are atomic across ingress replicas.
-Admission of a turn reserves its ``max_tokens`` against the day's budget; the replica records the
-turn's real usage when it commits, and the reservation ends in the same transaction
+Admission of a turn reserves its ``max_tokens`` against the day's budget; the replica charges each
+further model call (metering the calls so far and re-taking the reservation for the next, or
+refused) and meters the rest when the turn ends, and the reservation ends in the same transaction
 (``hyperfleet.metering`` says how a turn's tokens travel).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from hyperfleet.metering import RESERVATION_TTL_S, Reservation, UsageRecord, utc_day
+from hyperfleet.metering import RESERVATION_TTL_S, Charge, Reservation, UsageRecord, utc_day
 from hyperfleet.private import create_private, private_database
 
 from . import keys
 from .errors import QuotaExceededError
-from .ratelimit import MovingWindows, user_window
+from .ratelimit import NOT_LIMITED, MovingWindows, user_window
 from .records import Admission, Agent, IssuedKey, Route, UsageRow, User, over_budget
 from .sealing import KEY_FIELD, KeySealer, redact_spec
 
@@ -72,14 +74,14 @@ DEFAULT_CORES = 1.0  # an AgentSpec's default
 METERED_TURNS_KEPT_S = 2 * 86_400.0
 PRUNE_METERED_EVERY = 1_000  # batches
 _ADD_USAGE = (
-    "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) "
+    "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (user_id, agent_id, day) DO UPDATE SET "
     "input_tokens = input_tokens + excluded.input_tokens, "
     "output_tokens = output_tokens + excluded.output_tokens, "
     "cache_read_input_tokens = cache_read_input_tokens + excluded.cache_read_input_tokens, "
     "cache_creation_input_tokens = cache_creation_input_tokens + "
     "excluded.cache_creation_input_tokens, "
-    "cost_usd = cost_usd + excluded.cost_usd, turns = turns + 1"
+    "cost_usd = cost_usd + excluded.cost_usd, turns = turns + excluded.turns"
 )
 
 
@@ -99,9 +101,20 @@ def today() -> str:
     return utc_day(time.time())
 
 
-# Where else a user's day is written after the control store meters turns (``RedisGate`` reads
-# budgets there): (user id, day, the day's used tokens, the metered turns' reservations, to end).
-UsageMirror = Callable[[str, str, int, list[Reservation]], None]
+class UsageMirror(Protocol):
+    """Where else a user's day is written after the control store meters turns (``RedisGate``
+    reads budgets there; ``redis_budget.RedisUsageMirror``)."""
+
+    def __call__(self, user_id: str, day: str, used: int, reservations: list[Reservation]) -> None:
+        """The day's used tokens, and the metered turns' reservations, to end."""
+
+    def retake(
+        self, reservation: Reservation, used: int, tokens: int, budget: int, now: float
+    ) -> tuple[Reservation | None, int]:
+        """Writes the day's used tokens and re-takes ``reservation`` (held there) as ``tokens``
+        if used + the user's other reservations + ``tokens`` fit ``budget``, else ends it:
+        (the reservation re-taken or None, the other reservations' tokens)."""
+        ...
 
 
 class ControlStore:
@@ -212,12 +225,15 @@ class ControlStore:
         user = self.get_user(row[0])
         return None if user is None else replace(user, key_prefix=prefix)
 
-    def admit(self, api_key: str | None, client_ip: str, ip_per_minute: int) -> Admission:
-        """One call per request: the per-IP limit, the key, then its user's limit (one window per
-        user, whichever of the user's keys the request carries)."""
-        by_ip = self._windows.hit("ip:" + client_ip, ip_per_minute)
-        if not by_ip.allowed:
-            return Admission(None, by_ip)
+    def admit(self, api_key: str | None, client_ip: str, ip_per_minute: int | None) -> Admission:
+        """One call per request: the per-IP limit (none for an exempt address: ``ip_per_minute``
+        None), the key, then its user's limit (one window per user, whichever of the user's keys
+        the request carries)."""
+        by_ip = NOT_LIMITED
+        if ip_per_minute is not None:
+            by_ip = self._windows.hit("ip:" + client_ip, ip_per_minute)
+            if not by_ip.allowed:
+                return Admission(None, by_ip)
         user = self.authenticate(api_key) if api_key else None
         if user is None:
             return Admission(None, by_ip)
@@ -236,11 +252,17 @@ class ControlStore:
         return self._db.execute("SELECT 1 FROM users WHERE is_admin = 1").fetchone() is not None
 
     def begin_message(
-        self, api_key: str | None, client_ip: str, ip_per_minute: int, session_id: str
+        self,
+        api_key: str | None,
+        client_ip: str,
+        ip_per_minute: int | None,
+        session_id: str,
+        input_tokens: int = 0,
     ) -> Admission:
         """The hot path of ``POST /messages`` in one call: limits and key (as ``admit``), the
-        session's route and, for a user with a daily budget, the turn's token reservation (or
-        why the budget refused it)."""
+        session's route and, for a user with a daily budget, the turn's token reservation: the
+        agent's ``max_tokens`` and the message's estimated ``input_tokens`` (or why the budget
+        refused it)."""
         admitted = self.admit(api_key, client_ip, ip_per_minute)
         user = admitted.user
         if user is None or not admitted.decision.allowed:
@@ -252,7 +274,7 @@ class ControlStore:
         if budget is None:
             return replace(admitted, route=route)
         try:
-            reservation = self.reserve(user.id, route.max_tokens, budget)
+            reservation = self.reserve(user.id, route.max_tokens + input_tokens, budget)
         except QuotaExceededError as e:
             return replace(admitted, route=route, over_budget=e.message)
         return replace(admitted, route=route, reservation=reservation)
@@ -467,49 +489,111 @@ class ControlStore:
         self._db.execute("DELETE FROM turn_reservations WHERE id = ?", (reservation.id,))
 
     def record_usages(self, records: list[UsageRecord]) -> int:
-        """Meters committed turns in one transaction; returns how many were new.
+        """Meters usage records in one transaction; returns how many were new.
 
-        Called by replicas at the commit (in batches, ``actors/meter.py``), so a turn is metered
-        whether its caller stayed (HTTP, stream or not) or went away, and batch jobs' turns are
-        metered too. A turn id metered before is skipped, so a batch sent again after a lost
-        reply counts once. Each turn's reservation (when the API admitted it) ends in the same
-        transaction, so the day's budget never counts neither."""
+        Called by replicas (in batches, ``actors/meter.py``), so a turn is metered whether its
+        caller stayed (HTTP, stream or not) or went away, and batch jobs' turns are metered too.
+        A record id metered before is skipped, so a batch sent again after a lost reply, or a
+        record a sweep sends again, counts once. Each final record's reservation ends in the same
+        transaction, so the day's budget never counts a turn as neither reserved nor used."""
         now = self._clock()
         day = utc_day(now)
+        with self._transaction():
+            metered, counted = self._meter(records, now, day)
+        self._mirror(metered, day)
+        return counted
+
+    def charge(self, record: UsageRecord, reservation: Reservation, next_tokens: int) -> Charge:
+        """Meters a turn's calls so far (``record``, as ``record_usages``) and re-takes the
+        turn's reservation as ``next_tokens`` for its next model call, in one transaction:
+        refused, and the reservation ended, when the day's used tokens, the user's other
+        reservations and ``next_tokens`` exceed the user's ``tokens_per_day``."""
+        now = self._clock()
+        day = utc_day(now)
+        user = self.get_user(reservation.user_id)
+        budget = user.tokens_per_day if user is not None else None
+        with self._transaction():
+            metered, _ = self._meter([record], now, day)
+            used = self._used(reservation.user_id, day)
+            if reservation.held_in == "control" or self._used_mirror is None:
+                self.release(reservation)
+                (others,) = self._db.execute(
+                    "SELECT COALESCE(SUM(tokens), 0) FROM turn_reservations "
+                    "WHERE user_id = ? AND day = ? AND created_at > ?",
+                    (reservation.user_id, day, now - RESERVATION_TTL_S),
+                ).fetchone()
+                if budget is not None and used + others + next_tokens > budget:
+                    retaken = None
+                else:  # under today's day: a turn that runs past midnight holds today's budget
+                    retaken = replace(reservation, tokens=next_tokens, day=day)
+                    self._db.execute(
+                        "INSERT INTO turn_reservations VALUES (?, ?, ?, ?, ?)",
+                        (retaken.id, retaken.user_id, retaken.day, next_tokens, now),
+                    )
+        if reservation.held_in == "redis" and self._used_mirror is not None:
+            if budget is None:
+                budget = 2**62  # no budget (removed since admission): the hold still moves
+            retaken, others = self._used_mirror.retake(reservation, used, next_tokens, budget, now)
+        else:
+            self._mirror(metered, day)
+        if retaken is None:
+            return Charge(None, over_budget(next_tokens, used, int(others), budget or 0))
+        return Charge(retaken)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:  # a failed COMMIT leaves it open
+                self._db.execute("ROLLBACK")
+            raise
+
+    def _meter(
+        self, records: list[UsageRecord], now: float, day: str
+    ) -> tuple[dict[str, list[Reservation]], int]:
+        """Adds new records' usage (in the caller's transaction): the reservations they end, by
+        user, and how many records were new."""
         db = self._db
         metered: dict[str, list[Reservation]] = {}
         counted = 0
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for record in records:
-                if (
-                    record.turn_id
-                    and not db.execute(
-                        "INSERT OR IGNORE INTO metered_turns VALUES (?, ?)", (record.turn_id, now)
-                    ).rowcount
-                ):
-                    continue
+        for record in records:
+            if (
+                record.id
+                and not db.execute(
+                    "INSERT OR IGNORE INTO metered_turns VALUES (?, ?)", (record.id, now)
+                ).rowcount
+            ):
+                continue
+            held = metered.setdefault(record.user_id, [])
+            if record.tokens or record.turns:
                 values = [int(record.usage.get(f, 0)) for f in TOKEN_FIELDS]
                 db.execute(
                     _ADD_USAGE,
-                    (record.user_id, record.agent_id, day, *values, float(record.cost_usd)),
+                    (
+                        record.user_id,
+                        record.agent_id,
+                        day,
+                        *values,
+                        float(record.cost_usd),
+                        int(record.turns),
+                    ),
                 )
-                held = metered.setdefault(record.user_id, [])
-                if record.reservation is not None:
-                    self.release(record.reservation)
-                    held.append(record.reservation)
-                counted += 1
-            self._metered_batches += 1
-            if self._metered_batches % PRUNE_METERED_EVERY == 0:
-                db.execute("DELETE FROM metered_turns WHERE at < ?", (now - METERED_TURNS_KEPT_S,))
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            if record.reservation is not None:
+                self.release(record.reservation)
+                held.append(record.reservation)
+            counted += 1
+        self._metered_batches += 1
+        if self._metered_batches % PRUNE_METERED_EVERY == 0:
+            db.execute("DELETE FROM metered_turns WHERE at < ?", (now - METERED_TURNS_KEPT_S,))
+        return metered, counted
+
+    def _mirror(self, metered: dict[str, list[Reservation]], day: str) -> None:
         if self._used_mirror is not None:
             for user_id, reservations in metered.items():
                 self._used_mirror(user_id, day, self._used(user_id, day), reservations)
-        return counted
 
     def usage(self, user_id: str) -> list[UsageRow]:
         rows = self._db.execute(

@@ -1,4 +1,4 @@
-"""What the API reads from a request: its key, its client address, a bounded JSON body validated
+"""What the API reads from a request: its key, its peer's address, a bounded JSON body validated
 against a model, and integer query parameters. Each bad input is a 4xx naming what is wrong."""
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def key_of(request: Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
-def client_of(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+def peer_of(request: Request) -> str | None:
+    """The TCP peer as the server saw it (``client_address.py`` says whom to believe)."""
+    return request.client.host if request.client else None
 
 
 def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:

@@ -44,6 +44,8 @@ class Decision:
     reset_s: int  # seconds until the window has room again
 
     def headers(self) -> dict[str, str]:
+        if self == NOT_LIMITED:  # equal, not identical: a decision crosses Ray as a copy
+            return {}
         headers = {
             "ratelimit-limit": str(self.limit),
             "ratelimit-remaining": str(self.remaining),
@@ -52,6 +54,11 @@ class Decision:
         if not self.allowed:
             headers["Retry-After"] = str(max(1, self.reset_s))
         return headers
+
+
+# The answer for a request that no window counted: one from an exempt address with no key or
+# an unknown one (a keyed request is counted in its user's window). No rate-limit headers.
+NOT_LIMITED = Decision(True, 0, 0, 0)
 
 
 class MovingWindows:

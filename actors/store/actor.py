@@ -17,6 +17,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from hyperfleet.errors import StoreError
+from hyperfleet.metering import UsageRecord
 from hyperfleet.names import NAMESPACE
 
 from .base import SessionRecord, TurnRecord
@@ -38,8 +39,19 @@ class SessionStoreActor:
     async def get_session(self, session_id: str) -> SessionRecord | None:
         return await self._store.get_session(session_id)
 
-    async def commit_turn(self, turn: TurnRecord, expected_version: int) -> None:
-        await self._store.commit_turn(turn, expected_version)
+    async def commit_turn(
+        self, turn: TurnRecord, expected_version: int, usage: UsageRecord | None = None
+    ) -> None:
+        await self._store.commit_turn(turn, expected_version, usage)
+
+    async def record_usage(self, record: UsageRecord) -> None:
+        await self._store.record_usage(record)
+
+    async def unmetered_usage(self, before: float, limit: int) -> list[UsageRecord]:
+        return await self._store.unmetered_usage(before, limit)
+
+    async def ack_usage(self, ids: list[str]) -> None:
+        await self._store.ack_usage(ids)
 
     async def find_turn(self, session_id: str, key: str) -> TurnRecord | None:
         return await self._store.find_turn(session_id, key)
@@ -100,8 +112,20 @@ class ActorSessionStore:
         result: SessionRecord | None = await self._call("get_session", session_id)
         return result
 
-    async def commit_turn(self, turn: TurnRecord, expected_version: int) -> None:
-        await self._call("commit_turn", turn, expected_version)
+    async def commit_turn(
+        self, turn: TurnRecord, expected_version: int, usage: UsageRecord | None = None
+    ) -> None:
+        await self._call("commit_turn", turn, expected_version, usage)
+
+    async def record_usage(self, record: UsageRecord) -> None:
+        await self._call("record_usage", record)
+
+    async def unmetered_usage(self, before: float, limit: int) -> list[UsageRecord]:
+        records: list[UsageRecord] = await self._call("unmetered_usage", before, limit)
+        return records
+
+    async def ack_usage(self, ids: list[str]) -> None:
+        await self._call("ack_usage", ids)
 
     async def find_turn(self, session_id: str, idempotency_key: str) -> TurnRecord | None:
         result: TurnRecord | None = await self._call("find_turn", session_id, idempotency_key)

@@ -12,6 +12,13 @@ Contract of every ``SessionStore`` (checked by one conformance suite against eac
   ``NotFoundError``. A commit that returned is durable: it survives a crash of the store process.
 - ``find_turn(session_id, key)`` returns the committed turn with that idempotency key, or None.
 - ``list_turns`` returns committed turns in order, ``index > after``, at most ``limit``.
+- ``commit_turn(turn, expected_version, usage)`` writes ``usage`` (the turn's final metering
+  record) to the usage outbox in the same transaction as the turn, so a committed turn is never
+  unmetered, even when its replica dies before its meter sent the record.
+- The usage outbox: ``record_usage`` writes a record on its own (a failed turn's calls), replacing
+  one with its id; ``unmetered_usage(before, limit)`` returns records written before ``before``
+  (wall-clock seconds), oldest first; ``ack_usage(ids)`` deletes records the control store took.
+  All three are idempotent.
 - ``close_session`` is idempotent; a closed session is kept (its transcript stays readable) but
   takes no commit.
 - Every call is bounded by the store's own timeout and raises ``StoreError`` when the backend
@@ -21,8 +28,14 @@ Contract of every ``SessionStore`` (checked by one conformance suite against eac
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+from hyperfleet.metering import UsageRecord, usage_from_json
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,13 +89,33 @@ class TurnRecord:
         }
 
 
+def readable_usage(bodies: Iterable[str | bytes]) -> list[UsageRecord]:
+    """The outbox records in ``bodies`` that parse; one that does not (written by another
+    version) is logged and skipped rather than stopping every sweep."""
+    records = []
+    for body in bodies:
+        try:
+            records.append(usage_from_json(body))
+        except (ValueError, TypeError, KeyError):
+            logger.error("an unreadable usage record in the outbox is skipped: %.200r", body)
+    return records
+
+
 @runtime_checkable
 class SessionStore(Protocol):
     async def create_session(self, record: SessionRecord) -> None: ...
 
     async def get_session(self, session_id: str) -> SessionRecord | None: ...
 
-    async def commit_turn(self, turn: TurnRecord, expected_version: int) -> None: ...
+    async def commit_turn(
+        self, turn: TurnRecord, expected_version: int, usage: UsageRecord | None = None
+    ) -> None: ...
+
+    async def record_usage(self, record: UsageRecord) -> None: ...
+
+    async def unmetered_usage(self, before: float, limit: int) -> list[UsageRecord]: ...
+
+    async def ack_usage(self, ids: list[str]) -> None: ...
 
     async def find_turn(self, session_id: str, idempotency_key: str) -> TurnRecord | None: ...
 

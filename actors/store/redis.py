@@ -6,9 +6,14 @@ atomically in Redis. Durability is the server's: run it with ``appendonly yes`` 
 
 Keys, per session: ``hf:s:{id}`` (hash: agent, owner, created_at, version, closed),
 ``hf:t:{id}`` (list of turn JSON, in order), ``hf:k:{id}`` (hash: idempotency key -> index).
+The usage outbox, for every session: ``hf:usage`` (hash: record id -> record JSON) and
+``hf:usage:at`` (sorted set: record id scored by when it was written).
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -20,12 +25,18 @@ from hyperfleet.errors import (
     StaleSessionError,
     StoreError,
 )
+from hyperfleet.metering import UsageRecord, usage_to_json
 
-from .base import SessionRecord, TurnRecord
+from .base import SessionRecord, TurnRecord, readable_usage
 
 TIMEOUT_S = 5.0
 MAX_LIST = 1_000
 
+OUTBOX_KEY = "hf:usage"
+OUTBOX_AT_KEY = "hf:usage:at"
+
+# KEYS: the session, its turns, its keys, then (with a usage record) the outbox and its index.
+# ARGV: expected version, turn JSON, idempotency key or '', then record id, JSON, written at.
 _COMMIT = """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version or redis.call('HGET', KEYS[1], 'closed') == '1' then
@@ -41,6 +52,10 @@ local index = tonumber(version) + 1
 redis.call('RPUSH', KEYS[2], ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[3], index) end
 redis.call('HSET', KEYS[1], 'version', index)
+if #KEYS == 5 then
+  redis.call('HSET', KEYS[4], ARGV[4], ARGV[5])
+  redis.call('ZADD', KEYS[5], ARGV[6], ARGV[4])
+end
 return index
 """
 
@@ -54,7 +69,10 @@ def _keys(session_id: str) -> list[str]:
 
 
 class RedisSessionStore:
-    def __init__(self, url: str, timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(
+        self, url: str, timeout_s: float = TIMEOUT_S, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._clock = clock  # when an outbox record was written
         self._redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
@@ -96,15 +114,25 @@ class RedisSessionStore:
             closed=data.get(b"closed") == b"1",
         )
 
-    async def commit_turn(self, turn: TurnRecord, expected_version: int) -> None:
+    async def commit_turn(
+        self, turn: TurnRecord, expected_version: int, usage: UsageRecord | None = None
+    ) -> None:
         if turn.index != expected_version + 1:
             raise StaleSessionError(
                 f"turn index {turn.index} does not follow version {expected_version}",
                 session_id=turn.session_id,
             )
-        args: list[str | int] = [expected_version, turn.to_json(), turn.idempotency_key or ""]
+        keys = _keys(turn.session_id)
+        args: list[str | int | float] = [
+            expected_version,
+            turn.to_json(),
+            turn.idempotency_key or "",
+        ]
+        if usage is not None:
+            keys += [OUTBOX_KEY, OUTBOX_AT_KEY]
+            args += [usage.id, usage_to_json(usage), self._clock()]
         try:
-            await self._commit(keys=_keys(turn.session_id), args=args)
+            await self._commit(keys=keys, args=args)
         except ResponseError as e:
             text = str(e)
             if text.startswith("NOTFOUND"):
@@ -143,6 +171,36 @@ class RedisSessionStore:
         except RedisError as e:
             raise StoreError(f"redis: {e}") from e
         return [TurnRecord.from_json(b) for b in bodies]
+
+    async def record_usage(self, record: UsageRecord) -> None:
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(OUTBOX_KEY, record.id, usage_to_json(record))
+                pipe.zadd(OUTBOX_AT_KEY, {record.id: self._clock()})
+                await pipe.execute()
+        except RedisError as e:
+            raise StoreError(f"redis: {e}") from e
+
+    async def unmetered_usage(self, before: float, limit: int) -> list[UsageRecord]:
+        try:
+            ids: list[bytes] = await self._redis.zrangebyscore(  # type: ignore[assignment]
+                OUTBOX_AT_KEY, "-inf", f"({before!r}", start=0, num=min(limit, MAX_LIST)
+            )
+            bodies = await self._redis.hmget(OUTBOX_KEY, ids) if ids else []
+        except RedisError as e:
+            raise StoreError(f"redis: {e}") from e
+        return readable_usage(b for b in bodies if b is not None)
+
+    async def ack_usage(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hdel(OUTBOX_KEY, *ids)
+                pipe.zrem(OUTBOX_AT_KEY, *ids)
+                await pipe.execute()
+        except RedisError as e:
+            raise StoreError(f"redis: {e}") from e
 
     async def close_session(self, session_id: str) -> None:
         key = _keys(session_id)[0]

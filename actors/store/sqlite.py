@@ -8,6 +8,8 @@ them, so one connection suffices and ``BEGIN IMMEDIATE`` makes each commit atomi
 from __future__ import annotations
 
 import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hyperfleet.errors import (
@@ -17,9 +19,10 @@ from hyperfleet.errors import (
     StaleSessionError,
     StoreError,
 )
+from hyperfleet.metering import UsageRecord, usage_to_json
 from hyperfleet.private import private_database
 
-from .base import SessionRecord, TurnRecord
+from .base import SessionRecord, TurnRecord, readable_usage
 
 BUSY_TIMEOUT_MS = 5_000
 MAX_LIST = 1_000
@@ -42,14 +45,24 @@ CREATE TABLE IF NOT EXISTS turns (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS turns_key ON turns(session_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS usage_outbox (
+    id TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_outbox_at ON usage_outbox(at);
 """
 
 
+_PUT_USAGE = "INSERT OR REPLACE INTO usage_outbox VALUES (?, ?, ?)"
+
+
 class SqliteSessionStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         # Transcripts are tenants' data: the file and its -wal/-shm are 0600, a new folder 0700.
         private_database(path)
         self.path = path
+        self._clock = clock  # when an outbox record was written
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         self._db.execute("PRAGMA journal_mode = WAL")
@@ -87,7 +100,9 @@ class SqliteSessionStore:
             return None
         return SessionRecord(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
 
-    async def commit_turn(self, turn: TurnRecord, expected_version: int) -> None:
+    async def commit_turn(
+        self, turn: TurnRecord, expected_version: int, usage: UsageRecord | None = None
+    ) -> None:
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -120,6 +135,8 @@ class SqliteSessionStore:
                     "UPDATE sessions SET version = ? WHERE session_id = ?",
                     (turn.index, turn.session_id),
                 )
+                if usage is not None:
+                    db.execute(_PUT_USAGE, (usage.id, self._clock(), usage_to_json(usage)))
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -142,6 +159,28 @@ class SqliteSessionStore:
             (session_id, after, min(limit or MAX_LIST, MAX_LIST)),
         ).fetchall()
         return [TurnRecord.from_json(r[0]) for r in rows]
+
+    async def record_usage(self, record: UsageRecord) -> None:
+        try:
+            self._db.execute(_PUT_USAGE, (record.id, self._clock(), usage_to_json(record)))
+        except sqlite3.Error as e:
+            raise StoreError(f"sqlite: {e}") from e
+
+    async def unmetered_usage(self, before: float, limit: int) -> list[UsageRecord]:
+        try:
+            rows = self._db.execute(
+                "SELECT body FROM usage_outbox WHERE at < ? ORDER BY at LIMIT ?",
+                (before, min(limit, MAX_LIST)),
+            ).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"sqlite: {e}") from e
+        return readable_usage(r[0] for r in rows)
+
+    async def ack_usage(self, ids: list[str]) -> None:
+        try:
+            self._db.executemany("DELETE FROM usage_outbox WHERE id = ?", [(i,) for i in ids])
+        except sqlite3.Error as e:
+            raise StoreError(f"sqlite: {e}") from e
 
     async def close_session(self, session_id: str) -> None:
         self._db.execute("UPDATE sessions SET closed = 1 WHERE session_id = ?", (session_id,))

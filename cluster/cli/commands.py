@@ -115,6 +115,28 @@ def _run_emulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admission_flags(args: argparse.Namespace) -> dict[str, object]:
+    """The ingress's per-address settings from ``up``'s flags (``IngressConfig``'s keys).
+
+    Raises:
+        ValueError: a CIDR list has an item that is not a CIDR, or the limit is below 1.
+    """
+    from serve_app.client_address import parse_networks, split_cidrs
+
+    if args.ip_requests_per_minute < 1:
+        raise ValueError("--ip-requests-per-minute: must be at least 1")
+    exempt = split_cidrs(args.ip_exempt)
+    trusted = split_cidrs(args.trusted_proxies)
+    parse_networks(exempt, "--ip-exempt")
+    parse_networks(trusted, "--trusted-proxies")
+    return {
+        "ip_requests_per_minute": args.ip_requests_per_minute,
+        "ip_exempt": exempt,
+        "trusted_proxies": trusted,
+        "forwarded_header": args.forwarded_header,
+    }
+
+
 def _run_up(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -127,8 +149,18 @@ def _run_up(args: argparse.Namespace) -> int:
         _print_errors("hyperfleet up", e, {"redis_url": "HYPERFLEET_REDIS_URL"})
         return 2
     try:
+        admission = _admission_flags(args)
+    except ValueError as e:
+        print(f"hyperfleet up: {e}", file=sys.stderr)
+        return 2
+    try:
         info = stack.up(
-            settings, args.port, args.emulator_port, args.ray_port, redis_port=args.redis_port
+            settings,
+            args.port,
+            args.emulator_port,
+            args.ray_port,
+            redis_port=args.redis_port,
+            admission=admission,
         )
     except stack.StackError as e:
         print(f"hyperfleet up: {e}", file=sys.stderr)
@@ -293,6 +325,31 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=ports.REDIS_PORT,
         help="the local redis-server's port (started when installed; HYPERFLEET_REDIS=off: not)",
+    )
+    p.add_argument(
+        "--ip-requests-per-minute",
+        type=int,
+        default=100,
+        help="requests a minute from one client address (an IPv6 client: one /64)",
+    )
+    p.add_argument(
+        "--ip-exempt",
+        default="",
+        metavar="CIDR[,CIDR...]",
+        help="client addresses the per-address limit skips (keys and user limits still apply)",
+    )
+    p.add_argument(
+        "--trusted-proxies",
+        default="",
+        metavar="CIDR[,CIDR...]",
+        help="proxies in front of the API whose forwarding header names the client (default: "
+        "none; see docs/security.md)",
+    )
+    p.add_argument(
+        "--forwarded-header",
+        choices=("x-forwarded-for", "forwarded"),
+        default="x-forwarded-for",
+        help="the header --trusted-proxies set: X-Forwarded-For or RFC 7239 Forwarded",
     )
     sub.add_parser("down", help="stop the local stack", description="Stop what `up` started.")
     sub.add_parser(

@@ -29,6 +29,11 @@ LOOPBACK = "127.0.0.1"
 # For such a head and its drivers (set before `ray` is imported, which reads it once): a worker
 # node refuses to start under it, so the node agent scrubs it.
 LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# For every head: uvicorn, in Serve's proxy and in each replica's own HTTP port, replaces the TCP
+# peer with X-Forwarded-For sent from FORWARDED_ALLOW_IPS (by default 127.0.0.1, where Serve's
+# HAProxy and every local process connect from) unless it is empty; the ingress finds the client
+# itself (serve_app/client_address.py).
+NODE_RAY_ENV = {"FORWARDED_ALLOW_IPS": ""}
 
 
 def emulator_argv(port: int) -> list[str]:
@@ -85,7 +90,7 @@ def start_ray_head(
         StartError: it exited or did not listen within ``READY_TIMEOUT_S``.
     """
     argv = ray_head_argv(port, num_cpus, resources)
-    process = spawn(argv, env=dict(os.environ, **LOOPBACK_RAY_ENV), log=log)
+    process = spawn(argv, env=dict(os.environ, **LOOPBACK_RAY_ENV, **NODE_RAY_ENV), log=log)
     if not wait_port(port, READY_TIMEOUT_S, process):
         stop(process)
         raise StartError(f"the Ray head did not start:\n{tail(log)}")

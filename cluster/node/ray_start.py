@@ -85,6 +85,10 @@ def ray_start_command(
             "RAY_AUTH_TOKEN_PATH": str(token_path),
             "RAY_CLOUD_INSTANCE_ID": settings.instance_id,
             "RAY_NODE_TYPE_NAME": settings.node_type,
+            # uvicorn (Serve's proxy, each replica's HTTP port) would otherwise replace the TCP
+            # peer with X-Forwarded-For sent from 127.0.0.1; the ingress finds the client itself
+            # (serve_app/client_address.py; cluster.cli.servers.NODE_RAY_ENV for a local head).
+            "FORWARDED_ALLOW_IPS": "",
         }
     )
     argv = [ray_executable, "start", "--block", "--disable-usage-stats"]

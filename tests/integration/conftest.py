@@ -166,6 +166,9 @@ def api_server(
             "anthropic_base_url": emulator.base_url,
             "anthropic_api_key": emulator.api_key,
             "workspaces": str(workspaces_root),
+            # The outbox sweep's test (test_metering_api.py) waits seconds, not a minute.
+            "sweep_interval_s": 1.0,
+            "usage_outbox_grace_s": 2.0,
         },
         "ip_requests_per_minute": 100_000,
     }

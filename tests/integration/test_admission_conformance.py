@@ -60,13 +60,22 @@ class InProcessControl:
     async def authenticate(self, api_key: str) -> User | None:
         return self._store.authenticate(api_key)
 
-    async def admit(self, api_key: str | None, client_ip: str, ip_per_minute: int) -> Admission:
+    async def admit(
+        self, api_key: str | None, client_ip: str, ip_per_minute: int | None
+    ) -> Admission:
         return self._store.admit(api_key, client_ip, ip_per_minute)
 
     async def begin_message(
-        self, api_key: str | None, client_ip: str, ip_per_minute: int, session_id: str
+        self,
+        api_key: str | None,
+        client_ip: str,
+        ip_per_minute: int | None,
+        session_id: str,
+        input_tokens: int = 0,
     ) -> Admission:
-        return self._store.begin_message(api_key, client_ip, ip_per_minute, session_id)
+        return self._store.begin_message(
+            api_key, client_ip, ip_per_minute, session_id, input_tokens
+        )
 
     async def get_route(self, session_id: str) -> Route | None:
         return self._store.get_route(session_id)
@@ -114,7 +123,7 @@ class Admissions:
         self.store.add_route(session_id, agent_id, caller.user.id, 0)
         return session_id
 
-    async def admit(self, key: str | None, ip_per_minute: int = MANY) -> Admission:
+    async def admit(self, key: str | None, ip_per_minute: int | None = MANY) -> Admission:
         return await self.gate.admit(key, self.ip, ip_per_minute)
 
     async def turn(self, caller: Caller, session_id: str, key: str | None = None) -> Admission:
@@ -242,6 +251,23 @@ async def test_a_users_keys_share_one_window(admissions: Admissions) -> None:
     assert (await admissions.admit(other_key)).decision == Decision(True, 3, 0, 10)
 
 
+async def test_an_exempt_address_skips_its_window_but_not_the_users(
+    admissions: Admissions,
+) -> None:
+    """``ip_per_minute`` None: an address the operator exempted (``ip_exempt``)."""
+    keyless = [await admissions.admit(None, ip_per_minute=None) for _ in range(5)]
+    assert [(a.decision.allowed, a.user) for a in keyless] == [(True, None)] * 5
+    caller = admissions.caller(requests_per_minute=2)
+    seen = [await admissions.admit(caller.key, ip_per_minute=None) for _ in range(3)]
+    assert _decisions(seen) == [
+        Decision(True, 2, 1, 60),
+        Decision(True, 2, 0, 60),
+        Decision(False, 2, 0, 60),
+    ]
+    # The address's own window was not touched: a limit of 1 still has room.
+    assert (await admissions.admit(None, ip_per_minute=1)).decision == Decision(True, 1, 0, 60)
+
+
 async def test_a_lowered_limit_waits_until_enough_requests_left(admissions: Admissions) -> None:
     for _ in range(5):  # at 0, 10, 20, 30 and 40 s, under a limit of 5
         assert (await admissions.admit(None, ip_per_minute=5)).decision.allowed
@@ -288,6 +314,52 @@ async def test_reservations_hold_the_daily_budget_until_released_or_metered(
     assert fifth.over_budget == (
         "this turn may use 4000 tokens; 3000 used and 4000 reserved today of your 9000 tokens "
         "per day"
+    )
+
+
+async def test_a_charge_retakes_the_reservation_where_the_gate_holds_it(
+    admissions: Admissions,
+) -> None:
+    """Before a turn's further model call the replica charges its calls so far and re-takes
+    the reservation for the next one (``ControlStore.charge``): the gate's next admissions see
+    the new hold, and a charge the budget refuses ends it."""
+    caller = admissions.caller(tokens_per_day=1_000)
+    session_id = admissions.session(caller, max_tokens=100)
+    held = (await admissions.turn(caller, session_id)).reservation
+    assert held is not None
+    usage = {"input_tokens": 300}
+    charge = admissions.store.charge(
+        UsageRecord("turn_a:1", caller.user.id, "agt_x", usage, 0.01, None, 0), held, 550
+    )
+    assert charge.refusal is None and charge.reservation is not None
+    assert charge.reservation.tokens == 550
+    assert (await admissions.turn(caller, session_id)).reservation is not None  # 300+550+100
+    third = await admissions.turn(caller, session_id)
+    assert third.over_budget == (
+        "this turn may use 100 tokens; 300 used and 650 reserved today of your 1000 tokens per day"
+    )
+    refused = admissions.store.charge(
+        UsageRecord("turn_a:2", caller.user.id, "agt_x", {"input_tokens": 100}, 0.01, None, 0),
+        charge.reservation,
+        600,
+    )
+    assert refused.reservation is None
+    assert refused.refusal == (
+        "this turn may use 600 tokens; 400 used and 100 reserved today of your 1000 tokens per day"
+    )
+    # The refused charge ended the 550-token hold: 400 used + 100 + 100 fits.
+    assert (await admissions.turn(caller, session_id)).reservation is not None
+
+
+async def test_a_turn_reserves_its_messages_estimate_too(admissions: Admissions) -> None:
+    caller = admissions.caller(tokens_per_day=1_000)
+    session_id = admissions.session(caller, max_tokens=100)
+    gate, ip = admissions.gate, admissions.ip
+    held = (await gate.begin_message(caller.key, ip, MANY, session_id, 600)).reservation
+    assert held is not None and held.tokens == 700
+    over = await gate.begin_message(caller.key, ip, MANY, session_id, 201)
+    assert over.reservation is None and over.over_budget == (
+        "this turn may use 301 tokens; 0 used and 700 reserved today of your 1000 tokens per day"
     )
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from hyperfleet.processes import free_port
@@ -43,13 +44,14 @@ def _hyperfleet(
 
 def _wider_than_private(home: Path) -> dict[str, str]:
     """Each file under ``home`` that is not 0600 and each folder that is not 0700, with its mode
-    (the stack's state, keys, logs, pid files, databases with their WAL, Redis's files)."""
+    (the stack's state, keys, logs, pid files, databases with their WAL, Redis's files); the
+    HAProxy wrapper is 0700, its owner's alone too."""
     wide = {}
     for path in [home, *home.rglob("*")]:
         if path.is_symlink():
             continue
         mode = stat.S_IMODE(path.stat().st_mode)
-        if mode != (0o700 if path.is_dir() else 0o600):
+        if mode != (0o700 if path.is_dir() or path == home / "bin" / "haproxy" else 0o600):
             wide[str(path.relative_to(home))] = oct(mode)
     return wide
 
@@ -140,3 +142,50 @@ def test_cli_client_errors_are_clear(tmp_path: Path) -> None:
         check=False,
     )
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
+
+
+def _statuses(url: str, source: str, n: int, spoof: bool = False) -> list[int]:
+    """``n`` keyless requests from ``source``; with ``spoof``, each claims another address in
+    every header a client could think of."""
+    transport = httpx.HTTPTransport(local_address=source)
+    statuses = []
+    with httpx.Client(transport=transport, timeout=30) as client:
+        for i in range(n):
+            claimed = f"198.51.100.{i + 1}"
+            headers = {
+                "X-Forwarded-For": claimed,
+                "Forwarded": f"for={claimed}",
+                "X-Hyperfleet-Peer": claimed,
+                "X-Hyperfleet-Proxy-Token": "guess",
+            }
+            statuses.append(client.get(url, headers=headers if spoof else None).status_code)
+    return statuses
+
+
+@pytest.mark.timeout(300)
+def test_up_limits_each_client_address_behind_haproxy(tmp_path: Path) -> None:
+    """Each loopback source address is a client of its own behind Serve's HAProxy (the default
+    ingress); no header moves a request to another window; an exempt address has none."""
+    home = tmp_path / "home"
+    ports = [str(free_port()) for _ in range(4)]
+    flags = ["--port", ports[0], "--emulator-port", ports[1], "--ray-port", ports[2]]
+    flags += ["--redis-port", ports[3], "--ip-requests-per-minute", "5"]
+    flags += ["--ip-exempt", "127.0.0.4/32, 2001:db8::/32"]
+    up = _hyperfleet(home, "up", *flags)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        url = f"http://127.0.0.1:{ports[0]}/v1/usage"
+        assert _statuses(url, "127.0.0.2", 6) == [401] * 5 + [429]
+        assert _statuses(url, "127.0.0.3", 6, spoof=True) == [401] * 5 + [429]
+        assert _statuses(url, "127.0.0.2", 1, spoof=True) == [429]
+        assert _statuses(url, "127.0.0.4", 8, spoof=True) == [401] * 8
+    finally:
+        down = _hyperfleet(home, "down")
+    assert down.returncode == 0, down.stderr
+
+
+def test_up_refuses_a_bad_cidr_before_starting_anything(tmp_path: Path) -> None:
+    bad = _hyperfleet(tmp_path, "up", "--trusted-proxies", "10.0.0.0/8,10.0.0.1/8")
+    assert bad.returncode == 2
+    assert "--trusted-proxies: '10.0.0.1/8' is not a CIDR" in bad.stderr
+    assert not (tmp_path / "stack.json").exists()

@@ -7,6 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from hyperfleet.errors import (
     NotFoundError,
     StaleSessionError,
 )
+from hyperfleet.metering import Reservation, UsageRecord
 
 from .conftest import RedisServer
 
@@ -156,6 +158,34 @@ async def test_closed_sessions_keep_transcripts_and_take_no_commit(store: Sessio
         await store.commit_turn(_turn(record.session_id, 2), expected_version=1)
     with pytest.raises(NotFoundError):
         await store.commit_turn(_turn("ses_unknown", 1), expected_version=0)
+
+
+async def test_the_usage_outbox_keeps_records_until_they_are_acked(store: SessionStore) -> None:
+    """A committed turn's usage record is written with it (and a stale commit writes none);
+    a failed turn's is written alone; both stay until acked, whatever writes them twice."""
+    record = _session()
+    await store.create_session(record)
+    sid, tag = record.session_id, uuid.uuid4().hex
+    held = Reservation("res_" + tag, "alice", "2030-01-15", 50)
+    usage = {"input_tokens": 3, "output_tokens": 4}
+    committed = UsageRecord(f"turn_{tag}:1", "alice", "agent-1", usage, 0.25, held)
+    failed = UsageRecord(f"turn_{tag}x:3", "alice", "agent-1", usage, 0.5, None, turns=1)
+    await store.commit_turn(_turn(sid, 1), 0, committed)
+    with pytest.raises(StaleSessionError):
+        await store.commit_turn(_turn(sid, 1), 0, replace(committed, id=f"stale_{tag}:1"))
+    await store.record_usage(failed)
+    await store.record_usage(failed)  # a failed commit's turn, metered again: one record
+
+    def mine(records: list[UsageRecord]) -> list[UsageRecord]:
+        return [r for r in records if tag in r.id]
+
+    assert mine(await store.unmetered_usage(time.time() + 1, 1_000)) == [committed, failed]
+    assert mine(await store.unmetered_usage(time.time() - 3_600, 1_000)) == []
+    await store.ack_usage([committed.id])
+    await store.ack_usage([committed.id])
+    assert mine(await store.unmetered_usage(time.time() + 1, 1_000)) == [failed]
+    await store.ack_usage([failed.id])
+    assert mine(await store.unmetered_usage(time.time() + 1, 1_000)) == []
 
 
 async def test_ping(store: SessionStore) -> None:

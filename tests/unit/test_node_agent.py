@@ -112,6 +112,7 @@ def test_worker_command() -> None:
     assert env["RAY_NODE_TYPE_NAME"] == "cpu-agent"
     assert env["RAY_AUTH_MODE"] == "token"
     assert env["RAY_AUTH_TOKEN_PATH"] == str(TOKEN)
+    assert env["FORWARDED_ALLOW_IPS"] == ""  # uvicorn takes no client address from a header
     assert env["PATH"] == "/usr/bin"
     # The ticket is spent and a stray token would override the file: neither reaches Ray.
     assert "HYPERFLEET_JOIN_TICKET" not in env and "RAY_AUTH_TOKEN" not in env
