@@ -17,18 +17,20 @@ import contextlib
 import ipaddress
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from hyperfleet import logs
 from hyperfleet.errors import HyperfleetError, InvalidRequestError
 from hyperfleet.metering import Charge, Reservation, UsageRecord
 from hyperfleet.names import CONTROL_ACTOR_NAME
 from hyperfleet.names import NAMESPACE as NAMESPACE  # re-exported: actors.NAMESPACE
 
+from . import metrics
 from .breaker import BREAKERS, CircuitBreaker
 from .host import SessionHost
 from .loop import STREAM_BACKOFF_S, AgentLoop, LoopConfig
@@ -36,6 +38,7 @@ from .meter import ControlUnavailable, Metering, OutboxMetering, UsageRefused
 from .model_client import PendingClient
 from .spec import AgentSpec, placement_options
 from .store import SessionStore, open_store
+from .store.metered import MeteredStore
 from .tools import EgressFirewall, EgressUnavailable, Sandbox, SandboxLimits, build_tools
 from .tools.workspace import MIB
 
@@ -261,6 +264,7 @@ class AgentActor:
     ) -> None:
         """``own_key`` is the agent's own Anthropic key when ``spawn_replica`` took it out of
         the spec; a spec given here directly (a batch job's) may carry it itself."""
+        logs.configure("replica")
         self.name = replica_name(agent_id, index)
         key = (
             own_key
@@ -270,7 +274,7 @@ class AgentActor:
         )
         self._client = PendingClient(lambda: _build_client(key, runtime), self.name)
         self.agent_id = agent_id
-        store = open_store(runtime.store_url)
+        store = MeteredStore(open_store(runtime.store_url))
         self._metering = OutboxMetering(
             self.name, store, runtime.usage_outbox_grace_s, RayControlLink()
         )
@@ -291,6 +295,22 @@ class AgentActor:
         self._sweeper: asyncio.Task[None] | None = None
         self._egress_refresher: asyncio.Task[None] | None = None
         self._egress_refresh_s = runtime.egress_refresh_s if spec.egress else None
+        # An async actor's __init__ runs on its event loop: the gauges start with the replica,
+        # so a replica still loading its model client shows as ``loading``.
+        self._reporter = asyncio.get_running_loop().create_task(self._report_gauges())
+
+    async def _report_gauges(self) -> None:
+        """Sets the replica's gauges until it stops (Ray drops a gauge not set again within
+        two report intervals: ``actors/metrics.py``)."""
+        interval_s = metrics.gauge_refresh_s()
+        while True:
+            try:
+                metrics.report_replica(
+                    metrics.replica_gauges(self.host.stats(), self._client.state)
+                )
+            except Exception:  # a supervisory loop: one bad report must not end the gauges
+                logger.exception("%s: the replica's gauges were not set", self.name)
+            await asyncio.sleep(interval_s)
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None:
@@ -323,6 +343,7 @@ class AgentActor:
                 logger.exception("%s: the usage outbox sweep failed", self.name)
             else:
                 if found:
+                    metrics.outbox_swept(found)
                     logger.info("%s: metering %d records left in the outbox", self.name, found)
 
     async def open_session(self, owner: str, session_id: str | None = None) -> dict[str, Any]:
@@ -336,11 +357,14 @@ class AgentActor:
         idempotency_key: str | None = None,
         owner: str | None = None,
         reservation: Reservation | None = None,
+        trace: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Runs a turn; ``reservation`` (the API's token reservation) is released by the control
-        store together with the turn's usage when it commits."""
+        """Runs a turn. ``reservation`` (the API's token reservation) is this replica's from now
+        on: its metering ends it however the turn ends. ``trace`` (the request's id and
+        ``traceparent``, ``hyperfleet.logs``) is on every log line of the turn."""
         self._ensure_sweeper()
-        return await self.host.send(session_id, content, idempotency_key, owner, reservation)
+        with logs.traced(**(trace or {}), session_id=session_id, agent_id=self.agent_id):
+            return await self.host.send(session_id, content, idempotency_key, owner, reservation)
 
     async def stream(
         self,
@@ -349,9 +373,11 @@ class AgentActor:
         idempotency_key: str | None = None,
         owner: str | None = None,
         reservation: Reservation | None = None,
+        trace: Mapping[str, str] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         self._ensure_sweeper()
-        stream = self.host.stream(session_id, content, idempotency_key, owner, reservation)
+        context = {**(trace or {}), "session_id": session_id, "agent_id": self.agent_id}
+        stream = self.host.stream(session_id, content, idempotency_key, owner, reservation, context)
         async for item in stream:
             yield item
 
@@ -396,7 +422,7 @@ class AgentActor:
             logger.error("%s: usage not sent yet (the outbox keeps it)", self.name)
 
     async def __ray_shutdown__(self) -> None:
-        for task in (self._sweeper, self._egress_refresher):
+        for task in (self._sweeper, self._egress_refresher, self._reporter):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -28,6 +28,8 @@ from typing import Literal
 
 from hyperfleet.errors import CircuitOpenError
 
+from . import metrics
+
 FAILURE_THRESHOLD = 5
 COOLDOWN_S = 30.0
 MAX_CREDENTIALS = 1_024  # breakers kept per process; the least recently used goes first
@@ -114,6 +116,8 @@ class CircuitBreaker:
         if was_trial:
             self._trial_running = False
         if was_trial or self._failures >= self.failure_threshold:
+            if self._opened_at is None or was_trial:  # not a call in flight when it opened
+                metrics.circuit_opened()
             self._opened_at = self._clock()
 
 

@@ -21,11 +21,13 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hyperfleet import logs
 from hyperfleet.errors import (
+    BudgetExceededError,
     CapacityError,
     HyperfleetError,
     IdempotencyConflictError,
@@ -36,7 +38,8 @@ from hyperfleet.errors import (
 )
 from hyperfleet.metering import Reservation
 
-from .events import EventType, event
+from . import metrics
+from .events import Emit, EventType, event
 from .loop import AgentLoop
 from .meter import Metering, TurnMeter
 from .session import Session, digest
@@ -219,9 +222,11 @@ class SessionHost:
         idempotency_key: str | None = None,
         owner: str | None = None,
         reservation: Reservation | None = None,
+        trace: Mapping[str, str] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Yields the turn's events. If the consumer goes away the turn still completes and is
-        committed, so a resend with the same idempotency key gets it."""
+        committed, so a resend with the same idempotency key gets it. ``trace`` (the request's,
+        ``hyperfleet.logs``) is the log context of the turn's task."""
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(STREAM_QUEUE_EVENTS)
 
         async def emit(kind: EventType, data: dict[str, Any]) -> None:
@@ -242,7 +247,8 @@ class SessionHost:
             finally:
                 await queue.put(None)
 
-        task = asyncio.create_task(run())
+        with logs.traced(**(trace or {})):
+            task = asyncio.create_task(run())  # it keeps the trace: a task copies its context
         try:
             while (item := await queue.get()) is not None:
                 yield item
@@ -307,6 +313,7 @@ class SessionHost:
                         f"idempotency key {key!r} is in use with a different message"
                     )
                 turn = await asyncio.shield(running[1])
+                metrics.turn_finished(self.spec.model, "replayed")
                 await emit("turn_end", _turn_end(turn, replayed=True))
                 return turn, True
         future: asyncio.Future[TurnRecord] | None = None
@@ -349,6 +356,7 @@ class SessionHost:
                     raise IdempotencyConflictError(
                         f"idempotency key {key!r} was used for a different message"
                     )
+                metrics.turn_finished(self.spec.model, "replayed")
                 await emit("turn_end", _turn_end(committed, replayed=True))
                 return committed, True
         if session.busy:
@@ -357,21 +365,28 @@ class SessionHost:
             turn_id = meter.turn_id
             meter.owner = session.record.owner
             await emit("turn_start", {"turn_id": turn_id, "session_id": session_id})
+            started = self._clock()
             try:
                 async with asyncio.timeout(self.spec.turn_timeout_s):
                     outcome = await self.loop.run(
-                        session.messages, content, session.workspace, emit, meter
+                        session.messages,
+                        content,
+                        session.workspace,
+                        self._first_event_timed(emit, started),
+                        meter,
                     )
             except TimeoutError as e:
                 self.turns_failed += 1
+                metrics.turn_finished(self.spec.model, "timeout")
                 await self._meter(meter, in_outbox=False)
                 raise UpstreamError(
                     f"the turn ran past its {self.spec.turn_timeout_s:g} s limit",
                     session_id=session_id,
                 ) from e
-            except BaseException:
+            except BaseException as e:
                 # Failed, refused by the budget, or cancelled: its calls are metered all the same.
                 self.turns_failed += 1
+                metrics.turn_finished(self.spec.model, _failure(e))
                 await self._meter(meter, in_outbox=False)
                 raise
             turn = TurnRecord(
@@ -392,19 +407,34 @@ class SessionHost:
             usage = meter.final()
             try:
                 await self.store.commit_turn(turn, session.version, usage)
-            except BaseException:
+            except BaseException as e:
                 # Stale (someone else owns it now) or unknown (the reply was lost, the commit may
                 # have happened): forget our copy either way; it reloads from the store next time.
                 # Its calls are metered with the same record the commit carried: once, either way.
                 self._sessions.pop(session_id, None)
                 self.turns_failed += 1
+                metrics.turn_finished(self.spec.model, _failure(e))
                 await self._meter(meter, in_outbox=False)
                 raise
+            metrics.turn_finished(self.spec.model, "committed", self._clock() - started)
             session.apply(turn, restore_seq=False)
             self.turns_completed += 1
             await self._meter(meter, in_outbox=True)
             await emit("turn_end", _turn_end(turn, replayed=False))
             return turn, False
+
+    def _first_event_timed(self, emit: Emit, started: float) -> Emit:
+        """``emit``, observing the time to the turn's first text or tool event."""
+        seen = False
+
+        async def timed(kind: EventType, data: dict[str, Any]) -> None:
+            nonlocal seen
+            if not seen and kind in _FIRST_EVENTS:
+                seen = True
+                metrics.turn_first_event(self.spec.model, self._clock() - started)
+            await emit(kind, data)
+
+        return timed
 
     # Operations ---------------------------------------------------------------------------
 
@@ -439,6 +469,18 @@ class SessionHost:
         writes them back. Call after ``drain``."""
         self.retired = True
         await asyncio.to_thread(remove_tree, self.workspaces / self.agent_id)
+
+
+_FIRST_EVENTS = ("text_delta", "tool_use")
+
+
+def _failure(error: BaseException) -> metrics.TurnOutcome:
+    """How a turn that raised ``error`` ended, for ``hyperfleet_turns_total``."""
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(error, BudgetExceededError):
+        return "budget"
+    return "failed"
 
 
 def _turn_end(turn: TurnRecord, replayed: bool) -> dict[str, Any]:

@@ -26,12 +26,15 @@ import asyncio
 import contextlib
 import copy
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hyperfleet.errors import UpstreamError
+from hyperfleet import logs
+from hyperfleet.errors import CircuitOpenError, UpstreamError
 
+from . import metrics
 from .breaker import CircuitBreaker
 from .events import Emit, TextCoalescer
 from .meter import TurnMeter
@@ -151,6 +154,16 @@ class AgentLoop:
         return TurnOutcome(added, content, stop_reason, sum(meter.calls, Usage()), calls)
 
     async def _run_tool(self, use: dict[str, Any], workspace: Workspace) -> ToolResult:
+        started = time.monotonic()
+        result = await self._tool_result(use, workspace)
+        outcome: metrics.ToolOutcome = (
+            "timeout" if result.timed_out else "error" if result.is_error else "ok"
+        )
+        label = metrics.tool_label(use["name"], self.tools)
+        metrics.tool_ran(label, outcome, time.monotonic() - started)
+        return result
+
+    async def _tool_result(self, use: dict[str, Any], workspace: Workspace) -> ToolResult:
         tool = self.tools.get(use["name"])
         if tool is None:
             return ToolResult(f"there is no tool named {use['name']!r}", is_error=True)
@@ -193,6 +206,7 @@ class AgentLoop:
         import httpx2
 
         params = self._params(messages)
+        model = self.config.model
         last_error: Exception | None = None
         for attempt in range(self.config.stream_attempts):
             if attempt:
@@ -200,36 +214,58 @@ class AgentLoop:
                 await meter.checkpoint(self.config.max_tokens)
             coalescer = TextCoalescer(emit)
             reply = ReplyAccumulator()
+            began = time.monotonic()
             # Every way out of this block records an outcome (``CircuitBreaker.attempt``): a 4xx
             # or a cancellation during a half-open trial must not leave the breaker refusing.
-            with self.breaker.attempt() as call, _metered(reply, meter):
-                try:
-                    stream = await client.messages.create(**params, stream=True)
-                    async with stream:
-                        async for event in stream:
-                            text = reply.add(event)
-                            if text:
-                                await coalescer.add(text)
-                    message = reply.result()
-                    await coalescer.flush()
-                    call.succeeded()
-                    return message
-                except anthropic.APIStatusError as e:
-                    if e.status_code in _CLIENT_ERRORS:  # neutral: the API answered
-                        raise UpstreamError(
-                            f"the model API refused the request: {e.message}"
-                        ) from e
-                    call.failed()
-                    if e.response.status_code != 200:  # the SDK already retried this one
-                        raise UpstreamError(f"the model API failed: {e.message}") from e
-                    last_error = e
-                except (
-                    anthropic.APIConnectionError,
-                    httpx2.TransportError,
-                    IncompleteReplyError,
-                ) as e:
-                    call.failed()
-                    last_error = e
+            try:
+                with self.breaker.attempt() as call, _metered(reply, meter, model):
+                    try:
+                        stream = await client.messages.create(
+                            **params, stream=True, extra_headers=_trace_headers()
+                        )
+                        request_id = stream.response.headers.get("request-id")
+                        async with stream:
+                            async for event in stream:
+                                text = reply.add(event)
+                                if text:
+                                    await coalescer.add(text)
+                        message = reply.result()
+                        await coalescer.flush()
+                        call.succeeded()
+                        took_s = time.monotonic() - began
+                        metrics.model_called(model, "ok", took_s)
+                        _log_call(request_id, model, took_s, message)
+                        return message
+                    except anthropic.APIStatusError as e:
+                        outcome = status_outcome(e.status_code, e.body)
+                        logger.warning(
+                            "model call failed: %s %s",
+                            e.status_code,
+                            outcome,
+                            extra={"model_request_id": e.request_id},
+                        )
+                        metrics.model_called(model, outcome, time.monotonic() - began)
+                        if e.status_code in _CLIENT_ERRORS:  # neutral: the API answered
+                            raise UpstreamError(
+                                f"the model API refused the request: {e.message}"
+                            ) from e
+                        call.failed()
+                        if e.response.status_code != 200:  # the SDK already retried this one
+                            raise UpstreamError(f"the model API failed: {e.message}") from e
+                        last_error = e
+                    except (
+                        anthropic.APIConnectionError,
+                        httpx2.TransportError,
+                        IncompleteReplyError,
+                    ) as e:
+                        broken = isinstance(e, IncompleteReplyError)
+                        outcome = "stream_broken" if broken else "connection"
+                        metrics.model_called(model, outcome, time.monotonic() - began)
+                        call.failed()
+                        last_error = e
+            except CircuitOpenError:
+                metrics.model_called(model, "circuit_open", 0.0)
+                raise
             started = reply.started
             await coalescer.flush()
             if started:
@@ -242,13 +278,50 @@ class AgentLoop:
         ) from last_error
 
 
+def _trace_headers() -> dict[str, str]:
+    """The request's W3C ``traceparent``, passed on to the model API (``hyperfleet.logs``)."""
+    traceparent = logs.current().get("traceparent")
+    return {"traceparent": traceparent} if traceparent else {}
+
+
+def _log_call(request_id: str | None, model: str, took_s: float, message: ModelReply) -> None:
+    usage = message.usage
+    logger.info(
+        "model call: %s in %.3f s, %d in / %d out tokens, %s",
+        model,
+        took_s,
+        usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens,
+        usage.output_tokens,
+        message.stop_reason,
+        extra={"model_request_id": request_id},
+    )
+
+
+def status_outcome(status_code: int, body: object) -> metrics.ModelCallOutcome:
+    """A model call's outcome for an error status (200: an error event in the stream, whose
+    ``error.type`` says which)."""
+    if status_code == 200 and isinstance(body, dict):
+        error = body.get("error", body)
+        kind = error.get("type") if isinstance(error, dict) else None
+        status_code = {"rate_limit_error": 429, "overloaded_error": 529}.get(str(kind), 500)
+    if status_code == 429:
+        return "rate_limit"
+    if status_code == 529:
+        return "overloaded"
+    if 400 <= status_code < 500:
+        return "refused"
+    return "api_error"
+
+
 @contextlib.contextmanager
-def _metered(reply: ReplyAccumulator, meter: TurnMeter) -> Iterator[None]:
-    """Gives ``meter`` the attempt's usage however it ends (finished, broken, cancelled by the
-    turn's timeout); an attempt whose stream never started reported none and is not a call."""
+def _metered(reply: ReplyAccumulator, meter: TurnMeter, model: str) -> Iterator[None]:
+    """Gives ``meter`` (and the token metrics) the attempt's usage however it ends (finished,
+    broken, cancelled by the turn's timeout); an attempt whose stream never started reported
+    none and is not a call."""
     try:
         yield
     finally:
         usage = reply.usage()
         if usage != Usage():
             meter.add(usage)
+            metrics.tokens_used(model, usage)

@@ -24,8 +24,14 @@ Each client holds conversations of ``--turns-per-session`` turns (then moves to 
 session): a session's history is resent on every turn, so one endless conversation would
 measure the emulator's cost of ever longer prompts rather than the platform's.
 
+``--metrics on,off`` measures what the in-Ray metrics cost: each gate's API is deployed twice,
+at ``/`` with metrics and at ``/off`` with ``HYPERFLEET_METRICS=0`` in its ingress replicas'
+environment (its agent's replicas inherit it), and ``full/on`` and ``full/off`` take turns with
+the baseline in the same rounds.
+
     python -m benchmarks.api_bench [--clients 8] [--seconds 10] [--modes default,haproxy]
                                    [--turns-per-session 5] [--rounds 4] [--cpu] [--ttft-ms 0]
+                                   [--gates actor,redis] [--metrics on|off|on,off]
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ from typing import Any
 from cluster.cli.servers import LOOPBACK_RAY_ENV
 
 KEY = "sk-ant-bench"
+# Where each metrics setting's API is deployed (``--metrics``), and the switch's environment.
+PREFIXES = {"on": "", "off": "/off"}
+METRICS_OFF_ENV = {"env_vars": {"HYPERFLEET_METRICS": "0"}}
 SESSIONS_PER_CLIENT = 40
 BODY = {"content": "What is the status of the fleet?"}
 
@@ -112,6 +121,8 @@ def _worker_main(
     cpu: bool,
     ttft_ms: float,
     work: str,
+    gates: list[str],
+    metrics: list[str],
 ) -> None:
     """Runs in a fresh process per proxy mode: Ray reads the HAProxy flags at start."""
     import aiohttp
@@ -126,6 +137,7 @@ def _worker_main(
     from cluster.cli.servers import start_emulator, start_ray_head, start_redis
     from hyperfleet.processes import free_port, stop
     from serve_app import APP_NAME, build, start_control_actor
+    from serve_app.deployment import Ingress
 
     work_dir = Path(work)
     emulator_port, ray_port, http_port, redis_port = (free_port() for _ in range(4))
@@ -187,8 +199,9 @@ def _worker_main(
         serve.run(Echo.bind(), name="echo", route_prefix="/echo")
         base = f"http://127.0.0.1:{http_port}"
 
-        def deploy(gate: str) -> tuple[dict[str, str], list[list[str]]]:
-            """The API with one gate; a user, an agent and each client's pool of sessions."""
+        def deploy(gate: str) -> tuple[dict[str, str], dict[str, list[list[str]]]]:
+            """The API with one gate (once per ``metrics`` setting, at its prefix); a user, and
+            per setting an agent and each client's pool of sessions."""
             for name in ("control-store",):
                 with contextlib.suppress(ValueError):
                     ray.kill(ray.get_actor(name, namespace="hyperfleet"), no_restart=True)
@@ -205,17 +218,27 @@ def _worker_main(
             if gate == "redis":
                 config = {**config, "redis_url": redis_url}
                 runtime["store_url"] = redis_url
-            serve.run(build(config, num_replicas=2), name=APP_NAME, route_prefix="/")
             headers = {"Authorization": f"Bearer {user_key}"}
-            with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
-                agent = http.post("/v1/agents", json={"max_sessions": 1000}).json()
-                pools = [
-                    [
-                        http.post(f"/v1/agents/{agent['id']}/sessions").json()["id"]
-                        for _ in range(SESSIONS_PER_CLIENT)
+            pools: dict[str, list[list[str]]] = {}
+            for setting in metrics:
+                prefix = PREFIXES[setting]
+                app = build(config, num_replicas=2)
+                if setting == "off":
+                    app = Ingress.options(  # type: ignore[attr-defined]
+                        num_replicas=2,
+                        autoscaling_config=None,
+                        ray_actor_options={"num_cpus": 0.25, "runtime_env": METRICS_OFF_ENV},
+                    ).bind(config)
+                serve.run(app, name=APP_NAME + prefix.replace("/", "-"), route_prefix=prefix or "/")
+                with httpx.Client(base_url=base + prefix, headers=headers, timeout=60) as http:
+                    agent = http.post("/v1/agents", json={"max_sessions": 1000}).json()
+                    pools[setting] = [
+                        [
+                            http.post(f"/v1/agents/{agent['id']}/sessions").json()["id"]
+                            for _ in range(SESSIONS_PER_CLIENT)
+                        ]
+                        for _ in range(clients)
                     ]
-                    for _ in range(clients)
-                ]
             return headers, pools
 
         class Measured:
@@ -298,29 +321,52 @@ def _worker_main(
             echo = Measured("echo", lambda n, i: "/echo", None)
             await drive(echo, seconds, warm_up=True)
             echo.report()
-            for gate in ("actor", "redis"):
+            for gate in gates:
                 headers, pools = deploy(gate)
 
-                def path_of(n: int, i: int, pools: list[list[str]] = pools) -> str:
-                    pool = pools[n]
-                    return f"/v1/sessions/{pool[(i // turns) % len(pool)]}/messages"
+                def path_of(setting: str, pools: dict[str, list[list[str]]] = pools) -> Any:
+                    def session_path(n: int, i: int) -> str:
+                        pool = pools[setting][n]
+                        session = pool[(i // turns) % len(pool)]
+                        return f"{PREFIXES[setting]}/v1/sessions/{session}/messages"
+
+                    return session_path
 
                 # Interleaved rounds: the machine's speed drifts (other tenants, the disk), and
                 # measuring the baseline once before both gates let that drift decide the ratio.
                 talk = Conversations(turns)
                 baseline = Measured("baseline", lambda n, i: "/baseline", None, talk)
-                full = Measured(f"full/{gate}", path_of, headers)
+                fulls = {
+                    setting: Measured(
+                        f"full/{gate}" + (f"/{setting}" if len(metrics) > 1 else ""),
+                        path_of(setting),
+                        headers,
+                    )
+                    for setting in metrics
+                }
+                order = [baseline, *fulls.values()]
                 for r in range(rounds):
-                    for path in (baseline, full) if r % 2 == 0 else (full, baseline):
+                    for path in order[r % len(order) :] + order[: r % len(order)]:
                         await drive(path, seconds / rounds, warm_up=r == 0)
                 base_rate, base_p50, base_p99 = baseline.report()
-                rate, p50, p99 = full.report()
-                print(
-                    f"  {mode:8} full/{gate} over baseline: throughput {rate / base_rate:.0%} "
-                    f"(target >= 60%); added latency p50 {(p50 - base_p50) * 1000:.2f} ms "
-                    f"(target <= 3 ms), p99 {(p99 - base_p99) * 1000:.2f} ms",
-                    flush=True,
-                )
+                rates = {}
+                for setting, full in fulls.items():
+                    rate, p50, p99 = full.report()
+                    rates[setting] = rate
+                    print(
+                        f"  {mode:8} {full.name} over baseline: throughput "
+                        f"{rate / base_rate:.0%} (target >= 60%); added latency p50 "
+                        f"{(p50 - base_p50) * 1000:.2f} ms (target <= 3 ms), "
+                        f"p99 {(p99 - base_p99) * 1000:.2f} ms",
+                        flush=True,
+                    )
+                if "on" in rates and "off" in rates:
+                    print(
+                        f"  {mode:8} full/{gate} metrics on vs off: {rates['on']:,.1f} vs "
+                        f"{rates['off']:,.1f} turns/s, {1 - rates['on'] / rates['off']:+.1%} "
+                        "fewer with metrics (target <= 5%)",
+                        flush=True,
+                    )
 
         asyncio.run(measure())
         serve.shutdown()
@@ -350,12 +396,23 @@ def main() -> None:
         default=0.0,
         help="the emulated model's time to first token (0: none, the platform's costs alone)",
     )
+    parser.add_argument("--gates", default="actor,redis", help="admission gates to measure")
+    parser.add_argument(
+        "--metrics",
+        default="on",
+        help="on, off, or on,off: measure the API with the in-Ray metrics and without, "
+        "interleaved in the same rounds",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1 or args.clients < 1 or args.seconds <= 0:
         parser.error("--rounds and --clients must be at least 1, --seconds above 0")
     if not 0 <= args.ttft_ms <= 60_000:
         parser.error("--ttft-ms must be between 0 and 60000")
+    gates = args.gates.split(",")
+    metrics = args.metrics.split(",")
+    if not set(gates) <= {"actor", "redis"} or not set(metrics) <= set(PREFIXES):
+        parser.error("--gates takes actor and/or redis, --metrics on and/or off")
     if args.worker:
         _worker_main(
             args.worker,
@@ -366,6 +423,8 @@ def main() -> None:
             args.cpu,
             args.ttft_ms,
             os.environ["HF_BENCH_WORK"],
+            gates,
+            metrics,
         )
         return
     work = Path(tempfile.mkdtemp(prefix="hyperfleet-api-bench-"))
@@ -383,6 +442,7 @@ def main() -> None:
             argv += ["--turns-per-session", str(args.turns_per_session)]
             argv += ["--rounds", str(args.rounds)] + (["--cpu"] if args.cpu else [])
             argv += ["--ttft-ms", str(args.ttft_ms)]
+            argv += ["--gates", args.gates, "--metrics", args.metrics]
             subprocess.run(argv, env=env, check=True, timeout=900)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -31,10 +31,11 @@ from actors.tools import CustomToolError, check_custom_tools
 from hyperfleet.errors import HyperfleetError
 from hyperfleet.metering import Reservation, estimate_tokens
 
+from . import metrics
 from .admission import Gate
 from .backend import Control, Replicas
 from .client_address import ClientAddresses
-from .errors import ApiError, QuotaExceededError, error_response, not_found
+from .errors import ApiError, OverBudgetError, QuotaExceededError, error_response, not_found
 from .inputs import int_param, json_body, key_of, peer_of, validate
 from .models import MessageIn, Quotas, SpawnRequest, UserCreate, UserPatch
 from .readiness import Readiness
@@ -65,6 +66,7 @@ async def _answer(headers: dict[str, str], answer: Awaitable[Response]) -> Respo
     try:
         response = await answer
     except HyperfleetError as e:
+        metrics.refused(e)
         response = error_response(e)
     return _with_headers(response, headers)
 
@@ -168,7 +170,7 @@ class Api:
             if admitted.route is None:
                 raise not_found(f"session {session_id}")
             if admitted.over_budget is not None:
-                raise QuotaExceededError(admitted.over_budget)
+                raise OverBudgetError(admitted.over_budget)
             turn = Turn(user, admitted.route, admitted.reservation, content, message.stream, key)
             return await handler(self, request, turn)
 
@@ -443,6 +445,7 @@ class Api:
             async for event in self.replicas.stream(*args):
                 yield _sse(event)
         except HyperfleetError as e:
+            metrics.refused(e)
             self._unreachable(e, turn.route.id)
             error = {"status_code": e.status_code, **e.to_json()}
             yield _sse({"type": "error", "seq": 0, "data": error})

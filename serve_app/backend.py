@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,12 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors import AgentSpec, RuntimeConfig, replica_name, spawn_replica, start_on_head
+from hyperfleet import logs
 from hyperfleet.errors import HyperfleetError
 from hyperfleet.metering import Charge, Reservation, UsageRecord
 from hyperfleet.names import CONTROL_ACTOR_NAME, NAMESPACE
 
+from . import metrics
 from .control import ControlStore
 from .errors import ApiError, unavailable
 from .records import Admission, Agent, IssuedKey, Route, UsageRow, User
@@ -61,6 +64,7 @@ class ControlStoreActor:
     time: that is what makes quota checks atomic across ingress replicas."""
 
     def __init__(self, path: str, redis_url: str | None = None) -> None:
+        logs.configure("control-store")
         mirror = None
         if redis_url is not None:
             # Imported here: replicas load this class and have no use for a Redis client.
@@ -172,6 +176,11 @@ def start_control_actor(
             "Hyperfleet started it. Stop it (hyperfleet down) and start again."
         )
     return handle
+
+
+async def _answer(ref: Any) -> Any:
+    """Awaits an object ref as a coroutine (so that a task can wrap it)."""
+    return await ref
 
 
 def _cause(error: RayTaskError) -> BaseException:
@@ -343,21 +352,25 @@ class Replicas:
 
     async def spawn(self, agent_id: str, spec: AgentSpec, count: int) -> bool:
         """Starts ``count`` replicas; True when all answered a health check in time."""
+        started = time.monotonic()
         handles = [spawn_replica(agent_id, i, spec, self.runtime) for i in range(count)]
         for i, handle in enumerate(handles):
             self._handles[replica_name(agent_id, i)] = handle
+        checks = [asyncio.ensure_future(_answer(h.health.remote())) for h in handles]
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*(h.health.remote() for h in handles)), REPLICA_READY_S
-            )
+            await asyncio.wait_for(asyncio.gather(*checks), REPLICA_READY_S)
         except (TimeoutError, GetTimeoutError):
-            return False  # placed later, when the cluster has room (the autoscaler adds nodes)
+            # Placed later, when the cluster has room (the autoscaler adds nodes).
+            metrics.agent_spawned("pending", sum(c.cancelled() for c in checks))
+            return False
         except (RayActorError, RayTaskError) as e:
+            metrics.agent_spawned("failed", count)
             for handle in handles:
                 ray.kill(handle, no_restart=True)
             raise ApiError(
                 503, "replica_failed", f"the agent's replicas could not start: {e}"[:2000]
             ) from e
+        metrics.agent_spawned("ready", count, time.monotonic() - started)
         return True
 
     async def _call(
@@ -385,8 +398,9 @@ class Replicas:
         owner: str,
         reservation: Reservation | None,
     ) -> dict[str, Any]:
-        """Runs a turn on the session's replica, which from the call on owns its reservation."""
-        args = (route.id, content, idempotency_key, owner, reservation)
+        """Runs a turn on the session's replica, which from the call on owns its reservation; the
+        request's trace (``hyperfleet.logs``) goes with it."""
+        args = (route.id, content, idempotency_key, owner, reservation, dict(logs.current()))
         turn: dict[str, Any] = await self._call(
             route.agent_id, route.replica, "send", TURN_CALL_TIMEOUT_S, *args
         )
@@ -403,7 +417,10 @@ class Replicas:
         """A turn's events, as the replica yields them (``send``, streamed)."""
         handle = self.handle(route.agent_id, route.replica)
         try:
-            stream = handle.stream.remote(route.id, content, idempotency_key, owner, reservation)
+            trace = dict(logs.current())
+            stream = handle.stream.remote(
+                route.id, content, idempotency_key, owner, reservation, trace
+            )
             async for ref in stream:
                 event: dict[str, Any] = await ref
                 yield event

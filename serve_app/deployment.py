@@ -11,6 +11,7 @@ from ray import serve
 from starlette.applications import Starlette
 
 from actors import RuntimeConfig
+from hyperfleet import logs
 
 from .admission import ControlGate, Gate, RedisGate
 from .app import Api
@@ -67,6 +68,7 @@ class IngressConfig(BaseModel):
 @serve.ingress()
 class Ingress:
     def __init__(self, config: dict[str, Any]) -> None:
+        logs.configure("ingress")
         parsed = IngressConfig.model_validate(config)
         if os.environ.get(UVICORN_TRUST_ENV) != "":
             # Serve's uvicorn on this node replaces the TCP peer with X-Forwarded-For from the

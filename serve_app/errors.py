@@ -51,6 +51,14 @@ class QuotaExceededError(ApiError):
         return (QuotaExceededError, (self.message,))
 
 
+class OverBudgetError(QuotaExceededError):
+    """The daily token budget refused a turn at admission: a quota's answer (the same 403 and
+    type), told apart from the other quotas in the metrics."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (OverBudgetError, (self.message,))
+
+
 def unavailable(what: str, error: BaseException) -> ApiError:
     """A backend that cannot be reached right now: 503, retry soon."""
     return ApiError(

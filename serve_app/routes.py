@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -22,6 +23,7 @@ from starlette.routing import Route
 from actors import AgentSpec
 from hyperfleet.errors import HyperfleetError
 
+from . import metrics, tracing
 from .app import Api, Turn
 from .errors import error_response
 from .models import MessageIn, SpawnRequest, UserCreate, UserPatch
@@ -153,6 +155,7 @@ ROUTES: tuple[Open | Keyed | TurnRoute, ...] = (
     Keyed(Operation("get", "/v1/usage", "Your tokens and cost by agent and day"), Api.usage),
 )
 OPERATIONS = tuple(route.operation for route in ROUTES)
+TEMPLATES = frozenset(operation.path for operation in OPERATIONS)  # the metrics' route labels
 
 
 def endpoint(api: Api, route: Open | Keyed | TurnRoute) -> Endpoint:
@@ -194,6 +197,7 @@ def build_app(api: Api) -> Starlette:
 
     async def on_platform_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HyperfleetError)
+        metrics.refused(exc)  # a refusal raised by admission (429, 401) ends here
         return error_response(exc)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
@@ -210,6 +214,10 @@ def build_app(api: Api) -> Starlette:
 
     return Starlette(
         routes=routes,
+        middleware=[
+            Middleware(tracing.Traced),
+            Middleware(metrics.RequestMetrics, templates=TEMPLATES),
+        ],
         exception_handlers={
             HyperfleetError: on_platform_error,
             HTTPException: on_http_error,

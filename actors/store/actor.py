@@ -16,6 +16,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from hyperfleet import logs
 from hyperfleet.errors import StoreError
 from hyperfleet.metering import UsageRecord
 from hyperfleet.names import NAMESPACE
@@ -31,6 +32,7 @@ HEAD_RESOURCE = "node:__internal_head__"
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class SessionStoreActor:
     def __init__(self, path: str) -> None:
+        logs.configure("session-store")
         self._store = SqliteSessionStore(Path(path))
 
     async def create_session(self, record: SessionRecord) -> None:

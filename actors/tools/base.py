@@ -19,6 +19,7 @@ MAX_RESULT_CHARS = 64 * 1024
 class ToolResult:
     content: str
     is_error: bool = False
+    timed_out: bool = False  # ran past its time limit (an error too): counted apart in metrics
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,8 @@ def bash_tool(sandbox: Sandbox, timeout_s: float) -> Tool:
         if done.stopped is not None:
             return ToolResult(f"{done.output}{note}\n[stopped: {done.stopped}]", True)
         if done.exit_code is None:
-            return ToolResult(f"{done.output}{note}\n[timed out after {timeout_s:g} s]", True)
+            message = f"{done.output}{note}\n[timed out after {timeout_s:g} s]"
+            return ToolResult(message, is_error=True, timed_out=True)
         if done.exit_code != 0:
             exit_note = _exit_note(done.exit_code, sandbox, workspace)
             return ToolResult(f"{done.output}{note}\n{exit_note}", True)

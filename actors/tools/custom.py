@@ -54,7 +54,7 @@ def load_custom_tool(ref: str, timeout_s: float) -> Tool:
             else:
                 result = await asyncio.wait_for(asyncio.to_thread(function, **kwargs), timeout_s)
         except TimeoutError:
-            return ToolResult(f"{attr} timed out after {timeout_s:g} s", is_error=True)
+            return ToolResult(f"{attr} timed out after {timeout_s:g} s", True, timed_out=True)
         except Exception as e:  # noqa: BLE001 - any failure of tool code is the model's to read
             return ToolResult(f"{type(e).__name__}: {e}", is_error=True)
         text = result if isinstance(result, str) else json.dumps(result, default=str)
