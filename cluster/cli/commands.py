@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cluster.observability import ports as observability_ports
 from hyperfleet import ports
 
 if TYPE_CHECKING:
@@ -161,6 +162,10 @@ def _run_up(args: argparse.Namespace) -> int:
             args.ray_port,
             redis_port=args.redis_port,
             admission=admission,
+            dashboard_port=args.dashboard_port,
+            prometheus_port=args.prometheus_port,
+            grafana_port=args.grafana_port,
+            **({"prometheus_rules": args.prometheus_rules} if args.prometheus_rules else {}),
         )
     except stack.StackError as e:
         print(f"hyperfleet up: {e}", file=sys.stderr)
@@ -171,6 +176,11 @@ def _run_up(args: argparse.Namespace) -> int:
     print(f"  (saved in {info.admin_key_file})")
     if info.emulator_url:
         print(f"Anthropic emulator: {info.emulator_url} (no ANTHROPIC_API_KEY set)")
+    print(f"Ray dashboard:  {info.dashboard_url}")
+    print(f"  (it asks once for the Ray token: the text of {info.ray_token_file})")
+    if info.prometheus_url:
+        print(f"Prometheus:     {info.prometheus_url}")
+    print(f"Grafana provisioning: {info.grafana_folder} (to run a Grafana with it: README.md)")
     print("Next: hyperfleet agents create --tool bash, then hyperfleet chat <agent-id>.")
     print(f"Logs: {settings.logs_dir}. Stop with: hyperfleet down")
     return 0
@@ -312,9 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
         "up",
         help="start the local stack on this machine",
         description=(
-            "Start, in the background: a Ray head, the stores (Redis when redis-server is "
-            "installed or HYPERFLEET_REDIS_URL is set), the Serve HTTP API, and the "
-            "Anthropic emulator when ANTHROPIC_API_KEY is not set. State in $HYPERFLEET_HOME."
+            "Start, in the background: a Ray head with its dashboard, the stores (Redis when "
+            "redis-server is installed or HYPERFLEET_REDIS_URL is set), the Serve HTTP API, "
+            "the Anthropic emulator when ANTHROPIC_API_KEY is not set, and Prometheus when "
+            "installed; write a Grafana provisioning folder. State in $HYPERFLEET_HOME."
         ),
     )
     p.add_argument("--port", type=int, default=ports.API_PORT, help="HTTP API port")
@@ -325,6 +336,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=ports.REDIS_PORT,
         help="the local redis-server's port (started when installed; HYPERFLEET_REDIS=off: not)",
+    )
+    p.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=observability_ports.DASHBOARD_PORT,
+        help="the Ray dashboard's port",
+    )
+    p.add_argument(
+        "--prometheus-port",
+        type=int,
+        default=observability_ports.PROMETHEUS_PORT,
+        help="the stack's Prometheus's port (started when installed)",
+    )
+    p.add_argument(
+        "--grafana-port",
+        type=int,
+        default=observability_ports.GRAFANA_PORT,
+        help="where the Ray dashboard and the written grafana.ini expect a Grafana (up runs none)",
+    )
+    p.add_argument(
+        "--prometheus-rules",
+        action="append",
+        type=Path,
+        metavar="FILE",
+        help="a Prometheus rule file to load (repeatable; default: "
+        "cluster/observability/alerts.yml when it exists)",
     )
     p.add_argument(
         "--ip-requests-per-minute",
@@ -353,7 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("down", help="stop the local stack", description="Stop what `up` started.")
     sub.add_parser(
-        "status", help="show the local stack", description="Show what runs and where it logs."
+        "status",
+        help="show the local stack",
+        description=(
+            "Show what runs, where it logs, and where the API, the Ray dashboard, Prometheus "
+            "and the Grafana provisioning folder are."
+        ),
     )
     p = sub.add_parser(
         "chat",

@@ -87,6 +87,12 @@ class Daemons:
         write_private(self._pidfile(name), json.dumps(record))
         return self.state(name)
 
+    def signal(self, name: str, signum: int) -> bool:
+        """Sends ``signum`` to the running daemon ``name`` alone (SIGHUP: read your
+        configuration again). True if it was sent; never to a process that reused its pid."""
+        recorded = self._recorded(name)
+        return recorded is not None and recorded.send_signal(signum)
+
     def stop(self, name: str, grace_s: float = STOP_GRACE_S) -> bool:
         """SIGTERM, then SIGKILL after ``grace_s``, to it and its tree
         (``hyperfleet.processes.stop``). True if a running process was stopped."""

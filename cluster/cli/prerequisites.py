@@ -41,6 +41,12 @@ REDIS = Prerequisite(
 BUBBLEWRAP = Prerequisite(
     ("bwrap",), "bubblewrap", "agents' bash and other shell tools will fail (no tool sandbox)"
 )
+PROMETHEUS = Prerequisite(
+    ("prometheus",),
+    "prometheus",
+    "no metrics are kept: the Ray dashboard's Metrics view and Grafana have no data, and no "
+    "alert is evaluated",
+)
 IPTABLES = Prerequisite(
     ("iptables", "ip6tables"),
     "iptables",
@@ -54,7 +60,7 @@ def missing_prerequisites(
     """A warning line for each prerequisite that ``which`` does not find, in the order that
     matters to a newcomer. Redis only when the stack would start its own; iptables only as
     root, since tool egress needs root anyway."""
-    wanted = [BUBBLEWRAP]
+    wanted = [BUBBLEWRAP, PROMETHEUS]
     if settings.redis_url is None and settings.local_redis:
         wanted.insert(0, REDIS)
     if os.geteuid() == 0 if is_root is None else is_root:

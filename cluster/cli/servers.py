@@ -1,6 +1,7 @@
 """The local servers Hyperfleet runs on one machine: the Anthropic emulator, a Ray head and
-redis-server. ``hyperfleet up`` runs them as daemons (``stack``), the tests and the benchmarks as
-children (``start_*``); both build their command lines here, so the two cannot drift.
+redis-server (Prometheus's command line is ``cluster.observability.prometheus``'s).
+``hyperfleet up`` runs them as daemons (``stack``), the tests and the benchmarks as children
+(``start_*``); both build their command lines here, so the two cannot drift.
 
 Every start waits for readiness with a deadline, and every stop is
 ``hyperfleet.processes.stop``: one process by its pid, then its group; never ``ray stop``, which
@@ -42,10 +43,23 @@ def emulator_argv(port: int) -> list[str]:
 
 
 def ray_head_argv(
-    port: int, num_cpus: int, resources: Mapping[str, float] | None = None
+    port: int,
+    num_cpus: int,
+    resources: Mapping[str, float] | None = None,
+    dashboard_port: int | None = None,
 ) -> list[str]:
-    """``ray start --head --block`` on 127.0.0.1:``port`` (never 6379's Redis), dashboard off.
-    Run it with ``LOOPBACK_RAY_ENV``, which keeps it on loopback."""
+    """``ray start --head --block`` on 127.0.0.1:``port`` (never 6379's Redis), with its
+    dashboard on 127.0.0.1:``dashboard_port``, or none (the tests' and benchmarks' heads: the
+    dashboard costs a head ~10 processes and their memory, docs/observability.md). Run it with
+    ``LOOPBACK_RAY_ENV``, which keeps it on loopback."""
+    if dashboard_port is None:
+        dashboard = ["--include-dashboard=false"]
+    else:  # an explicit port: a taken one fails the dashboard rather than moving it
+        dashboard = [
+            "--include-dashboard=true",
+            f"--dashboard-host={LOOPBACK}",
+            f"--dashboard-port={dashboard_port}",
+        ]
     return [
         str(Path(sys.executable).parent / "ray"),
         "start",
@@ -54,7 +68,7 @@ def ray_head_argv(
         f"--node-ip-address={LOOPBACK}",
         f"--num-cpus={num_cpus}",
         f"--resources={json.dumps(resources or {})}",
-        "--include-dashboard=false",
+        *dashboard,
         "--disable-usage-stats",
         "--block",
     ]

@@ -1,8 +1,9 @@
 """The local stack behind ``hyperfleet up`` / ``down`` / ``status``: on one machine, a Ray head
-(token auth on), the session store and control store (head-pinned actors), Redis when
-``redis-server`` is installed (admission in the ingress and the session store; see
-``serve_app/admission.py``), the Serve HTTP API, and the Anthropic emulator when no
-``ANTHROPIC_API_KEY`` is set. ``up`` creates an admin user and key
+(token auth on) with its dashboard, the session store and control store (head-pinned actors),
+Redis when ``redis-server`` is installed (admission in the ingress and the session store; see
+``serve_app/admission.py``), the Serve HTTP API, the Anthropic emulator when no
+``ANTHROPIC_API_KEY`` is set, and Prometheus when it is installed, with a Grafana provisioning
+folder for a Grafana run by hand (``monitoring.py``). ``up`` creates an admin user and key
 on first start and writes the key to ``$HYPERFLEET_HOME/admin.key``; it is idempotent.
 
 The head declares more CPUs than the machine has and a few VM slots: replicas are I/O-bound, and
@@ -17,11 +18,14 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.observability import ports as observability_ports
+from cluster.observability.ports import loopback_url
+from cluster.observability.prometheus import ALERT_RULES
 from hyperfleet import ports
 from hyperfleet.errors import HyperfleetError
 from hyperfleet.private import (
@@ -33,11 +37,13 @@ from hyperfleet.private import (
     tighten,
     write_private,
 )
-from hyperfleet.processes import tail, wait_http_ok, wait_port
+from hyperfleet.processes import free_port, tail, wait_http_ok, wait_port
 from hyperfleet.resources import VM_SLOT_RESOURCE
 
+from . import monitoring
 from .daemon import STOP_GRACE_S, Daemons
 from .haproxy_shim import wrapper_script
+from .monitoring import PROMETHEUS
 from .prerequisites import missing_prerequisites
 from .servers import LOOPBACK_RAY_ENV, NODE_RAY_ENV, emulator_argv, ray_head_argv, redis_argv
 from .settings import Settings
@@ -49,10 +55,14 @@ DEFAULT_EMULATOR_PORT = ports.EMULATOR_PORT
 DEFAULT_REDIS_PORT = ports.REDIS_PORT
 DEFAULT_API_PORT = ports.API_PORT
 DEFAULT_RAY_PORT = ports.RAY_GCS_PORT
+DEFAULT_DASHBOARD_PORT = observability_ports.DASHBOARD_PORT
+DEFAULT_PROMETHEUS_PORT = observability_ports.PROMETHEUS_PORT
+DEFAULT_GRAFANA_PORT = observability_ports.GRAFANA_PORT
 LOCAL_CPUS = 16
 LOCAL_VM_SLOTS = 4
 READY_TIMEOUT_S = 90.0
-STEPS = 6
+STATUS_PROBE_S = 2.0
+STEPS = 8
 HEAD_DRAIN_S = 40.0  # SIGTERM lets `ray start --block` drain for up to 30 s
 # Serve's HAProxy ingress: ~1,800 against ~165 requests/s for the default Python proxy on a
 # 2-core machine (benchmarks/api_bench.py). HYPERFLEET_PROXY=default turns it off.
@@ -69,6 +79,10 @@ class StackInfo:
     admin_key: str
     admin_key_file: Path
     emulator_url: str | None
+    dashboard_url: str
+    ray_token_file: Path  # what the dashboard asks for
+    prometheus_url: str | None  # None: not installed
+    grafana_folder: Path
 
 
 def _daemons(settings: Settings) -> Daemons:
@@ -94,10 +108,14 @@ def private_home(settings: Settings) -> Path:
     return home
 
 
+def ray_token_file(settings: Settings) -> Path:
+    return settings.home / "ray_auth_token"
+
+
 def ray_env(settings: Settings) -> dict[str, str]:
     """Token auth for every Ray process of the stack, with the stack's own token, and Ray on
     loopback alone."""
-    token_file = settings.home / "ray_auth_token"
+    token_file = ray_token_file(settings)
     _secret_file(token_file, lambda: secrets.token_hex(32))
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), **LOOPBACK_RAY_ENV}
 
@@ -120,7 +138,13 @@ def haproxy_env(settings: Settings) -> dict[str, str]:
     script = wrapper_script(sys.executable, binary, _proxy_token_file(settings))
     write_private(wrapper, script)
     wrapper.chmod(0o700)
-    return {**HAPROXY_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper)}
+    # Ray's HAProxy also serves its metrics and a stats page on fixed ports (9101, 8404): free
+    # ones, so that a second stack on the machine (a test's, a colleague's) can start.
+    own_ports = {
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+    }
+    return {**HAPROXY_ENV, **own_ports, "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper)}
 
 
 def _proxy_token_file(settings: Settings) -> Path:
@@ -140,16 +164,23 @@ def up(
     progress: Callable[[str], None] = print,
     redis_port: int = DEFAULT_REDIS_PORT,
     admission: Mapping[str, Any] | None = None,
+    dashboard_port: int = DEFAULT_DASHBOARD_PORT,
+    prometheus_port: int = DEFAULT_PROMETHEUS_PORT,
+    grafana_port: int = DEFAULT_GRAFANA_PORT,
+    prometheus_rules: Sequence[Path] = (ALERT_RULES,),
 ) -> StackInfo:
     """Starts the local stack; a part that runs already is left as it is. What the machine
     lacks (``prerequisites.py``) is said first, with how to get it. ``admission`` is the
     ingress's per-address settings (``IngressConfig``'s ``ip_requests_per_minute``,
     ``ip_exempt``, ``trusted_proxies``, ``forwarded_header``); the API is redeployed with them
-    on every ``up``."""
+    on every ``up``. Prometheus's configuration (with those of ``prometheus_rules`` that exist)
+    and the Grafana folder are written again on every ``up``; ``grafana_port`` is where the
+    Ray dashboard and the written ``grafana.ini`` expect a Grafana."""
     for warning in missing_prerequisites(settings):
         progress(warning)
     daemons = _daemons(settings)
     private_home(settings)
+    recorded = _recorded_state(settings)
     os.environ.update(ray_env(settings))
     emulator_url = None
     base_url: str | None
@@ -173,10 +204,17 @@ def up(
 
     redis_url = _redis(settings, daemons, redis_port, progress)
 
-    progress(f"[3/{STEPS}] Ray head on port {ray_port} (token auth on) ...")
+    head_ran = daemons.state(RAY_HEAD).running
+    dashboard_url = loopback_url(dashboard_port)
+    if head_ran and recorded.get("dashboard_url"):
+        dashboard_url = recorded["dashboard_url"]  # it keeps the port it was started with
+    progress(
+        f"[3/{STEPS}] Ray head on port {ray_port} (token auth on), its dashboard on "
+        f"{dashboard_url.removeprefix('http://')} ..."
+    )
     # Loopback only (os.environ holds LOOPBACK_RAY_ENV): one machine's stack answers no other host.
-    argv = ray_head_argv(ray_port, LOCAL_CPUS, {VM_SLOT_RESOURCE: LOCAL_VM_SLOTS})
-    env = dict(os.environ, **NODE_RAY_ENV)
+    argv = ray_head_argv(ray_port, LOCAL_CPUS, {VM_SLOT_RESOURCE: LOCAL_VM_SLOTS}, dashboard_port)
+    env = dict(os.environ, **NODE_RAY_ENV, **monitoring.head_env(prometheus_port, grafana_port))
     if os.environ.get("HYPERFLEET_PROXY", "haproxy") == "haproxy":
         env.update(haproxy_env(settings))
     head = daemons.start(RAY_HEAD, argv, env)
@@ -192,7 +230,35 @@ def up(
 
     ray.init(address=f"127.0.0.1:{ray_port}", namespace="hyperfleet", log_to_driver=False)
     try:
-        progress(f"[4/{STEPS}] session store and control store ...")
+        session_dir = monitoring.ray_session_dir()
+        if not wait_http_ok(dashboard_url + monitoring.DASHBOARD_HEALTH_PATH, READY_TIMEOUT_S):
+            raise StackError(
+                f"the Ray dashboard did not answer on {dashboard_url} (its port taken? "
+                "--dashboard-port; a head an older `up` started has none: `hyperfleet down`, "
+                f"then `up`); its log: {session_dir / 'logs' / 'dashboard.log'}"
+            )
+        try:
+            prometheus_url = monitoring.start_prometheus(
+                settings,
+                daemons,
+                prometheus_port,
+                session_dir,
+                prometheus_rules,
+                progress,
+                f"[4/{STEPS}]",
+            )
+        except monitoring.MonitoringError as e:
+            raise StackError(str(e)) from e
+        # Recorded now: should a later step fail, `status` still says where these are.
+        _record(
+            settings,
+            ray_address=f"127.0.0.1:{ray_port}",
+            ray_session_dir=str(session_dir),
+            dashboard_url=dashboard_url,
+            prometheus_url=prometheus_url,
+        )
+
+        progress(f"[5/{STEPS}] session store and control store ...")
         from actors import start_store_actor
         from serve_app import start_control_actor
 
@@ -204,10 +270,10 @@ def up(
             raise StackError(str(e)) from e
         ray.get([store.ping.remote(), control.ping.remote()], timeout=READY_TIMEOUT_S)
 
-        progress(f"[5/{STEPS}] admin key ...")
+        progress(f"[6/{STEPS}] admin key ...")
         admin_key = _admin_key(settings, control)
 
-        progress(f"[6/{STEPS}] Serve HTTP API on 127.0.0.1:{api_port} ...")
+        progress(f"[7/{STEPS}] Serve HTTP API on 127.0.0.1:{api_port} ...")
         ingress = {**(admission or {}), "proxy_token": proxy_token(settings)}
         _deploy(api_port, base_url, api_key, redis_url, ingress)
     finally:
@@ -215,14 +281,42 @@ def up(
     api_url = f"http://127.0.0.1:{api_port}"
     if not wait_http_ok(api_url + "/health", READY_TIMEOUT_S):
         raise StackError(f"the API did not answer on {api_url}; see {settings.logs_dir}")
-    recorded = {
-        "api_url": api_url,
-        "ray_address": f"127.0.0.1:{ray_port}",
-        "emulator": emulator_url,
-        "redis": redis_url,
+    grafana = monitoring.provision_grafana(
+        settings, prometheus_port, grafana_port, session_dir, progress, f"[8/{STEPS}]"
+    )
+    grafana_state = {
+        "folder": str(grafana.folder),
+        "config": str(grafana.config_file),
+        "provisioning": str(grafana.provisioning),
+        "url": loopback_url(grafana_port),
     }
-    write_private(_state_file(settings), json.dumps(recorded))
-    return StackInfo(api_url, admin_key, settings.home / "admin.key", emulator_url)
+    _record(
+        settings, api_url=api_url, grafana=grafana_state, emulator=emulator_url, redis=redis_url
+    )
+    return StackInfo(
+        api_url,
+        admin_key,
+        settings.home / "admin.key",
+        emulator_url,
+        dashboard_url,
+        ray_token_file(settings),
+        prometheus_url,
+        grafana.folder,
+    )
+
+
+def _record(settings: Settings, **fields: Any) -> None:
+    """Adds ``fields`` to what ``stack.json`` records."""
+    write_private(_state_file(settings), json.dumps({**_recorded_state(settings), **fields}))
+
+
+def _recorded_state(settings: Settings) -> dict[str, Any]:
+    """What the last ``up`` recorded (``stack.json``), or nothing."""
+    try:
+        state = json.loads(_state_file(settings).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def _admin_key(settings: Settings, control: Any) -> str:
@@ -292,7 +386,12 @@ def _deploy(
 
 def down(settings: Settings, progress: Callable[[str], None] = print) -> None:
     daemons = _daemons(settings)
-    parts = ((RAY_HEAD, "Ray head, Serve and the stores"), (EMULATOR, "emulator"), (REDIS, "Redis"))
+    parts = (
+        (RAY_HEAD, "Ray head, its dashboard, Serve and the stores"),
+        (PROMETHEUS, "Prometheus"),
+        (EMULATOR, "emulator"),
+        (REDIS, "Redis"),
+    )
     for name, what in parts:
         if daemons.stop(name, grace_s=HEAD_DRAIN_S if name == RAY_HEAD else STOP_GRACE_S):
             progress(f"stopped the {what}")
@@ -302,15 +401,25 @@ def down(settings: Settings, progress: Callable[[str], None] = print) -> None:
 
 
 def status(settings: Settings) -> dict[str, Any]:
+    """What runs, where it listens and logs, and whether it answers (each asked for at most
+    ``STATUS_PROBE_S``)."""
     daemons = _daemons(settings)
-    try:
-        state = json.loads(_state_file(settings).read_text())
-    except (OSError, ValueError):
-        state = {}
-    api_url = state.get("api_url")
-    api_ok = bool(api_url) and wait_http_ok(api_url + "/health", 2.0)
-    parts = {}
-    for name in (RAY_HEAD, EMULATOR, REDIS):
+    state = _recorded_state(settings)
+    parts: dict[str, dict[str, Any]] = {}
+    for name in (RAY_HEAD, PROMETHEUS, EMULATOR, REDIS):
         d = daemons.state(name)
         parts[name] = {"running": d.running, "pid": d.pid, "log": str(d.log)}
-    return {"home": str(settings.home), **parts, "api": {"url": api_url, "healthy": api_ok}}
+
+    def probe(url: str | None, path: str) -> dict[str, Any]:
+        return {"url": url, "healthy": bool(url) and wait_http_ok(f"{url}{path}", STATUS_PROBE_S)}
+
+    parts[PROMETHEUS].update(probe(state.get("prometheus_url"), "/-/ready"))
+    dashboard = probe(state.get("dashboard_url"), monitoring.DASHBOARD_HEALTH_PATH)
+    return {
+        "home": str(settings.home),
+        **parts,
+        "api": probe(state.get("api_url"), "/health"),
+        # The dashboard asks a browser for the Ray token once (a cookie keeps it).
+        "dashboard": {**dashboard, "token_file": str(ray_token_file(settings))},
+        "grafana": state.get("grafana"),
+    }

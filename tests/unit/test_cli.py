@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+import json
+import re
+import socket
+import stat
 from pathlib import Path
 
 import pytest
+import yaml
 
-from cluster.cli import stack
+from cluster.cli import monitoring, stack
 from cluster.cli.commands import build_parser, main
+from cluster.cli.servers import ray_head_argv
 from cluster.cli.settings import Settings
+from cluster.observability import grafana, prometheus
 
 SUBCOMMANDS = ["emulator", "up", "down", "status"]
 
@@ -67,12 +74,14 @@ def test_up_says_which_prerequisites_are_missing_and_how_to_get_them(tmp_path: P
         return None
 
     lines = missing_prerequisites(settings, bare, is_root=True)
-    assert len(lines) == 3 and all(line.startswith("warning: ") for line in lines)
-    redis, bwrap, iptables = lines
+    assert len(lines) == 4 and all(line.startswith("warning: ") for line in lines)
+    redis, bwrap, prometheus, iptables = lines
     assert "redis-server not installed" in redis and "slower SQLite path" in redis
     assert redis.endswith("apt-get install -y redis-server")
     assert "bwrap not installed" in bwrap and "bash and other shell tools will fail" in bwrap
     assert bwrap.endswith("apt-get install -y bubblewrap")
+    assert "prometheus not installed" in prometheus and "no metrics are kept" in prometheus
+    assert prometheus.endswith("apt-get install -y prometheus")
     assert "iptables and ip6tables not installed" in iptables
     assert iptables.endswith("apt-get install -y iptables")
 
@@ -82,5 +91,120 @@ def test_up_says_which_prerequisites_are_missing_and_how_to_get_them(tmp_path: P
     assert missing_prerequisites(settings, installed, is_root=True) == []
     # Not root: tool egress needs root anyway. No local Redis wanted: no word of it.
     off = Settings.from_env({"HYPERFLEET_HOME": str(tmp_path), "HYPERFLEET_REDIS": "off"})
-    only_bwrap = missing_prerequisites(off, bare, is_root=False)
-    assert len(only_bwrap) == 1 and "bubblewrap" in only_bwrap[0]
+    not_root = missing_prerequisites(off, bare, is_root=False)
+    assert len(not_root) == 2
+    assert "bubblewrap" in not_root[0] and "prometheus" in not_root[1]
+
+
+def test_the_head_runs_its_dashboard_on_loopback_only_when_asked() -> None:
+    stack_head = ray_head_argv(6385, 16, {}, dashboard_port=8265)
+    assert "--include-dashboard=true" in stack_head
+    assert {"--dashboard-host=127.0.0.1", "--dashboard-port=8265"} <= set(stack_head)
+    assert "--include-dashboard=false" in ray_head_argv(6385, 2)  # the tests' own heads
+
+
+def test_prometheus_scrapes_this_heads_nodes_with_hyperfleets_names(tmp_path: Path) -> None:
+    session = tmp_path / "session_2026-12-02_08-00-00_000000_1"
+    rules = tmp_path / "rules.yml"
+    rules.write_text("groups: []\n")
+    text = prometheus.config_text(
+        prometheus.discovery_file(session), "127.0.0.1:9091", [rules, tmp_path / "absent.yml"]
+    )
+    config = yaml.safe_load(text)
+    assert config["rule_files"] == [str(rules)]  # the missing file is not named
+    ray_job, itself = config["scrape_configs"]
+    assert ray_job["file_sd_configs"] == [
+        {"files": [str(session / "prom_metrics_service_discovery.json")]}
+    ]
+    [rename] = ray_job["metric_relabel_configs"]
+    assert re.fullmatch(rename["regex"], "ray_hyperfleet_turns_total")
+    assert not re.fullmatch(rename["regex"], "ray_node_cpu_utilization")
+    assert rename["replacement"] == "hyperfleet_$1" and rename["target_label"] == "__name__"
+    assert itself["static_configs"] == [{"targets": ["127.0.0.1:9091"]}]
+    assert config["global"]["scrape_interval"] == "5s"
+    argv = prometheus.argv(
+        "/usr/bin/prometheus", tmp_path / "p.yml", tmp_path / "d", "127.0.0.1:9091"
+    )
+    assert "--web.listen-address=127.0.0.1:9091" in argv
+    assert "--web.enable-lifecycle" not in argv  # nothing on loopback can stop it over HTTP
+
+
+def _ray_session_with_dashboards(tmp_path: Path) -> Path:
+    """A Ray session folder as Ray's dashboard leaves it: its Grafana dashboards, then its
+    Prometheus file last."""
+    session = tmp_path / "session"
+    ray_dashboards = session / "metrics" / "grafana" / "dashboards"
+    ray_dashboards.mkdir(parents=True)
+    (ray_dashboards / "default_grafana_dashboard.json").write_text('{"uid": "rayDefault"}')
+    (session / "metrics" / "prometheus").mkdir()
+    (session / "metrics" / "prometheus" / "prometheus.yml").write_text("")
+    return session
+
+
+def test_grafana_provisioning_is_private_and_points_at_the_stack(tmp_path: Path) -> None:
+    folder = tmp_path / "home" / "grafana"
+    done = grafana.provision(
+        folder, "http://127.0.0.1:9091", 3001, _ray_session_with_dashboards(tmp_path), 5.0
+    )
+    assert done.notes == ()
+    [source] = yaml.safe_load((done.provisioning / "datasources" / "hyperfleet.yml").read_text())[
+        "datasources"
+    ]
+    assert source["url"] == "http://127.0.0.1:9091" and source["isDefault"] is True
+    providers = yaml.safe_load((done.provisioning / "dashboards" / "hyperfleet.yml").read_text())
+    paths = {p["folder"]: Path(p["options"]["path"]) for p in providers["providers"]}
+    assert paths == {
+        "Ray": folder / "dashboards/ray",
+        "Hyperfleet": folder / "dashboards/hyperfleet",
+    }
+    assert done.ray_dashboards == ("default_grafana_dashboard.json",)
+    assert json.loads((paths["Ray"] / "default_grafana_dashboard.json").read_text())["uid"]
+    assert done.hyperfleet_dashboard is not None
+    assert json.loads(done.hyperfleet_dashboard.read_text())["panels"]
+    ini = done.config_file.read_text()
+    assert "http_addr = 127.0.0.1" in ini and "http_port = 3001" in ini
+    assert f"provisioning = {done.provisioning}" in ini
+    for path in [folder, *folder.rglob("*")]:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
+
+
+def test_grafana_provisioning_says_what_it_could_not_provide(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(grafana, "DASHBOARD_MODULE", "cluster.observability.no_such_dashboard")
+    done = grafana.provision(tmp_path / "grafana", "http://127.0.0.1:9091", 3000, tmp_path, 0.0)
+    assert done.ray_dashboards == () and done.hyperfleet_dashboard is None
+    ray_note, dashboard_note = done.notes
+    assert "Ray's dashboard wrote no Grafana dashboards" in ray_note
+    assert "no Hyperfleet dashboard" in dashboard_note and "it is missing" in dashboard_note
+    assert (tmp_path / "grafana" / "provisioning" / "datasources" / "hyperfleet.yml").exists()
+
+
+def test_up_without_prometheus_says_so_and_starts_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(monitoring.shutil, "which", lambda binary: None)
+    settings = Settings.from_env({"HYPERFLEET_HOME": str(tmp_path)})
+    said: list[str] = []
+    url = monitoring.start_prometheus(
+        settings, stack._daemons(settings), 9091, tmp_path, [], said.append, "[4/8]"
+    )
+    assert url is None and said == [
+        "[4/8] no Prometheus (prometheus is not installed): no metrics are kept"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_taken_prometheus_port_is_explained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Debian's package starts its own service on 9090 where systemd runs."""
+    monkeypatch.setattr(monitoring.shutil, "which", lambda binary: f"/usr/bin/{binary}")
+    settings = Settings.from_env({"HYPERFLEET_HOME": str(tmp_path)})
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(monitoring.MonitoringError, match="systemctl disable --now prometheus"):
+            monitoring.start_prometheus(
+                settings, stack._daemons(settings), port, tmp_path, [], lambda _: None, "[4/8]"
+            )
+    assert not (tmp_path / "run").exists()  # nothing was started
