@@ -33,6 +33,10 @@ Design decisions:
   (``command_runner``).
 - Addresses come from Ray's node table by instance id (``ray_nodes``), else from the address
   ``ray start`` logged in the workload's log, else None: List has no workload address.
+- Metrics (``provider_metrics``): every Hypercore call is counted and timed beneath the client,
+  ``hyperfleet_vms`` is set from each List, and the provider in the head's autoscaler (the one
+  process that sees ``HYPERFLEET_HEAD_ADDRESS``) serves them on ``metrics_port``, once per
+  process however many instances Ray builds. ``ray up`` on an operator's machine serves nothing.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -59,15 +64,20 @@ from ray.autoscaler.tags import (
 )
 
 from cluster.hypercore import (
+    GrpcTransport,
+    HttpTransport,
     HypercoreClient,
     HypercoreError,
     SpawnRequest,
+    Transport,
     UnknownWorkload,
 )
 from cluster.join.tickets import TicketBook
+from hyperfleet import logs
 from hyperfleet.errors import HyperfleetError
 
 from . import node_env as env_keys
+from . import provider_metrics
 from .command_runner import HypercoreCommandRunner
 from .node_env import ListedNode, NodeSpec, listed_node, new_node_id, node_env
 from .provider_config import NodeConfig, ProviderConfig, ProviderConfigError, ray_memory_bytes
@@ -120,11 +130,16 @@ class HypercoreNodeProvider(NodeProvider):
 
     def __init__(self, provider_config: dict[str, Any], cluster_name: str) -> None:
         super().__init__(provider_config, cluster_name)
+        # JSON lines for this package only: Ray's monitor keeps its own log as it is.
+        logs.configure("provider", logger="autoscaling")
         self.config = ProviderConfig.parse(provider_config)
-        self._client = HypercoreClient.connect(
-            self.config.hypercore_address,
-            transport=self.config.transport,
-            timeout_s=self.config.call_timeout_s,
+        transport: Transport = (
+            GrpcTransport(self.config.hypercore_address)
+            if self.config.transport == "grpc"
+            else HttpTransport(self.config.hypercore_address)
+        )
+        self._client = HypercoreClient(
+            provider_metrics.MeteredTransport(transport), timeout_s=self.config.call_timeout_s
         )
         self._state = ProviderState(self.config.resolved_state_dir(), cluster_name)
         self._ray_nodes = RayNodeTable(os.environ.get(env_keys.HEAD_ADDRESS))
@@ -139,6 +154,9 @@ class HypercoreNodeProvider(NodeProvider):
         self._stop_pool = ThreadPoolExecutor(MAX_PARALLEL_STOPS, thread_name_prefix="hf-stop")
         self._log_addresses: dict[str, str] = {}  # workload id -> address its log reported
         self._tickets: TicketBook | None = None  # opened on first use: only the head has one
+        metrics_host = provider_metrics.metrics_host(os.environ.get(env_keys.HEAD_ADDRESS))
+        if self.config.metrics_port and metrics_host:
+            provider_metrics.serve(metrics_host, self.config.metrics_port)
 
     # ---- reading state -------------------------------------------------------------------
 
@@ -178,6 +196,26 @@ class HypercoreNodeProvider(NodeProvider):
         if buried:
             self._state.note_listed(listed)
         self._state.forget_tags(keep=listed, older_than_s=FORGET_TAGS_AFTER_S)
+        self._report_vms(buried)
+
+    def _report_vms(self, buried: set[str]) -> None:
+        """Sets ``hyperfleet_vms`` from this instance's view: each workload of the cluster in
+        List (running) and each Spawned one that List does not show yet (spawned), either of
+        them stopping once Stopped or its node terminated."""
+        counts: Counter[tuple[str, str]] = Counter()
+        with self._lock:
+            for node_id, workloads in self._listed.items():
+                for node in workloads:
+                    stopping = node_id in buried or node.workload_id in self._stopped
+                    state = (
+                        provider_metrics.VM_STOPPING if stopping else provider_metrics.VM_RUNNING
+                    )
+                    counts[(_node_type(node), state)] += 1
+            for node_id, spawned in self._spawned.items():
+                stopping = node_id in buried or spawned.node.workload_id in self._stopped
+                state = provider_metrics.VM_STOPPING if stopping else provider_metrics.VM_SPAWNED
+                counts[(_node_type(spawned.node), state)] += 1
+        provider_metrics.report_vms(counts)
 
     def _nodes(self) -> dict[str, ListedNode]:
         """Live nodes by id from the cached List, with recent Spawns and without recent Stops."""
@@ -307,6 +345,7 @@ class HypercoreNodeProvider(NodeProvider):
                 errors.append(e)
             else:
                 created[node.node_id] = {"workload_id": node.workload_id}
+        self._report_vms(self._state.buried())
         if errors:
             if created:
                 # Ray counts the whole launch as failed and never learns these ids: stop them.
@@ -546,6 +585,11 @@ def _log_stop_failure(future: Future[bool]) -> None:
         logger.warning(
             "cannot stop a workload of a terminated node (retried when next seen): %s", error
         )
+
+
+def _node_type(node: ListedNode) -> str:
+    # Bounded by cluster.yaml's node types; a workload without the tag is no node Ray made.
+    return node.tags.get(TAG_RAY_USER_NODE_TYPE) or "unknown"
 
 
 def _matches(tags: Mapping[str, str], tag_filters: Mapping[str, str]) -> bool:

@@ -31,6 +31,9 @@ DEFAULT_LIST_CACHE_TTL_S = 1.0
 DEFAULT_HYPERCORE_REFRESH_INTERVAL_S = 5.0
 DEFAULT_TICKET_TTL_S = 900.0
 DEFAULT_HEAD_START_TIMEOUT_S = 300.0
+# Where the provider serves its metrics (docs/observability.md), on the head's address; next to
+# Prometheus's node exporter (9100), and 9103 is the node agent's.
+DEFAULT_METRICS_PORT = 9102
 # How the node agent splits a VM's memory (cluster/node, ray_start_command): Ray's own default
 # share for the object store, at least 128 MiB; the rest is Ray's ``memory`` resource.
 OBJECT_STORE_FRACTION = 0.3
@@ -84,6 +87,13 @@ class ProviderConfig(BaseModel):
     head_ray_port: int = Field(default=DEFAULT_HEAD_RAY_PORT, ge=1, le=65535)
     head_start_timeout_s: float = Field(default=DEFAULT_HEAD_START_TIMEOUT_S, gt=0, le=3600)
     ticket_ttl_s: float = Field(default=DEFAULT_TICKET_TTL_S, gt=0, le=86400)
+    metrics_port: int = Field(
+        default=DEFAULT_METRICS_PORT,
+        ge=0,
+        le=65535,
+        description="the port on the head's address where the provider in the head's autoscaler "
+        "serves its Prometheus metrics (/metrics); 0 serves none",
+    )
     state_dir: Path | None = Field(
         default=None,
         description="where tags Ray updates are kept (default: $HYPERFLEET_HOME/autoscaler)",

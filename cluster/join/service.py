@@ -7,6 +7,7 @@ limit, a per-address rate limit, JSON errors in the repository's shape, and the 
 ``TicketBook.redeem`` answered by the GCS node table (``GcsLiveness``), the only call to Ray here.
 A ticket is redeemed only for a request signed by a key that the instance's own console shows
 (``cluster.node.join_key``, ``cluster.join.consoles``; ``docs/join.md`` has the threat model).
+Each answer is counted by outcome, and ``GET /metrics`` serves the counts (``metrics``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from cluster.hypercore import HypercoreClient
 from cluster.node import join_key
 from cluster.node.gcs import GCS_TIMEOUT_S, GcsUnavailable, instance_nodes
 from cluster.node.join_key import JoinClaim, JoinKeyError
+from hyperfleet import logs
 
 from .consoles import (
     NOT_ATTESTED_RETRY_S,
@@ -43,6 +45,7 @@ from .consoles import (
     NoConsoles,
     attested,
 )
+from .metrics import JoinMetrics, JoinOutcome
 from .tickets import (
     MAX_INSTANCE_ID_CHARS,
     InstanceState,
@@ -143,6 +146,7 @@ def build_app(
     consoles: Consoles,
     limiter: RateLimiter | None = None,
     clock: Callable[[], float] = time.time,
+    metrics: JoinMetrics | None = None,
 ) -> Starlette:
     """The join service's ASGI app.
 
@@ -158,8 +162,11 @@ def build_app(
         consoles: where an instance's console is read (``HypercoreConsoles`` in production).
         limiter: per-address rate limit; default ``RateLimiter()``.
         clock: seconds since the epoch, for the request's timestamp.
+        metrics: where each answer is counted, served at ``GET /metrics``; default a fresh
+            ``JoinMetrics``.
     """
     limiter = limiter or RateLimiter()
+    metrics = metrics or JoinMetrics()
 
     def verify(request: JoinRequest) -> str:
         """The instance id, once everything but the ticket's redemption checked out."""
@@ -177,24 +184,38 @@ def build_app(
         return book.redeem(request.ticket, liveness)
 
     async def join(request: Request) -> Response:
+        outcome = JoinOutcome.ERROR
+        try:
+            outcome, response = await answer(request)
+            return response
+        finally:  # an exception is counted as an error, then left to Starlette (a 500)
+            metrics.count(outcome)
+
+    async def answer(request: Request) -> tuple[JoinOutcome, Response]:
         address = request.client.host if request.client else "unknown"
         if (wait_s := limiter.admit(address)) is not None:
-            return _error(429, "rate_limited", "too many join attempts", wait_s)
+            return JoinOutcome.RATE_LIMITED, _error(
+                429, "rate_limited", "too many join attempts", wait_s
+            )
         body = await _read_body(request)
         if body is None:
-            return _error(413, "request_too_large", f"the body exceeds {MAX_BODY_BYTES} bytes")
+            return JoinOutcome.INVALID, _error(
+                413, "request_too_large", f"the body exceeds {MAX_BODY_BYTES} bytes"
+            )
         try:
             join_request = JoinRequest.model_validate_json(body)
         except ValidationError as e:
             first = e.errors(include_url=False)[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
-            return _error(400, "invalid_request", f"{where}: {first['msg']}")
+            return JoinOutcome.INVALID, _error(400, "invalid_request", f"{where}: {first['msg']}")
         try:
             # SQLite, Hypercore and the GCS block: keep them off the event loop.
             instance_id = await run_in_threadpool(verify, join_request)
         except (JoinError, JoinKeyError) as e:
             logger.warning("join refused for %s: %s", address, e.message)
-            return _error(e.status_code, e.error_type, e.message, e.retry_after_s)
+            return _refusal_outcome(e), _error(
+                e.status_code, e.error_type, e.message, e.retry_after_s
+            )
         token = (await run_in_threadpool(token_file.read_text)).strip().encode()
         sealed = join_key.seal(token, join_request.encryption_key, instance_id)
         logger.info(
@@ -203,7 +224,12 @@ def build_app(
             address,
             join_request.claim().fingerprint,
         )
-        return JSONResponse({"sealed_token": sealed, "instance_id": instance_id})
+        return JoinOutcome.JOINED, JSONResponse(
+            {"sealed_token": sealed, "instance_id": instance_id}
+        )
+
+    async def serve_metrics(request: Request) -> Response:
+        return Response(metrics.render(), media_type=JoinMetrics.CONTENT_TYPE)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -214,9 +240,20 @@ def build_app(
         )
 
     return Starlette(
-        routes=[Route("/v1/join", join, methods=["POST"])],
+        routes=[
+            Route("/v1/join", join, methods=["POST"]),
+            Route("/metrics", serve_metrics, methods=["GET"]),
+        ],
         exception_handlers={HTTPException: http_error},
     )
+
+
+def _refusal_outcome(error: JoinError | JoinKeyError) -> JoinOutcome:
+    if isinstance(error, KeyNotAttested):
+        return JoinOutcome.UNATTESTED
+    if error.status_code == 503:
+        return JoinOutcome.UNAVAILABLE
+    return JoinOutcome.REFUSED
 
 
 class GcsLiveness:
@@ -286,9 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--consoles-dir", type=Path, help="consoles as <dir>/<instance id>.log (no Hypercore)"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s join-service %(levelname)s %(message)s"
-    )
+    logs.configure("join-service")
     consoles: Consoles
     if args.consoles_dir is not None:
         consoles = DirectoryConsoles(args.consoles_dir)

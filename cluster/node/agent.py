@@ -22,6 +22,9 @@ Hypercore starts the image with env only (no command override), so everything co
    agent starts Ray again, ``RAY_START_ATTEMPTS`` times in all, then parks; the head's autoscaler
    terminates an instance that has run no Ray for ``AUTOSCALER_ALLOCATE_TIMEOUT_S``.
 
+The agent counts its join requests and says what it is doing (``metrics``), served on the node's
+address at ``HYPERFLEET_METRICS_PORT`` for as long as it runs.
+
 Stopping ``ray start`` and its tree, and collecting orphans as a container's PID 1 must, is
 ``hyperfleet.processes``'s.
 
@@ -44,6 +47,7 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from types import FrameType
 
+from hyperfleet import logs
 from hyperfleet.private import write_private
 from hyperfleet.processes import reap_orphans, spawn, stop
 
@@ -51,6 +55,7 @@ from . import gpus
 from .gcs import GcsUnavailable, instance_nodes
 from .join import JoinFailed, JoinService, NodeAgentError, host_port, redeem_ticket
 from .join_key import NodeKey, console_line
+from .metrics import NodeMetrics, NodeState
 from .ray_start import node_ip_of, ray_start_command, raylet_port_for
 from .settings import NodeRole, NodeSettings, NodeSettingsError
 from .warm_workers import RayletClient, WarmWorkerKeeper
@@ -174,17 +179,27 @@ class NodeAgent:
         self._env = env
         self._stopping = StopFlag()
         self._keeper: WarmWorkerKeeper | None = None
+        self.metrics = NodeMetrics()
 
     def request_stop(self, signum: int, frame: FrameType | None = None) -> None:
         self._stopping.set()
 
     def run(self) -> int:
+        node_ip = node_ip_of(self.settings)
+        server = self.metrics.serve(node_ip, self.settings.metrics_port)
+        try:
+            return self._run(node_ip)
+        finally:
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+
+    def _run(self, node_ip: str) -> int:
         settings = self.settings
         inventory = gpus.discover()
         if not inventory.gpus:
             logger.info("no GPU (%s): a CPU node", inventory.error or "NVML lists none")
         gpu = gpus.ray_gpu_options(inventory)
-        node_ip = node_ip_of(settings)
         settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         join: JoinService | None = None
         if settings.role is NodeRole.HEAD:
@@ -198,6 +213,7 @@ class NodeAgent:
             # the head reads it through Hypercore's Logs (docs/join.md).
             key = NodeKey.generate()
             print(console_line(key.fingerprint), file=sys.stderr, flush=True)
+            self.metrics.set_state(NodeState.JOINING)
             try:
                 token = redeem_ticket(
                     settings.join_url,
@@ -207,6 +223,7 @@ class NodeAgent:
                     node_ip,
                     settings.join_timeout_s,
                     self._stopping,
+                    self.metrics.count_join,
                 )
             except JoinFailed:
                 if self._stopping.is_set():
@@ -238,6 +255,7 @@ class NodeAgent:
                         RAY_START_ATTEMPTS,
                         wait_s,
                     )
+                    self.metrics.set_state(NodeState.STARTING)
                     if self._stopping.wait(wait_s):
                         return EXIT_STOPPED
             raise AssertionError("unreachable: the last attempt returns")
@@ -277,6 +295,7 @@ class NodeAgent:
             )
             logger.info("starting: %s", " ".join(command.argv))
             ray = spawn(command.argv, env=command.env)
+            self.metrics.set_state(NodeState.RUNNING)
             if raylet_port:
                 raylet_address = host_port(node_ip, raylet_port)
                 self._keeper = WarmWorkerKeeper(
@@ -326,6 +345,7 @@ class NodeAgent:
                     stop(ray, self.settings.drain_timeout_s + STOP_GRACE_S)
                     raise
         self._stop_keeper()
+        self.metrics.set_state(NodeState.STOPPING)
         logger.info(
             "asked to stop: draining the node (up to %.0f s)", self.settings.drain_timeout_s
         )
@@ -337,6 +357,7 @@ class NodeAgent:
 
     def _park(self, own_pids: Collection[int]) -> int:
         """Waits for SIGTERM/SIGINT after Ray exited on a worker; see ``after_ray_exit``."""
+        self.metrics.set_state(NodeState.PARKED)
         logger.warning(
             "the Ray node is gone (drained by the autoscaler?): waiting up to %.0f s for this"
             " workload to be terminated",
@@ -351,14 +372,13 @@ class NodeAgent:
             if is_init:
                 reap_orphans(own_pids)
         logger.info("asked to stop while parked")
+        self.metrics.set_state(NodeState.STOPPING)
         return EXIT_STOPPED
 
 
 def main(env: Mapping[str, str] | None = None) -> int:
     """``hyperfleet node``: runs this machine's Ray node from the env; returns the exit code."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s hyperfleet-node %(levelname)s %(message)s"
-    )
+    logs.configure("node-agent")
     env = os.environ if env is None else env
     try:
         settings = NodeSettings.from_env(env)

@@ -37,6 +37,7 @@ from hyperfleet.errors import HyperfleetError
 from hyperfleet.processes import spawn, stop
 
 from .join_key import JoinKeyError, NodeKey
+from .metrics import JoinAttempt
 from .settings import NodeSettings, NodeSettingsError
 
 logger = logging.getLogger("hyperfleet.node")
@@ -129,6 +130,7 @@ def redeem_ticket(
     source_ip: str,
     timeout_s: float,
     stopping: Stopping,
+    count: Callable[[JoinAttempt], None] | None = None,
 ) -> str:
     """Trades ``ticket`` for the token at the head, retrying until ``timeout_s``.
 
@@ -136,12 +138,14 @@ def redeem_ticket(
     the head answers with the token sealed to ``key`` for ``instance_id``.
     Connection failures, 409 (the instance's previous node is still alive, or the head cannot
     see the key in this workload's console yet), 429 and 5xx are retried with backoff, or after
-    the server's Retry-After; any other refusal is final.
+    the server's Retry-After; any other refusal is final. ``count`` is told the outcome of each
+    request sent: joined, retry, or failed (the last one when the join fails).
 
     Raises:
         JoinFailed: refused, out of time, asked to stop, or an answer not sealed to ``key`` for
             ``instance_id``.
     """
+    counted = count or (lambda outcome: None)
     deadline = time.monotonic() + timeout_s
     delay_s = JOIN_RETRY_MIN_S
     last = "no answer"
@@ -154,15 +158,24 @@ def redeem_ticket(
             last = str(e) or type(e).__name__
         else:
             if status == 200:
-                return _open_answer(body, instance_id, key)
+                try:
+                    token = _open_answer(body, instance_id, key)
+                except JoinFailed:
+                    counted(JoinAttempt.FAILED)
+                    raise
+                counted(JoinAttempt.JOINED)
+                return token
             last = f"HTTP {status}: {_message(body)}"
             if status not in (409, 429) and status < 500:
+                counted(JoinAttempt.FAILED)
                 raise JoinFailed(f"the head refused the join ticket ({last})")
             with contextlib.suppress(TypeError, ValueError):
                 retry_after_s = float(retry_after or "")
         wait_s = min(JOIN_RETRY_MAX_S, retry_after_s or delay_s)
         if time.monotonic() + wait_s > deadline:
+            counted(JoinAttempt.FAILED)
             raise JoinFailed(f"could not join at {join_url} in {timeout_s:.0f} s (last: {last})")
+        counted(JoinAttempt.RETRY)
         logger.info("not joined yet (%s); retrying in %.0f s", last, wait_s)
         stopping.wait(wait_s)
         delay_s = min(JOIN_RETRY_MAX_S, delay_s * 2)

@@ -34,6 +34,8 @@ from hyperfleet.errors import HyperfleetError
 DEFAULT_RAY_PORT = ports.RAY_GCS_PORT  # as `hyperfleet up`
 DEFAULT_DRAIN_TIMEOUT_S = 30.0  # Ray's RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S default
 DEFAULT_JOIN_TIMEOUT_S = 180.0
+# Where the agent serves its metrics on the node's address (the head's provider serves on 9102).
+DEFAULT_METRICS_PORT = 9103
 DEFAULT_WARM_WORKERS = 1  # spare Ray worker processes per node (warm_workers.py)
 MAX_WARM_WORKERS = 8
 MIN_MEMORY_MB = 512
@@ -139,9 +141,10 @@ class NodeSettings(BaseModel):
     contract, optional: ``HYPERFLEET_JOIN_PORT`` (head; default: any free port, exported to Ray as
     ``HYPERFLEET_JOIN_URL``), ``HYPERFLEET_JOIN_TIMEOUT_S`` (worker; how long to keep trying the
     head), ``HYPERFLEET_WARM_WORKERS`` (spare Ray workers kept started, 0 to 8, default 1; see
-    ``warm_workers.py``) and ``HYPERFLEET_AUTOSCALING_CONFIG_JSON`` (head; the autoscaler config
-    inline, as the provider passes it to a head that ``ray up`` creates). ``HYPERFLEET_TAGS`` is
-    the provider's and is ignored.
+    ``warm_workers.py``), ``HYPERFLEET_METRICS_PORT`` (the agent's Prometheus metrics on the
+    node's address, default 9103, 0 for none) and ``HYPERFLEET_AUTOSCALING_CONFIG_JSON`` (head;
+    the autoscaler config inline, as the provider passes it to a head that ``ray up`` creates).
+    ``HYPERFLEET_TAGS`` is the provider's and is ignored.
     ``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S`` is Ray's own setting, read here too because the
     node agent waits that long (plus teardown) for ``ray start`` after forwarding SIGTERM.
     """
@@ -178,6 +181,9 @@ class NodeSettings(BaseModel):
     )
     warm_workers: int = Field(
         default=DEFAULT_WARM_WORKERS, ge=0, le=MAX_WARM_WORKERS, alias="HYPERFLEET_WARM_WORKERS"
+    )
+    metrics_port: int = Field(
+        default=DEFAULT_METRICS_PORT, ge=0, le=65535, alias="HYPERFLEET_METRICS_PORT"
     )
     drain_timeout_s: float = Field(
         default=DEFAULT_DRAIN_TIMEOUT_S, ge=0, alias="RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,13 @@ import pytest
 from cluster.join.tickets import TicketBook
 from cluster.node.join_key import NodeKey
 from hyperfleet.processes import ProcessId, descendants, free_port, stop, tail
+
+from .prometheus_server import (  # the fixture is `prometheus`
+    StartPrometheus,
+    Target,
+    panels_naming,
+    prometheus_fixture,  # noqa: F401
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 90.0
@@ -208,6 +216,19 @@ def _ray_start_env(agent: subprocess.Popen[bytes]) -> dict[str, str]:
     raise AssertionError("no `ray start` below the node agent")
 
 
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (a node's address)
+        return str(response.read().decode())
+
+
+def _sample(text: str, series: str) -> float:
+    """The value of one series in Prometheus's text format (0 if absent)."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def _alive(tree: list[ProcessId]) -> list[int]:
     return [process.pid for process in tree if process.alive()]
 
@@ -313,7 +334,7 @@ def test_a_replica_takes_the_spare_worker_and_another_is_started(
 
 @pytest.mark.timeout(240)
 def test_worker_joins_with_a_ticket_drains_on_sigterm_and_rejoins(
-    head: Head, subnet: str, tmp_path: Path
+    head: Head, subnet: str, tmp_path: Path, prometheus: StartPrometheus
 ) -> None:
     book = TicketBook(head.home / "join.db")
     ticket = book.mint("hf-w1", ttl_s=600)
@@ -322,7 +343,13 @@ def test_worker_joins_with_a_ticket_drains_on_sigterm_and_rejoins(
     assert (status, body["error"]["type"]) == (409, "key_not_attested")
     assert book.lookup(ticket).redemptions == 0  # type: ignore[union-attr]
     home = tmp_path / "w1"
-    worker = _worker(head, f"{subnet}.11", "hf-w1", ticket, home)
+    metrics_port = free_port()
+    worker = _worker(
+        head, f"{subnet}.11", "hf-w1", ticket, home, HYPERFLEET_METRICS_PORT=str(metrics_port)
+    )
+    # Scraping both sides while the worker joins (its first scrape is seconds after its start).
+    join_service = urllib.parse.urlsplit(head.join_url).netloc
+    prom = prometheus([Target(f"{subnet}.11:{metrics_port}"), Target(join_service)])
     try:
         _wait_started(home / "agent.log")
         node = _wait_for(
@@ -359,6 +386,26 @@ def test_worker_joins_with_a_ticket_drains_on_sigterm_and_rejoins(
         status, body = head.join("made-up-ticket", "hf-w1")
         assert (status, body["error"]["type"]) == (401, "unknown_ticket")
         assert head.liveness("hf-w1", "hf-nobody") == ["alive", "absent"]
+
+        # Both sides counted it: the worker's agent on its own address, the head's join
+        # service at /metrics on its port (the thief's refusals among its answers).
+        node_metrics = _scrape(f"http://{subnet}.11:{metrics_port}/metrics")
+        assert 'hyperfleet_node_joins_total{outcome="joined"} 1.0' in node_metrics
+        assert 'hyperfleet_node_state{state="running"} 1.0' in node_metrics
+        service = _scrape(head.join_url + "/metrics")
+        assert _sample(service, 'hyperfleet_join_attempts_total{outcome="joined"}') >= 1
+        assert _sample(service, 'hyperfleet_join_attempts_total{outcome="unattested"}') >= 2
+        assert _sample(service, 'hyperfleet_join_attempts_total{outcome="refused"}') >= 1
+        # And every node panel of the dashboard has data in a real Prometheus: two scrapes after
+        # the last join attempt give each increase() its two samples.
+        prom.wait_for_scrape()
+        prom.require_panel_data(
+            panels_naming(
+                "hyperfleet_node_state",
+                "hyperfleet_join_attempts_total",
+                "hyperfleet_node_joins_total",
+            )
+        )
 
         # SIGTERM to the agent: Ray drains the node, the agent exits 0, nothing is left behind.
         tree = descendants(worker.pid)

@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from ray.autoscaler.tags import (
     NODE_KIND_HEAD,
     NODE_KIND_WORKER,
@@ -45,6 +47,12 @@ from cluster.hypercore_standin import StandinHandle, start_standin
 from cluster.join.tickets import TicketBook
 from hyperfleet.processes import free_port
 
+from .prometheus_server import (  # the fixture is `prometheus`
+    StartPrometheus,
+    Target,
+    panels_naming,
+    prometheus_fixture,  # noqa: F401
+)
 from .waiting import wait_until
 
 SLEEP_IMAGE = "test.local/sleep:latest"
@@ -96,6 +104,9 @@ def config(standin: StandinHandle, tmp_path: Path) -> dict[str, Any]:
         "disable_node_updaters": True,
         "list_cache_ttl_s": 0.2,
         "hypercore_refresh_interval_s": REFRESH_INTERVAL_S,
+        # No metrics server on the fixed default port from a test process; the metrics test
+        # picks a free one.
+        "metrics_port": 0,
     }
 
 
@@ -380,6 +391,87 @@ def test_command_runner_runs_nothing_and_waits_for_ray(
     silent = provider.get_command_runner("", sleeper, {}, provider.cluster_name, None, True)  # type: ignore[arg-type]
     with pytest.raises(HeadStartError, match="did not start"):
         silent.run("ray start --head")
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The provider's metrics as Prometheus reads them, from its port on the head's address
+    (HYPERFLEET_HEAD_ADDRESS is 127.0.0.1:... here)."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_hypercore_calls_and_vms_are_served_as_metrics(
+    make_provider: Callable[..., HypercoreNodeProvider],
+    prometheus: StartPrometheus,
+) -> None:
+    port = free_port()
+    provider = make_provider(metrics_port=port)
+    make_provider(metrics_port=port)  # Ray builds more than one: no second bind, no error
+    # Scraping from before the traffic on (its first scrape is seconds after its start).
+    prom = prometheus([Target(f"127.0.0.1:{port}")])
+
+    def calls(samples: dict[Any, float], method: str, outcome: str = "ok") -> float:
+        key = (
+            "hyperfleet_hypercore_requests_total",
+            frozenset({("method", method), ("outcome", outcome)}),
+        )
+        return samples.get(key, 0.0)
+
+    def vms(samples: dict[Any, float], state: str) -> float:
+        key = ("hyperfleet_vms", frozenset({("node_type", "metered"), ("state", state)}))
+        return samples.get(key, 0.0)
+
+    before = scrape(port)
+    ids = create_workers(provider, 2, worker_tags(node_type="metered"))
+    after_spawn = scrape(port)
+    assert calls(after_spawn, "Spawn") == calls(before, "Spawn") + 2
+    timed = (
+        "hyperfleet_hypercore_request_duration_seconds_count",
+        frozenset({("method", "Spawn")}),
+    )
+    assert after_spawn[timed] == before.get(timed, 0.0) + 2
+    # Spawned, and not in Hypercore's List yet (it refreshes every REFRESH_INTERVAL_S).
+    assert vms(after_spawn, "spawned") == 2
+
+    def both_running() -> dict[Any, float] | None:
+        assert provider.non_terminated_nodes({}) == ids
+        samples = scrape(port)
+        return samples if vms(samples, "running") == 2 else None
+
+    running = wait_until(both_running, "both VMs running in the provider's metrics")
+    assert vms(running, "spawned") == 0 and vms(running, "stopping") == 0
+    assert calls(running, "List") > calls(before, "List")
+
+    provider.terminate_nodes(ids)
+    after_stop = scrape(port)
+    assert calls(after_stop, "Stop") == calls(before, "Stop") + 2
+    assert vms(after_stop, "running") == 0
+
+    # A Hypercore that does not answer: counted as such, by method.
+    unreachable = make_provider(hypercore_address=f"127.0.0.1:{free_port()}", call_timeout_s=1)
+    with pytest.raises(HypercoreUnavailable):
+        unreachable.non_terminated_nodes({})
+    assert calls(scrape(port), "List", "unavailable") == calls(before, "List", "unavailable") + 1
+
+    # Every Hypercore and VM panel of the dashboard has data in a real Prometheus. Its latency
+    # quantiles and error ratio divide by a rate, NaN unless a counter grew between two of its
+    # samples: so one more List between a scrape after the traffic and two after that List.
+    prom.wait_for_scrape(scrapes=1)
+    listed_before = calls(scrape(port), "List")
+
+    def listed_again() -> bool:
+        provider.non_terminated_nodes({})
+        return calls(scrape(port), "List") > listed_before
+
+    wait_until(listed_again, "a List past the provider's cache")
+    prom.wait_for_scrape()
+    prom.require_panel_data(panels_naming("hyperfleet_hypercore_", "hyperfleet_vms"))
 
 
 def test_a_worker_without_join_env_is_not_launched(

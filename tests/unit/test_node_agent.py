@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from prometheus_client import generate_latest
 
 from cluster.cli import commands as cli
 from cluster.node import agent as node
@@ -30,6 +31,7 @@ from cluster.node.agent import (
 from cluster.node.gpus import Gpu, Inventory, MigInstance, RayGpuOptions, ray_gpu_options
 from cluster.node.join import HeadServices, JoinFailed, RestartBudget, redeem_ticket
 from cluster.node.join_key import JoinClaim, NodeKey, seal, verify
+from cluster.node.metrics import JoinAttempt, NodeMetrics
 from cluster.node.ray_start import RayStart, detect_node_ip, ray_start_command
 from cluster.node.settings import NodeRole, NodeSettings, NodeSettingsError
 from hyperfleet.processes import reap_orphans
@@ -378,6 +380,50 @@ def test_redeem_retries_while_the_old_node_is_alive(join_server: str) -> None:
         assert body["ticket"] == "t" and body["instance_id"] == "hf-7f3a"
         verify(JoinClaim(**body), signature, time.time())  # type: ignore[arg-type]
         assert JoinClaim(**body).fingerprint == key.fingerprint  # type: ignore[arg-type]
+
+
+def test_redeem_counts_each_request_by_outcome(join_server: str) -> None:
+    metrics = NodeMetrics()
+    ScriptedJoin.script = [
+        (409, _refusal("key_not_attested"), {"Retry-After": "1"}),
+        (503, _refusal("liveness_unknown"), {}),
+        (200, {"token": "tok", "instance_id": "hf-7f3a"}, {}),
+    ]
+    key = NodeKey.generate()
+    redeem_ticket(join_server, "t", "hf-7f3a", key, "127.0.0.1", 30, StopFlag(), metrics.count_join)
+    ScriptedJoin.script = [(403, _refusal("ticket_revoked"), {})]
+    with pytest.raises(JoinFailed):
+        redeem_ticket(
+            join_server, "t", "hf-7f3a", key, "127.0.0.1", 30, StopFlag(), metrics.count_join
+        )
+    text = generate_latest(metrics.registry).decode()
+    assert 'hyperfleet_node_joins_total{outcome="retry"} 2.0' in text
+    assert 'hyperfleet_node_joins_total{outcome="joined"} 1.0' in text
+    assert 'hyperfleet_node_joins_total{outcome="failed"} 1.0' in text
+
+
+def test_a_join_that_runs_out_of_time_counts_its_last_request_as_failed() -> None:
+    counted: list[JoinAttempt] = []
+    with pytest.raises(JoinFailed, match="could not join"):
+        redeem_ticket(
+            "http://127.0.0.1:9", "t", "i", NodeKey.generate(), "127.0.0.1", 2.5, StopFlag(),
+            counted.append,
+        )  # fmt: skip
+    assert counted[-1] is JoinAttempt.FAILED and set(counted[:-1]) == {JoinAttempt.RETRY}
+
+
+def test_the_agents_state_follows_ray() -> None:
+    agent = NodeAgent(NodeSettings.from_env(worker_env()), worker_env())
+    stopper = threading.Timer(1.0, agent.request_stop, args=(15,))
+    stopper.start()
+    try:
+        assert agent._supervise(_ray_that_exits(), None) == EXIT_STOPPED
+    finally:
+        stopper.cancel()
+    # Ray exited, the worker parked, then SIGTERM: it says it is stopping.
+    text = generate_latest(agent.metrics.registry).decode()
+    assert 'hyperfleet_node_state{state="stopping"} 1.0' in text
+    assert 'hyperfleet_node_state{state="parked"} 0.0' in text
 
 
 def test_redeem_refuses_a_token_not_sealed_for_it(join_server: str) -> None:
