@@ -21,6 +21,8 @@ from cluster.observability.dashboard import panel_queries
 from cluster.observability.prometheus import ALERT_RULES
 from hyperfleet.processes import free_port
 
+from .prometheus_server import Prometheus
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 TIMEOUT_S = 180
 # Prometheus scrapes every 5 s; its first scrape of a new target comes within one interval.
@@ -155,24 +157,30 @@ OUTSIDE_THE_STACK = (
 PANELS_WAIT_S = 90.0  # Ray's metrics report (5 s), the scrape (5 s), two samples for rate()
 
 
-def _check_panels(prometheus: str, api_url: str) -> None:
-    """After the stack's traffic (and a refused request), every query of every Hyperfleet
-    dashboard panel that this stack feeds returns data from the stack's Prometheus."""
-    refused = httpx.get(f"{api_url}/v1/agents", headers={"Authorization": "Bearer hf_x_y"})
-    assert refused.status_code == 401
+def _check_panels(prometheus: str, api_url: str, home: Path, agent_id: str) -> None:
+    """Every query of every Hyperfleet dashboard panel that this stack feeds gives a number
+    (not "No data", not NaN) from the stack's Prometheus. A rate needs two samples that differ,
+    so a second round of traffic (a turn, a streamed tool turn, a spawn, a refusal) comes after
+    the first scrape of the first round's series."""
+    assert _eventually(lambda: _series(prometheus, "hyperfleet_replica_start_seconds_count"))
+    key = (home / "admin.key").read_text().strip()
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=api_url, headers=headers, timeout=TIMEOUT_S) as api:
+        second = api.post("/v1/agents", json={"tools": ["bash"]})
+        assert second.status_code == 201, second.text
+        sid = api.post(f"/v1/agents/{agent_id}/sessions").json()["id"]
+        assert api.post(f"/v1/sessions/{sid}/messages", json={"content": "hi"}).is_success
+        tool = {"content": '[[tool bash {"command": "echo again"}]]', "stream": True}
+        assert api.post(f"/v1/sessions/{sid}/messages", json=tool).is_success
+        assert api.get("/v1/agents", headers={"Authorization": "Bearer hf_x_y"}).status_code == 401
+        api.delete(f"/v1/agents/{second.json()['id']}")
     queries = [(t, q) for t, q in panel_queries() if not any(m in q for m in OUTSIDE_THE_STACK)]
     assert len(queries) >= 40
-    missing: list[tuple[str, str]] = []
-
-    def all_answered() -> bool:
-        missing.clear()
-        for title, query in queries:
-            answer = httpx.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=10)
-            if not answer.json()["data"]["result"]:
-                missing.append((title, query))
-        return not missing
-
-    assert _eventually(all_answered, PANELS_WAIT_S), f"panels without data: {missing}"
+    server = Prometheus(prometheus, [], home / "logs" / "prometheus.log")
+    try:
+        server.require_panel_data(queries, PANELS_WAIT_S)
+    finally:
+        server.close()
 
 
 def _check_grafana_folder(home: Path, prometheus: str) -> None:
@@ -245,7 +253,7 @@ def test_up_chat_curl_status_down(tmp_path: Path) -> None:
 
         _check_dashboard(home, dashboard, agent_id)
         _check_prometheus(prometheus, rule_groups)
-        _check_panels(prometheus, api_url)
+        _check_panels(prometheus, api_url, home, agent_id)
         _check_grafana_folder(home, prometheus)
 
         status = json.loads(_hyperfleet(home, "status").stdout)
