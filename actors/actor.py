@@ -363,7 +363,7 @@ class AgentActor:
         on: its metering ends it however the turn ends. ``trace`` (the request's id and
         ``traceparent``, ``hyperfleet.logs``) is on every log line of the turn."""
         self._ensure_sweeper()
-        with logs.traced(**(trace or {}), session_id=session_id, agent_id=self.agent_id):
+        with logs.traced(**{**(trace or {}), "session_id": session_id, "agent_id": self.agent_id}):
             return await self.host.send(session_id, content, idempotency_key, owner, reservation)
 
     async def stream(

@@ -266,6 +266,9 @@ class AgentLoop:
             except CircuitOpenError:
                 metrics.model_called(model, "circuit_open", 0.0)
                 raise
+            except asyncio.CancelledError:  # the turn's time limit, or the turn cancelled
+                metrics.model_called(model, "cancelled", time.monotonic() - began)
+                raise
             started = reply.started
             await coalescer.flush()
             if started:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -222,7 +223,10 @@ class UsageMeter:
             logger.error("%s: usage queue full; %s is not metered", self._name, lost.id)
         self._pending.append(record)
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            # A context of its own: the batches it sends are no one turn's (hyperfleet.logs).
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), context=contextvars.Context()
+            )
 
     async def _run(self) -> None:
         failures = 0

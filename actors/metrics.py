@@ -50,7 +50,7 @@ OTHER = "other"
 TurnOutcome = Literal["committed", "replayed", "failed", "timeout", "budget", "cancelled"]
 ModelCallOutcome = Literal[
     "ok", "rate_limit", "overloaded", "api_error", "connection", "stream_broken", "refused",
-    "circuit_open",
+    "circuit_open", "cancelled",
 ]  # fmt: skip
 ToolOutcome = Literal["ok", "error", "timeout"]
 StoreError = Literal["stale", "conflict", "unavailable"]
@@ -257,7 +257,8 @@ def model_called(model: str, outcome: ModelCallOutcome, seconds: float) -> None:
         return
     label = model_label(model)
     m.model_calls.inc(1, {"model": label, "outcome": outcome})
-    m.model_call_seconds.observe(seconds, {"model": label})
+    if outcome not in ("circuit_open", "cancelled"):  # no call was made, or it did not end
+        m.model_call_seconds.observe(seconds, {"model": label})
 
 
 def tokens_used(model: str, usage: Usage) -> None:

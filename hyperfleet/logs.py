@@ -30,6 +30,7 @@ from pythonjsonlogger.json import JsonFormatter
 FORMAT_ENV = "HYPERFLEET_LOG_FORMAT"
 LEVEL_ENV = "HYPERFLEET_LOG_LEVEL"
 TRACE_FIELDS = ("request_id", "traceparent", "session_id", "agent_id", "model_request_id")
+QUIET_LOGGERS = ("httpx", "httpx2", "httpcore", "anthropic")
 MAX_FIELD_CHARS = 128  # a client's header is logged, not trusted: bounded
 # W3C Trace Context, version 00: version-trace id-parent id-flags, lowercase hex, ids not all zero.
 _TRACEPARENT = re.compile(r"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -122,6 +123,10 @@ def configure(
     target.setLevel(env.get(LEVEL_ENV, "INFO").upper())
     if logger is not None:
         target.propagate = False
+    else:
+        # HTTP clients log every request at INFO; a model call has its own line.
+        for chatty in QUIET_LOGGERS:
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     return handler
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import itertools
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,8 +42,28 @@ class ShimError(Exception):
     """The configuration is not one the shim knows how to amend."""
 
 
+# Ray's template binds its stats page and HAProxy's Prometheus exporter on every interface
+# (``bind *:port``, ``bind :port``), unauthenticated; the local stack keeps them on loopback.
+_ANY_INTERFACE = re.compile(r"^(\s*bind )\*?:(\d+)\s*$")
+_LOOPBACK_SECTIONS = ("frontend prometheus", "listen stats")
+
+
+def loopback_admin(config: str) -> str:
+    """``config`` with the stats and exporter sections bound to 127.0.0.1."""
+    lines = config.split("\n")
+    section = ""
+    for i, line in enumerate(lines):
+        if line and not line[0].isspace():
+            section = line.strip()
+        elif section in _LOOPBACK_SECTIONS:
+            lines[i] = _ANY_INTERFACE.sub(r"\g<1>127.0.0.1:\2", line)
+    return "\n".join(lines)
+
+
 def amend(config: str) -> str:
-    """``config`` with the peer and token lines first in the HTTP frontend (once)."""
+    """``config`` with the peer and token lines first in the HTTP frontend (once), and the
+    stats page and exporter on loopback."""
+    config = loopback_admin(config)
     if MARKER in config:
         return config
     lines = config.split("\n")

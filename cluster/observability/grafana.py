@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from hyperfleet.private import private_dir, write_private
+from hyperfleet.private import create_private, private_dir, write_private
 
 DATASOURCE_NAME = "Prometheus"  # Ray's dashboard passes this name to the dashboards it embeds
 DATASOURCE_UID = "prometheus"
@@ -108,12 +109,19 @@ def provision(
 
 
 def _grafana_ini(folder: Path, provisioning: Path, port: int) -> str:
+    # Grafana's default admin is admin/admin: a Grafana started with this folder gets a
+    # password of its own instead, kept beside it (0600; read it to log in as admin).
+    password_file = folder / "admin_password"
+    create_private(password_file, secrets.token_urlsafe(24).encode())
+    password = password_file.read_text().strip()
     return (
         "; Written by `hyperfleet up` at each start; edits are lost.\n"
         "[server]\n"
         "http_addr = 127.0.0.1\n"
         f"http_port = {port}\n"
         "\n[security]\n"
+        "admin_user = admin\n"
+        f"admin_password = {password}\n"
         "allow_embedding = true\n"  # Ray's dashboard shows Grafana's panels in iframes
         "\n[auth.anonymous]\n"
         "enabled = true\n"

@@ -49,6 +49,10 @@ def test_rays_configuration_amended_is_one_haproxy_accepts(tmp_path: Path) -> No
     bind = lines.index("    bind 127.0.0.1:18000")
     assert lines[bind + 2] == "    http-request set-header X-Hyperfleet-Peer %[src]"
     assert "${HYPERFLEET_PROXY_TOKEN}" in lines[bind + 3] and TOKEN not in amended
+    # Ray binds its stats page and exporter on every interface; the shim keeps them on loopback.
+    assert "    bind :9101" in config and "  bind *:8404" in config
+    binds = [line.strip() for line in lines if line.strip().startswith("bind ")]
+    assert binds and all(b.startswith("bind 127.0.0.1:") for b in binds), binds
     path = tmp_path / "haproxy.cfg"
     path.write_text(amended)
     checked = subprocess.run(
