@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from hyperfleet.metering import RESERVATION_TTL_S, Charge, Reservation, UsageRecord, utc_day
 from hyperfleet.private import create_private, private_database
@@ -29,6 +29,13 @@ from .errors import QuotaExceededError
 from .ratelimit import NOT_LIMITED, MovingWindows, user_window
 from .records import Admission, Agent, IssuedKey, Route, UsageRow, User, over_budget
 from .sealing import KEY_FIELD, KeySealer, redact_spec
+from .usage_sql import (
+    ADD_USAGE,
+    METERED_TURNS_KEPT_S,
+    PRUNE_METERED_EVERY,
+    TOKEN_FIELDS,
+    UsageMirror,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -61,28 +68,9 @@ CREATE TABLE IF NOT EXISTS turn_reservations (
     tokens INTEGER NOT NULL, created_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS turn_reservations_user ON turn_reservations(user_id, day);
 """
-TOKEN_FIELDS = (
-    "input_tokens",
-    "output_tokens",
-    "cache_read_input_tokens",
-    "cache_creation_input_tokens",
-)
 MAX_AGENTS_LISTED = 1_000
 DEFAULT_MAX_TOKENS = 4096  # an AgentSpec's default
 DEFAULT_CORES = 1.0  # an AgentSpec's default
-# A replica resends a batch within seconds; turn ids are kept far longer than that.
-METERED_TURNS_KEPT_S = 2 * 86_400.0
-PRUNE_METERED_EVERY = 1_000  # batches
-_ADD_USAGE = (
-    "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (user_id, agent_id, day) DO UPDATE SET "
-    "input_tokens = input_tokens + excluded.input_tokens, "
-    "output_tokens = output_tokens + excluded.output_tokens, "
-    "cache_read_input_tokens = cache_read_input_tokens + excluded.cache_read_input_tokens, "
-    "cache_creation_input_tokens = cache_creation_input_tokens + "
-    "excluded.cache_creation_input_tokens, "
-    "cost_usd = cost_usd + excluded.cost_usd, turns = turns + excluded.turns"
-)
 
 
 CORES_SLACK = 1e-9  # cores are fractions: 0.1 + 0.2 may be 0.30000000000000004
@@ -99,22 +87,6 @@ def _cores_of(spec_json: str) -> float:
 def today() -> str:
     """The UTC day budgets count in now."""
     return utc_day(time.time())
-
-
-class UsageMirror(Protocol):
-    """Where else a user's day is written after the control store meters turns (``RedisGate``
-    reads budgets there; ``redis_budget.RedisUsageMirror``)."""
-
-    def __call__(self, user_id: str, day: str, used: int, reservations: list[Reservation]) -> None:
-        """The day's used tokens, and the metered turns' reservations, to end."""
-
-    def retake(
-        self, reservation: Reservation, used: int, tokens: int, budget: int, now: float
-    ) -> tuple[Reservation | None, int]:
-        """Writes the day's used tokens and re-takes ``reservation`` (held there) as ``tokens``
-        if used + the user's other reservations + ``tokens`` fit ``budget``, else ends it:
-        (the reservation re-taken or None, the other reservations' tokens)."""
-        ...
 
 
 class ControlStore:
@@ -571,7 +543,7 @@ class ControlStore:
             if record.tokens or record.turns:
                 values = [int(record.usage.get(f, 0)) for f in TOKEN_FIELDS]
                 db.execute(
-                    _ADD_USAGE,
+                    ADD_USAGE,
                     (
                         record.user_id,
                         record.agent_id,

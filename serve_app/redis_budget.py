@@ -77,7 +77,7 @@ return {1, others}
 
 
 class RedisUsageMirror:
-    """Writes a user's metered day into Redis (a ``control.UsageMirror``). A failure is logged
+    """Writes a user's metered day into Redis (a ``usage_sql.UsageMirror``). A failure is logged
     and not raised: the record is in SQLite, the user's next metered turn writes the counter
     again, and a reservation not ended here expires."""
 
@@ -91,7 +91,7 @@ class RedisUsageMirror:
     def retake(
         self, reservation: Reservation, used: int, tokens: int, budget: int, now: float
     ) -> tuple[Reservation | None, int]:
-        """Re-takes a reservation held in Redis (``control.UsageMirror.retake``), under today's
+        """Re-takes a reservation held in Redis (``usage_sql.UsageMirror.retake``), under today's
         day (a turn that runs past midnight holds today's budget). ``now`` is the control
         store's clock, not Redis's: a difference between the two moves an expiry that is an hour
         away by as much."""
