@@ -346,9 +346,11 @@ class AgentActor:
                     metrics.outbox_swept(found)
                     logger.info("%s: metering %d records left in the outbox", self.name, found)
 
-    async def open_session(self, owner: str, session_id: str | None = None) -> dict[str, Any]:
+    async def open_session(
+        self, owner: str, session_id: str | None = None, evict: bool = True
+    ) -> dict[str, Any]:
         self._ensure_sweeper()
-        return await self.host.open_session(owner, session_id)
+        return await self.host.open_session(owner, session_id, evict)
 
     async def send(
         self,

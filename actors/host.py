@@ -34,6 +34,7 @@ from hyperfleet.errors import (
     InvalidRequestError,
     NotFoundError,
     SessionBusyError,
+    SessionMovedError,
     UpstreamError,
 )
 from hyperfleet.metering import Reservation
@@ -88,10 +89,17 @@ class SessionHost:
 
     # Sessions -----------------------------------------------------------------------------
 
-    async def open_session(self, owner: str, session_id: str | None = None) -> dict[str, Any]:
+    async def open_session(
+        self, owner: str, session_id: str | None = None, evict: bool = True
+    ) -> dict[str, Any]:
+        """Opens a session here. A full replica makes room by evicting its least recently used
+        idle session (it reloads on its next access) only with ``evict``: the API first looks
+        for a replica with room, and for a new one from the pool controller, and evicts only
+        when the pool cannot grow."""
         if self.draining:
             raise CapacityError("this replica is draining", retry_after_s=CAPACITY_RETRY_AFTER_S)
-        if len(self._sessions) >= self.spec.max_sessions and not self._evict_one():
+        full = len(self._sessions) >= self.spec.max_sessions
+        if full and not (evict and self._evict_one()):
             raise CapacityError(
                 f"this replica hosts its maximum of {self.spec.max_sessions} sessions",
                 retry_after_s=CAPACITY_RETRY_AFTER_S,
@@ -271,6 +279,14 @@ class SessionHost:
         reservation: Reservation | None = None,
     ) -> tuple[TurnRecord, bool]:
         """Runs (or replays) one turn; the flag says it was replayed, not run."""
+        if self.draining and not self._busy(session_id):
+            # Before the meter: the caller keeps the reservation and resends to the session's
+            # new home. A busy session's turn finishes here (a resend with its key joins it).
+            raise SessionMovedError(
+                "this replica is draining; the session moves to another replica",
+                retry_after_s=0.0,
+                session_id=session_id,
+            )
         meter = TurnMeter(
             "turn_" + uuid.uuid4().hex,
             owner or "",
@@ -346,8 +362,6 @@ class SessionHost:
         emit: Any,
         meter: TurnMeter,
     ) -> tuple[TurnRecord, bool]:
-        if self.draining:
-            raise CapacityError("this replica is draining", retry_after_s=CAPACITY_RETRY_AFTER_S)
         session = await self._get(session_id, owner)
         if key is not None:
             committed = await self.store.find_turn(session_id, key)
@@ -437,6 +451,10 @@ class SessionHost:
         return timed
 
     # Operations ---------------------------------------------------------------------------
+
+    def _busy(self, session_id: str) -> bool:
+        session = self._sessions.get(session_id)
+        return session is not None and session.busy
 
     def stats(self) -> dict[str, Any]:
         return {

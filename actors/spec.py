@@ -67,15 +67,32 @@ class ToolLimits(BaseModel):
 
 
 class Replicas(BaseModel):
+    """How many replicas an agent runs, and how the pool controller scales them between ``min``
+    and ``max`` (``autoscaling/pool_policy.py``). The four scaling fields left out take the
+    operator's defaults (``PoolConfig``) when the agent is created, so a stored spec is whole."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     min: int = Field(default=1, ge=0, le=1000)
     max: int = Field(default=1, ge=1, le=1000)
+    scale_up_at: float | None = Field(
+        default=None, gt=0, le=1, description="utilisation above which replicas are added"
+    )
+    scale_down_at: float | None = Field(
+        default=None, gt=0, lt=1, description="utilisation below which replicas are removed"
+    )
+    scale_up_cooldown_s: float | None = Field(default=None, ge=0, le=3_600)
+    scale_down_cooldown_s: float | None = Field(default=None, ge=0, le=86_400)
 
     @model_validator(mode="after")
     def _check(self) -> Replicas:
         if self.min > self.max:
             raise ValueError(f"replicas.min ({self.min}) is above replicas.max ({self.max})")
+        up, down = self.scale_up_at, self.scale_down_at
+        if up is not None and down is not None and down >= up:
+            raise ValueError(
+                f"replicas.scale_down_at ({down}) must be below replicas.scale_up_at ({up})"
+            )
         return self
 
 

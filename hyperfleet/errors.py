@@ -9,6 +9,7 @@
     ├── StaleSessionError              409: a commit's session version is behind the store's
     ├── BudgetExceededError            403: the day's token budget cannot cover a turn's next call
     ├── CapacityError                  503 + retry_after_s: the replica is full or draining
+    │   └── SessionMovedError          the replica is draining: the session is re-homed, resend
     ├── UpstreamError                  502: the model API failed the turn
     │   └── CircuitOpenError           503 + retry_after_s: the credential's breaker is open
     └── StoreError                     503: the session store could not be reached
@@ -84,6 +85,13 @@ class CapacityError(HyperfleetError):
     status_code = 503
     error_type = "capacity_exhausted"
     retryable = True
+
+
+class SessionMovedError(CapacityError):
+    """The replica is draining (scaled down) and did nothing with the request: the caller moves
+    the session to another replica and sends it again. A turn's reservation stays the caller's."""
+
+    error_type = "session_moved"
 
 
 class UpstreamError(HyperfleetError):

@@ -9,3 +9,4 @@ from __future__ import annotations
 
 NAMESPACE = "hyperfleet"  # the Ray namespace of every detached, named Hyperfleet actor
 CONTROL_ACTOR_NAME = "control-store"  # the API's control store, where replicas meter turns
+POOL_ACTOR_NAME = "pool-controller"  # scales every agent's replicas (``autoscaling/pool.py``)

@@ -19,27 +19,30 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pydantic import SecretStr, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from actors import AgentSpec
+from actors import AgentSpec, replica_name
 from actors.tools import CustomToolError, check_custom_tools
-from hyperfleet.errors import HyperfleetError
+from autoscaling.pool_config import PoolConfig, complete_spec
+from hyperfleet.errors import CapacityError, HyperfleetError, SessionMovedError
 from hyperfleet.metering import Reservation, estimate_tokens
 
 from . import metrics
 from .admission import Gate
-from .backend import Control, Replicas
+from .backend import Control
 from .client_address import ClientAddresses
 from .errors import ApiError, OverBudgetError, QuotaExceededError, error_response, not_found
+from .homes import MOVES_MAX, Homes
 from .inputs import int_param, json_body, key_of, peer_of, validate
 from .models import MessageIn, Quotas, SpawnRequest, UserCreate, UserPatch
 from .readiness import Readiness
-from .records import Admission, Agent, Route, User
+from .records import Admission, Agent, ReplicaRow, Route, User
+from .replicas import Pool, Replicas
 from .sealing import REDACTED
 from .tenancy import TenantPolicy, TenantSpecError, check_not_the_head, check_tenant_spec
 
@@ -48,6 +51,7 @@ logger = logging.getLogger(__name__)
 DRAIN_S = 30.0
 READY_CHECK_TIMEOUT_S = 5.0
 TRANSCRIPT_LIMIT_MAX = 200
+CAPACITY_RETRY_AFTER_S = 5.0
 
 
 def _sse(event: dict[str, Any]) -> bytes:
@@ -95,12 +99,16 @@ class Api:
         tenants: TenantPolicy | None = None,
         default_quotas: Quotas | None = None,
         addresses: ClientAddresses | None = None,
+        pool: Pool | None = None,
+        pool_config: PoolConfig | None = None,
     ) -> None:
         """``readiness`` (default: the control store's and the session store's checks, cached
         for ``readiness.READY_CACHE_S``) answers ``GET /ready``. ``tenants`` is what a user who
         is not an administrator may ask of an agent; ``default_quotas``, what a new user gets
         for the quotas its creator leaves out. ``addresses`` finds a request's client for
-        ``ip_per_minute`` (default: the TCP peer, no proxy trusted, none exempt)."""
+        ``ip_per_minute`` (default: the TCP peer, no proxy trusted, none exempt). ``pool`` is
+        the pool controller, asked for capacity when an agent's replicas are all full (None:
+        none is asked); ``pool_config``, the operator's scaling defaults for new agents."""
         self.control = control
         self.replicas = replicas
         self.gate = gate
@@ -108,6 +116,9 @@ class Api:
         self.addresses = addresses or ClientAddresses()
         self.tenants = tenants or TenantPolicy()
         self.default_quotas = default_quotas or Quotas()
+        self.pool = pool
+        self.pool_config = pool_config or PoolConfig()
+        self.homes = Homes(control, gate)
         self._specs: dict[str, AgentSpec] = {}
         self.readiness = readiness or Readiness(
             {"control_store": control.has_admin, "session_store": _ping_session_store}
@@ -286,6 +297,10 @@ class Api:
             check_custom_tools(spec.tools, self.replicas.runtime.custom_tools)
         except CustomToolError as e:
             raise ApiError(422, "validation_error", f"tools: {e}") from e
+        try:
+            spec = complete_spec(spec, self.pool_config)  # stored whole: scaling defaults in
+        except ValidationError as e:
+            raise ApiError(422, "validation_error", str(e.errors()[0]["msg"])) from e
         if not user.is_admin:  # an administrator's agents are the platform's own
             try:
                 check_tenant_spec(spec, self.tenants)
@@ -308,6 +323,9 @@ class Api:
             await self.control.set_agent_status(agent_id, "deleted")
             raise
         status = "ready" if ready else "pending"
+        if ready:  # else the pool controller marks each ready when it answers
+            for index in range(count):
+                await self.control.set_replica_state(agent_id, index, "ready")
         await self.control.set_agent_status(agent_id, status)
         body = {"id": agent_id, "status": status, **spec.public_json(), "replica_count": count}
         return JSONResponse(body, status_code=201)
@@ -327,23 +345,56 @@ class Api:
 
     async def get_agent(self, request: Request, user: User) -> Response:
         agent = await self._agent(request.path_params["agent_id"], user)
-        stats = await self.replicas.stats(agent.id, agent.replicas)
+        rows = await self.control.agent_replicas(agent.id)
+        pool = await self.control.agent_pool(agent.id)
+        replicas = await self._replica_views(agent.id, rows)
         body = self._agent_summary(agent)
         body["replica_bounds"] = body.pop("replicas")
-        body["replicas"] = [
-            {k: s.get(k) for k in ("replica", "node_id", "sessions", "capacity", "draining")}
-            | ({"state": s["state"]} if "state" in s else {"state": "running"})
-            for s in stats
-        ]
-        body["sessions"] = sum(int(s.get("sessions") or 0) for s in stats)
-        body["capacity"] = sum(int(s.get("capacity") or 0) for s in stats)
+        body["replicas"] = replicas
+        body["desired_replicas"] = pool.desired if pool else agent.replicas
+        body["scaling_reason"] = pool.reason if pool else None
+        body["sessions"] = sum(int(r.get("sessions") or 0) for r in replicas)
+        body["capacity"] = sum(
+            int(r.get("capacity") or 0) for r in replicas if r["state"] == "ready"
+        )
         return JSONResponse(body)
+
+    async def _replica_views(self, agent_id: str, rows: list[ReplicaRow]) -> list[dict[str, Any]]:
+        """Each replica's state (``starting``, ``ready``, ``draining``; ``unavailable`` when it
+        does not answer) with its node and sessions. A starting replica is not asked: it may
+        wait for a node that does not exist yet."""
+        placed = [r for r in rows if r.state != "starting"]
+        stats = dict(
+            zip(
+                [r.index for r in placed],
+                await self.replicas.stats(agent_id, [r.index for r in placed]),
+                strict=True,
+            )
+        )
+        views = []
+        for row in rows:
+            found = stats.get(row.index, {})
+            state = "unavailable" if found.get("state") == "unavailable" else row.state
+            views.append(
+                {
+                    "replica": replica_name(agent_id, row.index),
+                    "index": row.index,
+                    "state": state,
+                    "node_id": found.get("node_id"),
+                    "sessions": int(found.get("sessions") or 0),
+                    "capacity": int(found.get("capacity") or 0),
+                    "since": row.changed_at,
+                }
+            )
+        return views
 
     async def delete_agent(self, request: Request, user: User) -> Response:
         agent = await self._agent(request.path_params["agent_id"], user)
         await self.control.set_agent_status(agent.id, "draining")
-        await self.replicas.remove(agent.id, agent.replicas, DRAIN_S)
+        rows = await self.control.agent_replicas(agent.id)
+        await self.replicas.remove(agent.id, [r.index for r in rows], DRAIN_S)
         await self.control.set_agent_status(agent.id, "deleted")
+        await self.control.drop_pool(agent.id)
         self._specs.pop(agent.id, None)
         self.gate.forget_routes(agent_id=agent.id)
         return JSONResponse({"id": agent.id, "status": "deleted"})
@@ -351,17 +402,24 @@ class Api:
     async def agent_stats(self, request: Request, user: User) -> Response:
         agents = await self.control.list_agents(user.id)
         per_node: dict[str, int] = {}
-        replicas = active = capacity = 0
+        by_state = {"starting": 0, "ready": 0, "draining": 0, "unavailable": 0}
+        desired = active = capacity = 0
         for agent in agents:
-            for stats in await self.replicas.stats(agent.id, agent.replicas):
-                replicas += 1
-                active += int(stats.get("sessions") or 0)
-                capacity += int(stats.get("capacity") or 0)
-                node = stats.get("node_id") or "unplaced"
+            pool = await self.control.agent_pool(agent.id)
+            rows = await self.control.agent_replicas(agent.id)
+            desired += pool.desired if pool else agent.replicas
+            for view in await self._replica_views(agent.id, rows):
+                by_state[view["state"]] = by_state.get(view["state"], 0) + 1
+                active += view["sessions"]
+                if view["state"] == "ready":
+                    capacity += view["capacity"]
+                node = view["node_id"] or "unplaced"
                 per_node[node] = per_node.get(node, 0) + 1
         body = {
             "agents": len(agents),
-            "replicas": replicas,
+            "replicas": sum(by_state.values()),
+            "desired_replicas": desired,
+            "replicas_by_state": by_state,
             "sessions": {"active": active, "capacity": capacity},
             "per_node": per_node,
         }
@@ -370,30 +428,48 @@ class Api:
     # Sessions -------------------------------------------------------------------------------
 
     async def create_session(self, request: Request, user: User) -> Response:
+        """Opens a session on the least-loaded ready replica with room. When every one is full
+        (or there is none: a pool scaled to zero), the pool controller is asked for capacity and
+        the open waits for it (``PoolConfig.capacity_wait_s``); only then may a full replica
+        evict an idle session to take the new one."""
         agent = await self._agent(request.path_params["agent_id"], user)
-        load = await self.control.sessions_per_replica(agent.id)
-        order = sorted(range(agent.replicas), key=lambda i: load.get(i, 0))
         last: HyperfleetError | None = None
-        for index in order:
-            try:
-                session = await self.replicas.open_session(agent.id, index, user.id)
-            except HyperfleetError as e:
-                if e.status_code != 503:
-                    raise
-                last = e
-                continue
-            try:
-                await self.control.add_route(session["id"], agent.id, user.id, index)
-            except QuotaExceededError:
-                # Over max_sessions (checked with the insert, so concurrent opens cannot both
-                # pass): the session just opened is closed again, and the answer is a 403.
-                opened = Route(session["id"], agent.id, user.id, index, 0.0, 0)
-                with contextlib.suppress(HyperfleetError):
-                    await self.replicas.close_session(opened, user.id)
-                raise
-            return JSONResponse(session, status_code=201)
-        assert last is not None
-        raise last
+        for attempt in range(2):
+            # The second pass may evict an idle session from a full replica: the pool could
+            # not grow in time (at its max, or the cluster has no room yet).
+            for index, _ in await self.control.placement(agent.id):
+                try:
+                    session = await self.replicas.open_session(
+                        agent.id, index, user.id, evict=attempt == 1
+                    )
+                except HyperfleetError as e:
+                    if e.status_code != 503:
+                        raise
+                    last = e
+                    continue
+                await self._add_route(session, agent.id, user.id, index)
+                return JSONResponse(session, status_code=201)
+            if attempt == 0 and self.pool is not None:
+                await self.pool.request_capacity(agent.id, self.pool_config.capacity_wait_s)
+        if last is not None:
+            raise last
+        raise CapacityError(
+            "no replica of this agent can take a session now; it is scaling up",
+            retry_after_s=CAPACITY_RETRY_AFTER_S,
+        )
+
+    async def _add_route(
+        self, session: dict[str, Any], agent_id: str, owner: str, index: int
+    ) -> None:
+        try:
+            await self.control.add_route(session["id"], agent_id, owner, index)
+        except QuotaExceededError:
+            # Over max_sessions (checked with the insert, so concurrent opens cannot both pass):
+            # the session just opened is closed again, and the answer is a 403.
+            opened = Route(session["id"], agent_id, owner, index, 0.0, 0)
+            with contextlib.suppress(HyperfleetError):
+                await self.replicas.close_session(opened, owner)
+            raise
 
     async def get_session(self, request: Request, user: User) -> Response:
         route = await self._route(request.path_params["session_id"], user)
@@ -403,7 +479,7 @@ class Api:
 
     async def delete_session(self, request: Request, user: User) -> Response:
         route = await self._route(request.path_params["session_id"], user)
-        await self.replicas.close_session(route, user.id)
+        await self.homes.at_home(route, lambda r: self.replicas.close_session(r, user.id))
         await self.control.close_route(route.id)
         self.gate.forget_routes(session_id=route.id)
         return JSONResponse({"id": route.id, "deleted": True})
@@ -412,43 +488,72 @@ class Api:
         route = await self._route(request.path_params["session_id"], user)
         after = int_param(request, "after", 0, 0, 10**9)
         limit = int_param(request, "limit", 50, 1, TRANSCRIPT_LIMIT_MAX)
-        return JSONResponse(await self.replicas.transcript(route, user.id, after, limit))
+        page = await self.homes.at_home(
+            route, lambda r: self.replicas.transcript(r, user.id, after, limit)
+        )
+        return JSONResponse(page)
 
     async def send_message(self, request: Request, turn: Turn) -> Response:
         # From the call on, the replica owns the turn's reservation: it meters every model call
         # and ends the reservation however the turn ends (``hyperfleet.metering``). The ingress
-        # ends it only when no replica was called, and never because its client went away.
-        self._reach(turn)
+        # ends it only when no replica took the turn (none found; every one draining), and
+        # never because its client went away.
+        turn = await self._reach(turn)
         if turn.stream:
             return StreamingResponse(self._stream(turn), media_type="text/event-stream")
-        args = (turn.route, turn.content, turn.idempotency_key, turn.user.id, turn.reservation)
         try:
-            answer = await self.replicas.send(*args)
+            answer = await self.homes.at_home(
+                turn.route,
+                lambda route: self.replicas.send(
+                    route, turn.content, turn.idempotency_key, turn.user.id, turn.reservation
+                ),
+            )
         except HyperfleetError as e:
+            if isinstance(e, SessionMovedError):
+                self.gate.release(turn.reservation)
             self._unreachable(e, turn.route.id)
             raise
         return JSONResponse(_public_turn(answer))
 
-    def _reach(self, turn: Turn) -> None:
-        """Finds the session's replica; one that cannot be found ran nothing, so the turn's
-        reservation ends here."""
+    async def _reach(self, turn: Turn) -> Turn:
+        """Finds the session's replica (following the session if its replica was scaled
+        down); one that cannot be found ran nothing, so the turn's reservation ends here."""
         try:
             self.replicas.handle(turn.route.agent_id, turn.route.replica)
+            return turn
         except HyperfleetError as e:
+            moved = await self.homes.follow(turn.route, e)
+            if moved is not None:
+                return replace(turn, route=moved)
             self.gate.release(turn.reservation)
             self._unreachable(e, turn.route.id)
             raise
 
     async def _stream(self, turn: Turn) -> AsyncIterator[bytes]:
-        args = (turn.route, turn.content, turn.idempotency_key, turn.user.id, turn.reservation)
-        try:
-            async for event in self.replicas.stream(*args):
-                yield _sse(event)
-        except HyperfleetError as e:
-            metrics.refused(e)
-            self._unreachable(e, turn.route.id)
-            error = {"status_code": e.status_code, **e.to_json()}
-            yield _sse({"type": "error", "seq": 0, "data": error})
+        route = turn.route
+        for attempt in range(MOVES_MAX + 1):
+            started = False
+            try:
+                args = (route, turn.content, turn.idempotency_key, turn.user.id, turn.reservation)
+                async for event in self.replicas.stream(*args):
+                    started = True
+                    yield _sse(event)
+                return
+            except HyperfleetError as e:
+                # Nothing streamed yet and the replica is draining or gone: follow the session.
+                moved = (
+                    None if started or attempt == MOVES_MAX else await self.homes.follow(route, e)
+                )
+                if moved is not None:
+                    route = moved
+                    continue
+                if isinstance(e, SessionMovedError):
+                    self.gate.release(turn.reservation)
+                metrics.refused(e)
+                self._unreachable(e, route.id)
+                error = {"status_code": e.status_code, **e.to_json()}
+                yield _sse({"type": "error", "seq": 0, "data": error})
+                return
 
     def _unreachable(self, error: BaseException, session_id: str) -> None:
         """A replica that cannot be reached may be a deleted agent's: the session's next request

@@ -1,6 +1,7 @@
-"""The API's Ray edge: the control-store actor and its client, and the agent replicas' handles.
+"""The API's Ray edge to the control store: the control-store actor and its client.
 
-All Ray calls of the HTTP layer are made here. The control store is one detached actor pinned to
+All Ray calls of the HTTP layer to the control store are made here (``replicas.py`` has those to
+the agent replicas and the pool controller). The control store is one detached actor pinned to
 the head node, a thin shell over ``ControlStore`` with one typed method per store method (as
 ``actors.store.actor.SessionStoreActor`` is over the session store); ``Control`` is its typed
 client in an ingress replica. Every call to it or to a replica is bounded by a timeout, and a
@@ -13,40 +14,44 @@ they meter their turns into the control store), so it imports neither Ray Serve 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors import AgentSpec, RuntimeConfig, replica_name, spawn_replica, start_on_head
+from actors import start_on_head
 from hyperfleet import logs
 from hyperfleet.errors import HyperfleetError
 from hyperfleet.metering import Charge, Reservation, UsageRecord
 from hyperfleet.names import CONTROL_ACTOR_NAME, NAMESPACE
 
-from . import metrics
 from .control import ControlStore
-from .errors import ApiError, unavailable
-from .records import Admission, Agent, IssuedKey, Route, UsageRow, User
+from .errors import unavailable
+from .records import (
+    Admission,
+    Agent,
+    IssuedKey,
+    PoolAgent,
+    PoolRow,
+    ReplicaRow,
+    Route,
+    UsageRow,
+    User,
+)
 
 logger = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT_S = 10.0
 HEAD_RESOURCE = "node:__internal_head__"  # what Ray's node table gives the head node alone
-TURN_CALL_TIMEOUT_S = 3_700.0  # a turn's own wall-clock limit (at most an hour) bounds it first
-REPLICA_CALL_TIMEOUT_S = 30.0  # every other replica call: an unplaced replica must not hang us
-REPLICA_READY_S = 15.0
 
 # The control store is a detached actor that outlives a code upgrade; its methods changed in
-# 2026-12 (from one string-dispatched ``call``; 3: ``charge``, and usage records' ``turns``). An
+# 2026-12 (from one string-dispatched ``call``; 3: ``charge``, and usage records' ``turns``; An
 # ingress or a stack that finds an actor with another protocol refuses it with a message rather
 # than failing every call.
-CONTROL_PROTOCOL = 3
+CONTROL_PROTOCOL = 4  # 4: agent pools (replica rows, placement, moving routes)
 CONTROL_START_TIMEOUT_S = 60.0  # a new actor's first answer: its process starts first
 
 
@@ -140,8 +145,43 @@ class ControlStoreActor:
     def close_route(self, session_id: str) -> None:
         self._store.close_route(session_id)
 
-    def sessions_per_replica(self, agent_id: str) -> dict[int, int]:
-        return self._store.sessions_per_replica(agent_id)
+    def pool_agents(self) -> list[PoolAgent]:
+        return self._store.pools.agents()
+
+    def pool_agent(self, agent_id: str) -> PoolAgent | None:
+        return self._store.pools.agent(agent_id)
+
+    def agent_replicas(self, agent_id: str) -> list[ReplicaRow]:
+        return self._store.pools.replicas(agent_id)
+
+    def agent_pool(self, agent_id: str) -> PoolRow | None:
+        return self._store.pools.pool(agent_id)
+
+    def add_replicas(self, agent_id: str, count: int, fleet_max: int) -> list[int]:
+        return self._store.pools.allocate(agent_id, count, fleet_max)
+
+    def set_replica_state(
+        self, agent_id: str, index: int, state: str, deadline: float | None = None
+    ) -> bool:
+        return self._store.pools.set_state(agent_id, index, state, deadline)
+
+    def remove_replica(self, agent_id: str, index: int) -> None:
+        self._store.pools.remove(agent_id, index)
+
+    def drop_pool(self, agent_id: str) -> None:
+        self._store.pools.drop(agent_id)
+
+    def record_pool(self, agent_id: str, desired: int, reason: str, state_json: str) -> None:
+        self._store.pools.record(agent_id, desired, reason, state_json)
+
+    def placement(self, agent_id: str) -> list[tuple[int, int]]:
+        return self._store.pools.placement(agent_id)
+
+    def rehome(self, session_id: str, source: int) -> Route | None:
+        return self._store.rehome(session_id, source)
+
+    def rehome_all(self, agent_id: str, source: int) -> int:
+        return self._store.pools.move_off(agent_id, source, None)
 
     def release(self, reservation: Reservation) -> None:
         self._store.release(reservation)
@@ -178,12 +218,7 @@ def start_control_actor(
     return handle
 
 
-async def _answer(ref: Any) -> Any:
-    """Awaits an object ref as a coroutine (so that a task can wrap it)."""
-    return await ref
-
-
-def _cause(error: RayTaskError) -> BaseException:
+def cause_of(error: RayTaskError) -> BaseException:
     """The platform error an actor raised, unwrapped from Ray's task error."""
     cause = error.cause
     return cause if isinstance(cause, HyperfleetError) else error
@@ -214,7 +249,7 @@ class Control:
         except AttributeError as e:  # an actor an older Hyperfleet started: no such method
             raise unavailable("the control store (it runs another Hyperfleet version)", e) from e
         except RayTaskError as e:
-            raise _cause(e) from None
+            raise cause_of(e) from None
         except (TimeoutError, GetTimeoutError, RayActorError, ValueError) as e:
             if isinstance(e, ValueError) and "Failed to look up actor" not in str(e):
                 raise
@@ -303,9 +338,52 @@ class Control:
     async def close_route(self, session_id: str) -> None:
         await self._call("close_route", session_id)
 
-    async def sessions_per_replica(self, agent_id: str) -> dict[int, int]:
-        load: dict[int, int] = await self._call("sessions_per_replica", agent_id)
-        return load
+    async def pool_agents(self) -> list[PoolAgent]:
+        agents: list[PoolAgent] = await self._call("pool_agents")
+        return agents
+
+    async def pool_agent(self, agent_id: str) -> PoolAgent | None:
+        agent: PoolAgent | None = await self._call("pool_agent", agent_id)
+        return agent
+
+    async def agent_replicas(self, agent_id: str) -> list[ReplicaRow]:
+        rows: list[ReplicaRow] = await self._call("agent_replicas", agent_id)
+        return rows
+
+    async def agent_pool(self, agent_id: str) -> PoolRow | None:
+        pool: PoolRow | None = await self._call("agent_pool", agent_id)
+        return pool
+
+    async def add_replicas(self, agent_id: str, count: int, fleet_max: int) -> list[int]:
+        indices: list[int] = await self._call("add_replicas", agent_id, count, fleet_max)
+        return indices
+
+    async def set_replica_state(
+        self, agent_id: str, index: int, state: str, deadline: float | None = None
+    ) -> bool:
+        found: bool = await self._call("set_replica_state", agent_id, index, state, deadline)
+        return found
+
+    async def remove_replica(self, agent_id: str, index: int) -> None:
+        await self._call("remove_replica", agent_id, index)
+
+    async def drop_pool(self, agent_id: str) -> None:
+        await self._call("drop_pool", agent_id)
+
+    async def record_pool(self, agent_id: str, desired: int, reason: str, state_json: str) -> None:
+        await self._call("record_pool", agent_id, desired, reason, state_json)
+
+    async def placement(self, agent_id: str) -> list[tuple[int, int]]:
+        ready: list[tuple[int, int]] = await self._call("placement", agent_id)
+        return ready
+
+    async def rehome(self, session_id: str, source: int) -> Route | None:
+        route: Route | None = await self._call("rehome", session_id, source)
+        return route
+
+    async def rehome_all(self, agent_id: str, source: int) -> int:
+        moved: int = await self._call("rehome_all", agent_id, source)
+        return moved
 
     async def usage(self, user_id: str) -> list[UsageRow]:
         rows: list[UsageRow] = await self._call("usage", user_id)
@@ -315,163 +393,3 @@ class Control:
         """Ends a reservation without waiting (bookkeeping off the request's critical path). Ray
         runs one caller's calls to an actor in order, so this caller's next call sees it done."""
         self._actor().release.remote(reservation)
-
-
-class Replicas:
-    """Agent replicas by name; handles are cached per ingress replica."""
-
-    def __init__(self, runtime: RuntimeConfig) -> None:
-        self.runtime = runtime
-        self._handles: dict[str, Any] = {}
-        self._head_labels: dict[str, str] | None = None
-
-    async def head_labels(self) -> dict[str, str]:
-        """The head node's labels, from Ray's node table (read once per ingress replica: the
-        head of a running cluster does not change); a tenant may not select them."""
-        if self._head_labels is None:
-            try:
-                nodes = await asyncio.wait_for(asyncio.to_thread(ray.nodes), CONTROL_TIMEOUT_S)
-            except (TimeoutError, ConnectionError, RuntimeError) as e:
-                raise unavailable("the cluster's node table", e) from e
-            heads = [n for n in nodes if HEAD_RESOURCE in (n.get("Resources") or {})]
-            self._head_labels = {
-                str(k): str(v) for head in heads for k, v in (head.get("Labels") or {}).items()
-            }
-        return dict(self._head_labels)
-
-    def handle(self, agent_id: str, index: int) -> Any:
-        name = replica_name(agent_id, index)
-        handle = self._handles.get(name)
-        if handle is None:
-            try:
-                handle = ray.get_actor(name, namespace=NAMESPACE)
-            except ValueError as e:
-                raise unavailable(f"replica {name}", e) from e
-            self._handles[name] = handle
-        return handle
-
-    async def spawn(self, agent_id: str, spec: AgentSpec, count: int) -> bool:
-        """Starts ``count`` replicas; True when all answered a health check in time."""
-        started = time.monotonic()
-        handles = [spawn_replica(agent_id, i, spec, self.runtime) for i in range(count)]
-        for i, handle in enumerate(handles):
-            self._handles[replica_name(agent_id, i)] = handle
-        checks = [asyncio.ensure_future(_answer(h.health.remote())) for h in handles]
-        try:
-            await asyncio.wait_for(asyncio.gather(*checks), REPLICA_READY_S)
-        except (TimeoutError, GetTimeoutError):
-            # Placed later, when the cluster has room (the autoscaler adds nodes).
-            metrics.agent_spawned("pending", sum(c.cancelled() for c in checks))
-            return False
-        except (RayActorError, RayTaskError) as e:
-            metrics.agent_spawned("failed", count)
-            for handle in handles:
-                ray.kill(handle, no_restart=True)
-            raise ApiError(
-                503, "replica_failed", f"the agent's replicas could not start: {e}"[:2000]
-            ) from e
-        metrics.agent_spawned("ready", count, time.monotonic() - started)
-        return True
-
-    async def _call(
-        self, agent_id: str, index: int, method: str, timeout_s: float, *args: Any
-    ) -> Any:
-        handle = self.handle(agent_id, index)
-        try:
-            return await asyncio.wait_for(getattr(handle, method).remote(*args), timeout_s)
-        except RayTaskError as e:
-            raise _cause(e) from None
-        except (RayActorError, TimeoutError, GetTimeoutError) as e:
-            raise unavailable(f"replica {replica_name(agent_id, index)}", e) from e
-
-    async def open_session(self, agent_id: str, index: int, owner: str) -> dict[str, Any]:
-        session: dict[str, Any] = await self._call(
-            agent_id, index, "open_session", REPLICA_CALL_TIMEOUT_S, owner, None
-        )
-        return session
-
-    async def send(
-        self,
-        route: Route,
-        content: str | list[dict[str, Any]],
-        idempotency_key: str | None,
-        owner: str,
-        reservation: Reservation | None,
-    ) -> dict[str, Any]:
-        """Runs a turn on the session's replica, which from the call on owns its reservation; the
-        request's trace (``hyperfleet.logs``) goes with it."""
-        args = (route.id, content, idempotency_key, owner, reservation, dict(logs.current()))
-        turn: dict[str, Any] = await self._call(
-            route.agent_id, route.replica, "send", TURN_CALL_TIMEOUT_S, *args
-        )
-        return turn
-
-    async def stream(
-        self,
-        route: Route,
-        content: str | list[dict[str, Any]],
-        idempotency_key: str | None,
-        owner: str,
-        reservation: Reservation | None,
-    ) -> AsyncIterator[dict[str, Any]]:
-        """A turn's events, as the replica yields them (``send``, streamed)."""
-        handle = self.handle(route.agent_id, route.replica)
-        try:
-            trace = dict(logs.current())
-            stream = handle.stream.remote(
-                route.id, content, idempotency_key, owner, reservation, trace
-            )
-            async for ref in stream:
-                event: dict[str, Any] = await ref
-                yield event
-        except RayTaskError as e:
-            raise _cause(e) from None
-        except RayActorError as e:
-            raise unavailable(f"replica {replica_name(route.agent_id, route.replica)}", e) from e
-
-    async def transcript(self, route: Route, owner: str, after: int, limit: int) -> dict[str, Any]:
-        page: dict[str, Any] = await self._call(
-            route.agent_id,
-            route.replica,
-            "transcript",
-            REPLICA_CALL_TIMEOUT_S,
-            route.id,
-            owner,
-            after,
-            limit,
-        )
-        return page
-
-    async def close_session(self, route: Route, owner: str) -> None:
-        await self._call(
-            route.agent_id, route.replica, "close_session", REPLICA_CALL_TIMEOUT_S, route.id, owner
-        )
-
-    async def stats(self, agent_id: str, count: int) -> list[dict[str, Any]]:
-        async def one(index: int) -> dict[str, Any]:
-            try:
-                stats: dict[str, Any] = await asyncio.wait_for(
-                    self.handle(agent_id, index).stats.remote(), CONTROL_TIMEOUT_S
-                )
-                return stats
-            except (ApiError, RayActorError, TimeoutError, GetTimeoutError):
-                return {"replica": replica_name(agent_id, index), "state": "unavailable"}
-
-        return list(await asyncio.gather(*(one(i) for i in range(count))))
-
-    async def remove(self, agent_id: str, count: int, drain_s: float) -> None:
-        """Drains every replica at once (finishing turns, up to ``drain_s``), removes the
-        agent's workspace files on their nodes, then kills them."""
-
-        async def one(index: int) -> None:
-            name = replica_name(agent_id, index)
-            try:
-                handle = self.handle(agent_id, index)
-                await asyncio.wait_for(handle.retire.remote(drain_s), drain_s + 5)
-            except (ApiError, RayActorError, TimeoutError, GetTimeoutError):
-                pass  # already gone or unplaced: nothing to drain
-            with contextlib.suppress(ValueError):  # already gone
-                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-            self._handles.pop(name, None)
-
-        await asyncio.gather(*(one(i) for i in range(count)))

@@ -26,9 +26,18 @@ from hyperfleet.private import create_private, private_database
 
 from . import keys
 from .errors import QuotaExceededError
+from .pools import PoolTable
 from .ratelimit import NOT_LIMITED, MovingWindows, user_window
-from .records import Admission, Agent, IssuedKey, Route, UsageRow, User, over_budget
-from .sealing import KEY_FIELD, KeySealer, redact_spec
+from .records import (
+    Admission,
+    Agent,
+    IssuedKey,
+    Route,
+    UsageRow,
+    User,
+    over_budget,
+)
+from .sealing import KeySealer, redact_spec, seal_plaintext_keys
 from .usage_sql import (
     ADD_USAGE,
     METERED_TURNS_KEPT_S,
@@ -69,6 +78,7 @@ CREATE TABLE IF NOT EXISTS turn_reservations (
 CREATE INDEX IF NOT EXISTS turn_reservations_user ON turn_reservations(user_id, day);
 """
 MAX_AGENTS_LISTED = 1_000
+MAX_ROOM = 1_000_000  # replicas an owner without a user record (none: a test's) may add
 DEFAULT_MAX_TOKENS = 4096  # an AgentSpec's default
 DEFAULT_CORES = 1.0  # an AgentSpec's default
 
@@ -121,7 +131,8 @@ class ControlStore:
         # place of its plaintext leaves no plaintext behind.
         self._db.execute("PRAGMA secure_delete = ON")
         self._db.executescript(_SCHEMA)
-        self._seal_plaintext_keys()
+        seal_plaintext_keys(self._db, self._sealer)
+        self.pools = PoolTable(self._db, clock, self._sealer.open_spec, self._room)
 
     def close(self) -> None:
         self._db.close()
@@ -273,6 +284,7 @@ class ControlStore:
                 "INSERT INTO agents VALUES (?, ?, ?, 'starting', ?, ?)",
                 (agent_id, owner, self._sealer.seal_spec(spec_json, agent_id), replicas, now),
             )
+            self.pools.create(agent_id, replicas, "starting", now)
         except BaseException:
             db.execute("ROLLBACK")
             raise
@@ -280,6 +292,13 @@ class ControlStore:
         agent = self.get_agent(agent_id)
         assert agent is not None  # inserted just now
         return agent
+
+    def _held(self, owner: str) -> tuple[int, float]:
+        """The replicas and cores of the owner's agents (not deleted)."""
+        rows = self._db.execute(
+            "SELECT spec, replicas FROM agents WHERE owner = ? AND status != 'deleted'", (owner,)
+        ).fetchall()
+        return sum(int(n) for _, n in rows), sum(_cores_of(spec) * int(n) for spec, n in rows)
 
     def _check_capacity(self, owner: str, replicas: int, cores: float) -> None:
         """Raises ``QuotaExceededError`` unless ``replicas`` more replicas of ``cores`` cores in
@@ -289,11 +308,7 @@ class ControlStore:
         user = self.get_user(owner)
         if user is None:
             return
-        rows = self._db.execute(
-            "SELECT spec, replicas FROM agents WHERE owner = ? AND status != 'deleted'", (owner,)
-        ).fetchall()
-        used_replicas = sum(int(n) for _, n in rows)
-        used_cores = sum(_cores_of(spec) * int(n) for spec, n in rows)
+        used_replicas, used_cores = self._held(owner)
         if used_replicas + replicas > user.max_replicas:
             raise QuotaExceededError(
                 f"max_replicas: your agents run {used_replicas} replicas and this one asks for "
@@ -321,28 +336,6 @@ class ControlStore:
             "SELECT spec FROM agents WHERE id = ? AND status != 'deleted'", (agent_id,)
         ).fetchone()
         return None if row is None else self._sealer.open_spec(row[0], agent_id)
-
-    def _seal_plaintext_keys(self) -> None:
-        """Seals the keys that a version before sealing stored in plaintext, once, at start;
-        then truncates the WAL, so that no copy of a plaintext page is left in it."""
-        rows = self._db.execute(
-            "SELECT id, spec FROM agents WHERE spec LIKE ?", (f'%"{KEY_FIELD}"%',)
-        ).fetchall()
-        changed = []
-        for agent_id, spec in rows:
-            sealed = self._sealer.seal_spec(spec, agent_id)
-            if sealed != spec:
-                changed.append((sealed, agent_id))
-        if not changed:
-            return
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.executemany("UPDATE agents SET spec = ? WHERE id = ?", changed)
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def list_agents(self, owner: str | None) -> list[Agent]:
         query = "SELECT id FROM agents WHERE status != 'deleted'"
@@ -409,13 +402,29 @@ class ControlStore:
     def close_route(self, session_id: str) -> None:
         self._db.execute("UPDATE routes SET closed = 1 WHERE session_id = ?", (session_id,))
 
-    def sessions_per_replica(self, agent_id: str) -> dict[int, int]:
-        rows = self._db.execute(
-            "SELECT replica, COUNT(*) FROM routes WHERE agent_id = ? AND closed = 0 "
-            "GROUP BY replica",
-            (agent_id,),
-        ).fetchall()
-        return {int(r): int(n) for r, n in rows}
+    # Agent pools (``pools.py``: ``self.pools`` has the rest) -----------------------------
+
+    def _room(self, owner: str, spec_json: str) -> int:
+        """How many more replicas of ``spec_json`` the owner's quotas allow."""
+        user = self.get_user(owner)
+        if user is None:
+            return MAX_ROOM
+        used_replicas, used_cores = self._held(owner)
+        room = user.max_replicas - used_replicas
+        cores = _cores_of(spec_json)
+        if cores > 0:
+            room = min(room, int((user.max_cores - used_cores + CORES_SLACK) / cores))
+        return room
+
+    def rehome(self, session_id: str, source: int) -> Route | None:
+        """Moves a session's route off replica ``source`` when that replica is draining or gone;
+        returns the route as it is now (moved, or not: still on a ready replica, or no ready
+        replica to move to), or None for an unknown or closed session."""
+        route = self.get_route(session_id)
+        if route is not None and route.replica == source:
+            self.pools.move_off(route.agent_id, source, [session_id])
+            route = self.get_route(session_id)
+        return route
 
     # Usage and budgets --------------------------------------------------------------------
 

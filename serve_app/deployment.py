@@ -11,13 +11,15 @@ from ray import serve
 from starlette.applications import Starlette
 
 from actors import RuntimeConfig
+from autoscaling.pool_config import PoolConfig
 from hyperfleet import logs
 
 from .admission import ControlGate, Gate, RedisGate
 from .app import Api
-from .backend import Control, Replicas
+from .backend import Control
 from .client_address import UVICORN_TRUST_ENV, ClientAddresses, ForwardedHeader, parse_networks
 from .models import Quotas
+from .replicas import Pool, Replicas
 from .routes import build_app
 from .tenancy import TenantPolicy
 
@@ -43,6 +45,8 @@ class IngressConfig(BaseModel):
     # What tenants' agents may ask for, and the quotas a new user gets unless its creator says.
     tenants: TenantPolicy = Field(default_factory=TenantPolicy)
     default_quotas: Quotas = Field(default_factory=Quotas)
+    # Agent pools: the scaling defaults new agents take, the fleet's cap, the warm pool.
+    pool: PoolConfig = Field(default_factory=PoolConfig)
 
     @field_validator("ip_exempt", "trusted_proxies")
     @classmethod
@@ -79,6 +83,11 @@ class Ingress:
                 UVICORN_TRUST_ENV,
                 os.environ.get(UVICORN_TRUST_ENV),
             )
+        # Imported here: the controller's module loads Ray's autoscaler SDK, which the app
+        # itself does not need.
+        from autoscaling.pool_actor import start_pool_controller
+
+        start_pool_controller(parsed.pool, parsed.runtime)  # or finds the one running
         control = Control()
         gate: Gate = (
             ControlGate(control)
@@ -93,6 +102,8 @@ class Ingress:
             tenants=parsed.tenants,
             addresses=parsed.client_addresses(),
             default_quotas=parsed.default_quotas,
+            pool=Pool(),
+            pool_config=parsed.pool,
         )
 
     def __serve_build_asgi_app__(self) -> Starlette:

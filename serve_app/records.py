@@ -107,6 +107,44 @@ class Route:
 
 
 @dataclass(frozen=True)
+class ReplicaRow:
+    """One replica of an agent's pool. ``state``: ``starting`` (asked of Ray, not yet
+    answering), ``ready`` (takes sessions), ``draining`` (being removed: takes no new session
+    or turn, finishes its turns by ``deadline``, then its sessions move and it stops)."""
+
+    agent_id: str
+    index: int
+    state: str
+    created_at: float
+    changed_at: float
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class PoolRow:
+    """An agent pool's last scaling decision and the policy's state (``PoolState`` as JSON),
+    kept so that a restarted controller keeps its cooldowns and trend."""
+
+    agent_id: str
+    desired: int
+    reason: str
+    state: str = field(repr=False)
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class PoolAgent:
+    """What the pool controller needs of an agent: its owner, its spec (a key of its own
+    opened: the controller starts its replicas) and its replicas."""
+
+    id: str
+    owner: str
+    spec: str = field(repr=False)
+    replicas: tuple[ReplicaRow, ...]
+    pool: PoolRow | None
+
+
+@dataclass(frozen=True)
 class UsageRow:
     """A user's tokens and cost for one agent on one UTC day."""
 

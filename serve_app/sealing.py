@@ -23,6 +23,7 @@ import base64
 import json
 import os
 import secrets
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +108,27 @@ def _parsed(spec_json: str) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise ValueError("an agent spec is a JSON object")
     return spec
+
+
+def seal_plaintext_keys(db: sqlite3.Connection, sealer: KeySealer) -> None:
+    """Seals the keys that a version before sealing stored in plaintext in the control store's
+    ``agents`` table, once, at start; then truncates the WAL, so that no copy of a plaintext
+    page is left in it."""
+    rows = db.execute(
+        "SELECT id, spec FROM agents WHERE spec LIKE ?", (f'%"{KEY_FIELD}"%',)
+    ).fetchall()
+    changed = []
+    for agent_id, spec in rows:
+        sealed = sealer.seal_spec(spec, agent_id)
+        if sealed != spec:
+            changed.append((sealed, agent_id))
+    if not changed:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.executemany("UPDATE agents SET spec = ? WHERE id = ?", changed)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

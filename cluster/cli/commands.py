@@ -117,7 +117,8 @@ def _run_emulator(args: argparse.Namespace) -> int:
 
 
 def _admission_flags(args: argparse.Namespace) -> dict[str, object]:
-    """The ingress's per-address settings from ``up``'s flags (``IngressConfig``'s keys).
+    """The ingress's settings from ``up``'s flags (``IngressConfig``'s keys): the per-address
+    limit and the agent pools' fleet-wide settings.
 
     Raises:
         ValueError: a CIDR list has an item that is not a CIDR, or the limit is below 1.
@@ -130,11 +131,14 @@ def _admission_flags(args: argparse.Namespace) -> dict[str, object]:
     trusted = split_cidrs(args.trusted_proxies)
     parse_networks(exempt, "--ip-exempt")
     parse_networks(trusted, "--trusted-proxies")
+    if args.fleet_max_replicas < 1 or args.warm_replicas < 0:
+        raise ValueError("--fleet-max-replicas: at least 1; --warm-replicas: at least 0")
     return {
         "ip_requests_per_minute": args.ip_requests_per_minute,
         "ip_exempt": exempt,
         "trusted_proxies": trusted,
         "forwarded_header": args.forwarded_header,
+        "pool": {"fleet_max_replicas": args.fleet_max_replicas, "warm_floor": args.warm_replicas},
     }
 
 
@@ -387,6 +391,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("x-forwarded-for", "forwarded"),
         default="x-forwarded-for",
         help="the header --trusted-proxies set: X-Forwarded-For or RFC 7239 Forwarded",
+    )
+    p.add_argument(
+        "--fleet-max-replicas",
+        type=int,
+        default=1_000,
+        help="agent replicas of all agents together, at most (the pool controller's cap)",
+    )
+    p.add_argument(
+        "--warm-replicas",
+        type=int,
+        default=10,
+        help="replica slots of VM capacity kept in the cluster, in use or not (Ray's "
+        "request_resources; a cluster without an autoscaler ignores it)",
     )
     sub.add_parser("down", help="stop the local stack", description="Stop what `up` started.")
     sub.add_parser(

@@ -7,6 +7,7 @@ port, never 6379.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import pytest
 
 from cluster.cli.servers import start_emulator as _start_emulator_process
 from cluster.cli.servers import start_ray_head, start_redis
+from hyperfleet.names import NAMESPACE, POOL_ACTOR_NAME
 from hyperfleet.processes import free_port, stop, tail
 from tests.conftest import RAY_TOKEN_PATH
 
@@ -171,10 +173,15 @@ def api_server(
             "usage_outbox_grace_s": 2.0,
         },
         "ip_requests_per_minute": 100_000,
+        # No warm pool (no autoscaler runs here), and pools observed twice a second, so the
+        # scaling test's short cooldowns are seen.
+        "pool": {"warm_floor": 0, "warm_spare": 0, "tick_s": 0.5},
     }
     serve.run(build(config, num_replicas=2), name=APP_NAME, route_prefix="/")
     try:
         yield ApiServer(f"http://127.0.0.1:{port}", admin_key, data, config)
     finally:
         serve.shutdown()
+        with contextlib.suppress(ValueError):  # the ingress started it
+            ray.kill(ray.get_actor(POOL_ACTOR_NAME, namespace=NAMESPACE), no_restart=True)
         ray.kill(control, no_restart=True)

@@ -25,11 +25,12 @@ from actors import RuntimeConfig
 from serve_app import APP_NAME, build, start_control_actor
 from serve_app.admission import AUTH_CACHE_TTL_S, RedisGate
 from serve_app.app import Api
-from serve_app.backend import Control, Replicas
+from serve_app.backend import Control
 from serve_app.control import ControlStore, today
 from serve_app.errors import ApiError
 from serve_app.ratelimit import user_window
 from serve_app.redis_budget import used_key
+from serve_app.replicas import Replicas
 from serve_app.routes import build_app
 
 from .api_client import (

@@ -18,8 +18,8 @@ from starlette.testclient import TestClient
 from actors import RuntimeConfig
 from serve_app.admission import ControlGate
 from serve_app.app import Api
-from serve_app.backend import Replicas
 from serve_app.control import ControlStore
+from serve_app.replicas import Replicas
 from serve_app.routes import ROUTES, Open, build_app
 
 from .in_process_control import InProcessControl

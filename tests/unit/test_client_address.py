@@ -15,10 +15,10 @@ from starlette.testclient import TestClient
 from actors import RuntimeConfig
 from serve_app.admission import ControlGate
 from serve_app.app import Api
-from serve_app.backend import Replicas
 from serve_app.client_address import ClientAddresses, parse_address, parse_networks
 from serve_app.control import ControlStore
 from serve_app.deployment import IngressConfig
+from serve_app.replicas import Replicas
 from serve_app.routes import build_app
 
 from .in_process_control import InProcessControl

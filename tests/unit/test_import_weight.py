@@ -40,6 +40,8 @@ def _imported_after(module: str, heavy: list[str]) -> list[str]:
         # A VM's entrypoint and the production provider load neither stand-in, nor uvicorn.
         ("cluster.node.agent", [*STAND_INS, "ray", "anthropic", "serve_app", "actors"]),
         ("autoscaling.provider", [*STAND_INS, "anthropic", "serve_app", "actors"]),
+        # The scaling policy is plain Python: the simulation replays a day through it.
+        ("autoscaling.pool_policy", ["ray", "anthropic", "pydantic", "serve_app", "actors"]),
         ("cluster.hypercore", STAND_INS),
     ],
 )

@@ -1,0 +1,338 @@
+"""The pool controller: every few seconds, observe each agent's replicas, decide, act.
+
+It holds nothing that matters in memory. The replicas' rows (starting, ready, draining, with a
+draining replica's deadline) and each pool's policy state (cooldowns, the trend's samples) are in
+the control store; a restarted controller reads them, resumes the starts and drains it finds
+under way, and keeps its cooldowns. What it would lose is only the capacity refusals counted
+since its last tick.
+
+Acting:
+
+- Up: the control store allocates rows (``starting``; the fleet's cap and the owner's quotas
+  bound how many), the replicas are asked of Ray at once and become ``ready`` when they answer a
+  health check. A replica Ray cannot place yet is a pending actor: demand that Ray's autoscaler
+  turns into a VM through the Hypercore provider. The warm pool asks Ray for replica slots ahead of
+  demand with ``request_resources`` (a total: the slots in use plus the spare, at least the floor).
+- Down: a starting replica is stopped first (it holds nothing). Otherwise the ready replica with
+  the fewest sessions drains: its row says ``draining`` (the ingress places no new session there),
+  the replica refuses new turns with ``session_moved`` and finishes those running (up to the
+  agent's turn timeout), its sessions' routes move to the least-loaded ready replicas, then it
+  stops and its row goes. A client whose message meets the drain is moved by the ingress and
+  resent (``serve_app/app.py``): no error reaches it.
+- A session open that found every ready replica full asks ``request_capacity``: a refusal for the
+  policy (aggressive, and past the up cooldown), then a wait for a replica to become ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from actors.spec import AgentSpec, placement_options
+from hyperfleet.errors import HyperfleetError
+from serve_app.backend import Control
+from serve_app.records import PoolAgent, ReplicaRow
+from serve_app.replicas import Replicas
+
+from . import pool_metrics as metrics
+from .pool_config import PoolConfig, drain_deadline_s, policy_for
+from .pool_policy import Observation, PoolState, decide
+
+logger = logging.getLogger(__name__)
+
+STEP_CONCURRENCY = 32  # agents observed at once in one tick
+DEFAULT_SLOT = {"CPU": 1.0}  # a spare replica slot: an AgentSpec's default resources
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """One agent's pool as the controller last saw it."""
+
+    desired: int
+    reason: str
+    ready: int
+    starting: int
+    draining: int
+    sessions: int
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "desired": self.desired,
+            "ready": self.ready,
+            "starting": self.starting,
+            "draining": self.draining,
+        }
+
+
+class PoolController:
+    def __init__(
+        self,
+        control: Control,
+        replicas: Replicas,
+        config: PoolConfig,
+        request_resources: Callable[[list[dict[str, float]]], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``request_resources`` tells Ray's autoscaler the replica slots to keep (None: no
+        warm pool, as in a test); ``clock`` is wall-clock seconds (the policy's state is kept
+        across restarts, so not a monotonic clock)."""
+        self.control = control
+        self.replicas = replicas
+        self.config = config
+        self._request_resources = request_resources
+        self._clock = clock
+        self._refused: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._ready: dict[str, asyncio.Event] = {}
+        self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._slots: list[dict[str, float]] | None = None
+        self.status: dict[str, PoolStatus] = {}
+
+    # The loop -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.tick()
+            except Exception:  # a supervisory loop: one bad tick must not end scaling
+                logger.exception("the pool controller's tick failed")
+            await asyncio.sleep(max(0.0, self.config.tick_s - (time.monotonic() - started)))
+
+    async def tick(self) -> None:
+        agents = await self.control.pool_agents()
+        limit = asyncio.Semaphore(STEP_CONCURRENCY)
+
+        async def one(agent: PoolAgent) -> None:
+            async with limit:
+                try:
+                    await self._step(agent)
+                except HyperfleetError as e:  # the store or a replica did not answer: next tick
+                    logger.warning("pool %s: %s", agent.id, e)
+
+        await asyncio.gather(*(one(a) for a in agents))
+        live = {a.id for a in agents}
+        for gone in set(self.status) - live:
+            self.status.pop(gone, None)
+        for agent_id, status in self.status.items():
+            metrics.pool(agent_id, status.counts())
+        await self._keep_warm(agents)
+
+    async def request_capacity(self, agent_id: str, wait_s: float | None = None) -> bool:
+        """A session open found every ready replica of ``agent_id`` full: count the refusal,
+        scale now, and wait (up to ``wait_s``, default ``capacity_wait_s``) for a replica to
+        become ready. True when one did."""
+        wait_s = self.config.capacity_wait_s if wait_s is None else wait_s
+        event = self._ready.setdefault(agent_id, asyncio.Event())
+        agent = await self.control.pool_agent(agent_id)
+        if agent is None:
+            return False
+        if not any(r.state == "starting" for r in agent.replicas):
+            # With replicas already starting, the refusal waits for them instead of doubling
+            # the pool again.
+            self._refused[agent_id] = self._refused.get(agent_id, 0) + 1
+            await self._step(agent)
+            rows = await self.control.agent_replicas(agent_id)
+            if not any(r.state == "starting" for r in rows):
+                return False  # at its max, or the fleet's cap or the owner's quota: no wait
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), wait_s)
+        return event.is_set()
+
+    # One agent ------------------------------------------------------------------------------
+
+    async def _step(self, agent: PoolAgent) -> None:
+        lock = self._locks.setdefault(agent.id, asyncio.Lock())
+        async with lock:
+            if not agent.spec:  # deleted: stop whatever of it still runs
+                await self._stop_all(agent)
+                return
+            # Reread under the lock: a concurrent step may have changed the rows.
+            rows = await self.control.agent_replicas(agent.id)
+            pool = await self.control.agent_pool(agent.id)
+            spec = AgentSpec.model_validate_json(agent.spec)
+            self._resume(agent.id, spec, rows)
+            by_state = {s: [r for r in rows if r.state == s] for s in ("starting", "ready")}
+            draining = [r for r in rows if r.state == "draining"]
+            stats = await self.replicas.stats(agent.id, [r.index for r in by_state["ready"]])
+            sessions = {
+                r.index: int(s.get("sessions") or 0)
+                for r, s in zip(by_state["ready"], stats, strict=True)
+            }
+            seen = Observation(
+                sessions=sum(sessions.values()),
+                busy=sum(int(s.get("busy_sessions") or 0) for s in stats),
+                refused=self._refused.pop(agent.id, 0),
+                ready=len(by_state["ready"]),
+                starting=len(by_state["starting"]),
+                draining=len(draining),
+            )
+            state = PoolState()
+            if pool is not None and pool.state not in ("", "{}"):
+                state = PoolState.from_json(json.loads(pool.state))
+            decision = decide(policy_for(spec, self.config), state, seen, self._clock())
+            await self.control.record_pool(
+                agent.id, decision.desired, decision.reason, json.dumps(decision.state.to_json())
+            )
+            metrics.decided(decision.reason, decision.delta)
+            if decision.delta > 0:
+                await self._add(agent.id, spec, decision.delta)
+            elif decision.delta < 0:
+                await self._remove(agent.id, spec, by_state, sessions, -decision.delta)
+            self.status[agent.id] = PoolStatus(
+                decision.desired,
+                decision.reason,
+                seen.ready,
+                seen.starting,
+                seen.draining,
+                seen.sessions,
+            )
+            logger.debug(
+                "pool %s: %s -> %s (%s)", agent.id, seen, decision.desired, decision.reason
+            )
+
+    def _resume(self, agent_id: str, spec: AgentSpec, rows: list[ReplicaRow]) -> None:
+        """Starts and drains under way whose task this process does not run (it restarted)."""
+        for row in rows:
+            if (agent_id, row.index) in self._tasks:
+                continue
+            if row.state == "starting":
+                self._spawn_task(agent_id, row.index, self._start(agent_id, row.index, spec))
+            elif row.state == "draining":
+                left_s = max(0.0, (row.deadline or 0.0) - self._clock())
+                self._spawn_task(agent_id, row.index, self._drain(agent_id, row.index, left_s))
+
+    async def _add(self, agent_id: str, spec: AgentSpec, count: int) -> None:
+        indices = await self.control.add_replicas(agent_id, count, self.config.fleet_max_replicas)
+        if len(indices) < count:
+            metrics.capped(count - len(indices))
+            logger.warning(
+                "pool %s: %d replicas wanted, %d allowed (the fleet's cap or the owner's quota)",
+                agent_id,
+                count,
+                len(indices),
+            )
+        for index in indices:
+            self._spawn_task(agent_id, index, self._start(agent_id, index, spec))
+
+    async def _remove(
+        self,
+        agent_id: str,
+        spec: AgentSpec,
+        by_state: dict[str, list[ReplicaRow]],
+        sessions: dict[int, int],
+        count: int,
+    ) -> None:
+        # Starting replicas hold nothing: they go first, newest first.
+        for row in sorted(by_state["starting"], key=lambda r: -r.index)[:count]:
+            task = self._tasks.pop((agent_id, row.index), None)
+            if task is not None:
+                task.cancel()
+            self.replicas.kill(agent_id, row.index)
+            await self.control.remove_replica(agent_id, row.index)
+            count -= 1
+        # The fewest sessions first; replicas 0..min-1 last (a batch job may address them by
+        # name: they are drained only when nothing else is left to remove).
+        base = spec.replicas.min
+        victims = sorted(
+            by_state["ready"],
+            key=lambda r: (r.index < base, sessions.get(r.index, 0), -r.index),
+        )
+        deadline_s = drain_deadline_s(spec, self.config)
+        for row in victims[:count]:
+            deadline = self._clock() + deadline_s
+            await self.control.set_replica_state(agent_id, row.index, "draining", deadline)
+            self._spawn_task(agent_id, row.index, self._drain(agent_id, row.index, deadline_s))
+
+    def _spawn_task(self, agent_id: str, index: int, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            try:
+                await work
+            except Exception:  # a supervisory boundary: the next tick resumes from the rows
+                logger.exception("pool %s: replica %d's start or drain failed", agent_id, index)
+            finally:
+                self._tasks.pop((agent_id, index), None)
+
+        self._tasks[(agent_id, index)] = asyncio.get_running_loop().create_task(run())
+
+    async def _start(self, agent_id: str, index: int, spec: AgentSpec) -> None:
+        started = time.monotonic()
+        handle = self.replicas.start(agent_id, index, spec)
+        try:
+            await asyncio.wait_for(handle.health.remote(), self.config.start_timeout_s)
+        except (RayActorError, RayTaskError, TimeoutError, GetTimeoutError) as e:
+            logger.error("pool %s: replica %d did not start: %r", agent_id, index, e)
+            metrics.started("failed")
+            self.replicas.kill(agent_id, index)
+            await self.control.remove_replica(agent_id, index)
+            return
+        if not await self.control.set_replica_state(agent_id, index, "ready"):
+            self.replicas.kill(agent_id, index)  # its agent was deleted meanwhile
+            return
+        metrics.started("ready", time.monotonic() - started)
+        event = self._ready.pop(agent_id, None)
+        if event is not None:
+            event.set()
+
+    async def _drain(self, agent_id: str, index: int, deadline_s: float) -> None:
+        started = time.monotonic()
+        try:
+            handed = await self.replicas.drain(agent_id, index, deadline_s)
+        except HyperfleetError as e:  # gone already (its node died, say): nothing to finish
+            logger.warning("pool %s: replica %d did not drain: %s", agent_id, index, e)
+            handed = []
+        moved = await self.control.rehome_all(agent_id, index)
+        self.replicas.kill(agent_id, index)
+        await self.control.remove_replica(agent_id, index)
+        metrics.drained(time.monotonic() - started, moved)
+        logger.info(
+            "pool %s: replica %d drained (%d sessions handed back, %d routes moved)",
+            agent_id,
+            index,
+            len(handed),
+            moved,
+        )
+
+    async def _stop_all(self, agent: PoolAgent) -> None:
+        for row in agent.replicas:
+            task = self._tasks.pop((agent.id, row.index), None)
+            if task is not None:
+                task.cancel()
+            self.replicas.kill(agent.id, row.index)
+        await self.control.drop_pool(agent.id)
+
+    # The warm pool --------------------------------------------------------------------------
+
+    async def _keep_warm(self, agents: list[PoolAgent]) -> None:
+        """Asks Ray's autoscaler for the replica slots in use plus ``warm_spare`` (at least
+        ``warm_floor`` in all), when that changed since the last ask."""
+        if self._request_resources is None:
+            return
+        slots: list[dict[str, float]] = []
+        for agent in agents:
+            if not agent.spec:
+                continue
+            shape = slot_of(AgentSpec.model_validate_json(agent.spec))
+            slots.extend(shape for _ in agent.replicas)
+        spare = max(self.config.warm_spare, self.config.warm_floor - len(slots))
+        slots.extend(dict(DEFAULT_SLOT) for _ in range(spare))
+        if slots != self._slots:
+            await self._request_resources(slots)
+            self._slots = slots
+
+
+def slot_of(spec: AgentSpec) -> dict[str, float]:
+    """One replica of ``spec`` as a resource bundle for ``request_resources``."""
+    options: dict[str, Any] = placement_options(spec)
+    bundle = {"CPU": float(options["num_cpus"]), **options["resources"]}
+    if options.get("num_gpus"):
+        bundle["GPU"] = float(options["num_gpus"])
+    return {k: v for k, v in bundle.items() if v}

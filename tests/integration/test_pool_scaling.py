@@ -1,0 +1,185 @@
+"""Agent pools on the real local cluster: replicas follow session load up and back down, and no
+client request fails while they do (``autoscaling/pool.py``, ``serve_app/app.py``'s moves).
+
+The pool controller is the one the ingress starts (ticking twice a second here); the agent's
+cooldowns are short so that a whole ramp takes seconds. Sessions keep talking while their
+replicas drain: each message must succeed, on whichever replica the session lives by then.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import ray
+
+from hyperfleet.names import CONTROL_ACTOR_NAME, NAMESPACE
+
+from .api_client import Client, new_user
+from .conftest import ApiServer
+from .waiting import wait_until
+
+pytestmark = pytest.mark.integration
+
+MAX_SESSIONS = 10
+RAMP_SESSIONS = 25  # 25 / (10 x 0.8) -> 4 replicas, the max
+SURVIVORS = 3
+SCALE_WAIT_S = 90.0
+
+
+@pytest.fixture(scope="module")
+def admin(api_server: ApiServer) -> Iterator[Client]:
+    client = Client(api_server.base_url, api_server.admin_key)
+    yield client
+    client.http.close()
+
+
+def _spec(**replicas: Any) -> dict[str, Any]:
+    return {
+        "system": "You answer briefly.",
+        "max_sessions": MAX_SESSIONS,
+        "isolation": "shared",
+        "resources": {"cores": 0.25, "memory_mb": 256},
+        "replicas": {
+            "min": 1,
+            "max": 4,
+            "scale_up_cooldown_s": 1,
+            "scale_down_cooldown_s": 3,
+            **replicas,
+        },
+    }
+
+
+def _detail(user: Client, agent_id: str) -> dict[str, Any]:
+    detail: dict[str, Any] = user.ok("GET", f"/v1/agents/{agent_id}")
+    return detail
+
+
+def _states(detail: dict[str, Any]) -> list[str]:
+    return [r["state"] for r in detail["replicas"]]
+
+
+def _when(user: Client, agent_id: str, wanted: Any) -> Any:
+    """A check for ``wait_until``: the agent's detail once ``wanted(states)`` holds."""
+
+    def check() -> dict[str, Any] | None:
+        detail = _detail(user, agent_id)
+        return detail if wanted(_states(detail)) else None
+
+    return check
+
+
+def _route_replica(session_id: str) -> int:
+    control = ray.get_actor(CONTROL_ACTOR_NAME, namespace=NAMESPACE)
+    route = ray.get(control.get_route.remote(session_id), timeout=30)
+    assert route is not None
+    return int(route.replica)
+
+
+class Talker:
+    """Sends messages to sessions in a loop on a thread, recording every answer's status."""
+
+    def __init__(self, user: Client, sessions: list[str]) -> None:
+        self.user = user
+        self.sessions = sessions
+        self.statuses: list[tuple[str, int, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Talker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for sid in self.sessions:
+                response = self.user.request(
+                    "POST",
+                    f"/v1/sessions/{sid}/messages",
+                    json={"content": "still there?"},
+                    headers={"Idempotency-Key": uuid.uuid4().hex},
+                )
+                self.statuses.append((sid, response.status_code, response.text[:300]))
+
+
+def test_a_pool_follows_its_sessions_up_and_back_down(admin: Client, api_server: ApiServer) -> None:
+    user = new_user(admin, api_server, requests_per_minute=100_000)
+    agent = user.ok("POST", "/v1/agents", 201, json=_spec())
+    assert agent["replicas"]["scale_up_at"] == 0.8  # the operator's defaults filled in
+    assert agent["replicas"]["scale_down_at"] == 0.3
+    agent_id = agent["id"]
+
+    failures: list[str] = []
+    sessions: list[str] = []
+    for _ in range(RAMP_SESSIONS):  # as fast as the API answers: the pool must keep up
+        opened = user.request("POST", f"/v1/agents/{agent_id}/sessions")
+        if opened.status_code != 201:
+            failures.append(f"open: {opened.status_code} {opened.text[:300]}")
+            continue
+        sessions.append(opened.json()["id"])
+        sent = user.request(
+            "POST", f"/v1/sessions/{sessions[-1]}/messages", json={"content": "hello"}
+        )
+        if sent.status_code != 200:
+            failures.append(f"send: {sent.status_code} {sent.text[:300]}")
+    assert not failures, failures
+
+    grown = wait_until(
+        _when(user, agent_id, lambda states: states.count("ready") >= 3),
+        "3 or more ready replicas",
+        SCALE_WAIT_S,
+        interval_s=0.5,
+    )
+    assert grown["desired_replicas"] >= 3 and grown["scaling_reason"]
+    assert grown["sessions"] == RAMP_SESSIONS
+    stats = user.ok("GET", "/v1/agents/stats")
+    assert stats["desired_replicas"] >= 3 and stats["replicas_by_state"]["ready"] >= 3
+
+    # The survivors are the sessions opened last: on the replicas added last, which drain.
+    survivors = sessions[-SURVIVORS:]
+    homes = {sid: _route_replica(sid) for sid in survivors}
+    assert max(homes.values()) >= 1, homes
+    for sid in sessions[:-SURVIVORS]:
+        user.ok("DELETE", f"/v1/sessions/{sid}")
+
+    with Talker(user, survivors) as talker:
+        shrunk = wait_until(
+            _when(user, agent_id, lambda states: states == ["ready"]),
+            "the pool back at one ready replica",
+            SCALE_WAIT_S,
+            interval_s=0.5,
+        )
+    assert shrunk["desired_replicas"] == 1
+    bad = [s for s in talker.statuses if s[1] != 200]
+    assert not bad, bad
+    assert len(talker.statuses) >= SURVIVORS  # the talker talked while replicas drained
+
+    last = shrunk["replicas"][0]["index"]
+    for sid in survivors:  # every one lives on the last replica now, and answers
+        assert _route_replica(sid) == last
+        turn = user.ok("POST", f"/v1/sessions/{sid}/messages", json={"content": "and now?"})
+        assert turn["session_id"] == sid
+        page = user.ok("GET", f"/v1/sessions/{sid}/messages")
+        assert len(page["turns"]) >= 3  # its earlier turns came along (from the store)
+    assert any(home != last for home in homes.values())  # at least one session moved
+    user.ok("DELETE", f"/v1/agents/{agent_id}")
+
+
+def test_bad_scaling_fields_are_refused(admin: Client, api_server: ApiServer) -> None:
+    alice = new_user(admin, api_server)
+    crossed = _spec(scale_up_at=0.5, scale_down_at=0.6)
+    answer = alice.request("POST", "/v1/agents", json=crossed)
+    assert answer.status_code == 422 and "scale_down_at" in answer.text
+    # Only one given: it must still leave a band with the operator's other default (0.8 up).
+    high_down = _spec(scale_down_at=0.9)
+    answer = alice.request("POST", "/v1/agents", json=high_down)
+    assert answer.status_code == 422 and "scale_down_at" in answer.text
+    too_big = _spec(max=1001)
+    assert alice.request("POST", "/v1/agents", json=too_big).status_code == 422
