@@ -12,8 +12,10 @@ Design:
 - A query returns series once its metric exists and has seen traffic. `or vector(0)` appears only
   where zero is the meaningful answer and the query is not grouped: an error ratio's numerator
   (no 5xx series yet means none failed) and an ungrouped count of rare events (circuit opens,
-  swept usage records, Ray worker failures). A grouped query never gets it, because the unlabelled
-  zero would sit beside the real series as a phantom one.
+  swept usage records, Ray worker failures, capped pool replicas, moved sessions). A grouped query
+  never gets it, because the unlabelled zero would sit beside the real series as a phantom one; a
+  grouped count of events that may not have happened yet (replica start failures, store errors,
+  pool replica starts) gets `or on() vector(0)`, a zero only while no series exists.
 - Metric names are those of `docs/observability.md`'s catalogue (Prometheus renames
   `ray_hyperfleet_*` to `hyperfleet_*`), plus Ray's node metrics (`ray_node_*`, from Ray's
   reporter agent) and one raylet counter (`ray_node_manager_unexpected_worker_failure_total`).
@@ -82,12 +84,16 @@ def _increase(selector: str) -> str:
     return f"increase({selector}[{_RATE_WINDOW}])"
 
 
-def _quantiles(histogram: str, by: tuple[str, ...] = ()) -> tuple[_Query, ...]:
-    """p50, p95 and p99 of a histogram's `_bucket` series, optionally per label."""
+def _quantiles(
+    histogram: str, by: tuple[str, ...] = (), levels: tuple[float, ...] = (0.5, 0.95, 0.99)
+) -> tuple[_Query, ...]:
+    """Quantiles (p50, p95 and p99 unless ``levels`` says) of a histogram's `_bucket` series,
+    optionally per label."""
     grouping = ", ".join((*by, "le"))
     legend_labels = " ".join(f"{{{{{label}}}}}" for label in by)
     queries = []
-    for quantile, name in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99")):
+    for quantile in levels:
+        name = f"p{quantile * 100:g}"
         expr = (
             f"histogram_quantile({quantile}, sum by ({grouping}) ({_rate(histogram + '_bucket')}))"
         )
@@ -335,6 +341,87 @@ _SECTIONS: tuple[_Section, ...] = (
         ),
     ),
     _Section(
+        "Agent pools",
+        (
+            _PanelSpec(
+                "Pool replicas by state",
+                "short",
+                "Agent pools' replicas, all agents, as the pool controller saw them at its last "
+                "tick: desired (the policy's target), ready, starting (asked of Ray, not yet "
+                "answering: waiting for a node or a VM), draining. Desired above ready for long: "
+                "see starting, VMs by state and Hypercore calls.",
+                (_Query("sum by (state) (hyperfleet_pool_replicas)", "{{state}}"),),
+            ),
+            _PanelSpec(
+                "Pool replicas by agent",
+                "short",
+                "Each agent's pool: desired, ready, starting, draining replicas.",
+                (
+                    _Query(
+                        "sum by (agent, state) (hyperfleet_pool_replicas)", "{{agent}} {{state}}"
+                    ),
+                ),
+            ),
+            _PanelSpec(
+                "Scaling decisions",
+                "ops",
+                "The pool controller's decisions per second (one per agent per tick) by direction "
+                "(up, down, hold) and reason: hold at_max means an agent wants more than its max.",
+                (
+                    _Query(
+                        f"sum by (direction, reason) ({_rate('hyperfleet_pool_decisions_total')})",
+                        "{{direction}} {{reason}}",
+                    ),
+                ),
+            ),
+            _PanelSpec(
+                "Pool replica starts and capped replicas",
+                "short",
+                f"Replicas the pool controller started in the last {_RATE_WINDOW} by outcome "
+                "(ready, failed), and replicas a scale-up wanted that the fleet's cap or an "
+                "owner's quota refused (zero when none).",
+                (
+                    _Query(
+                        # Zero lines, not "No data", before the first start or refusal.
+                        f"sum by (outcome) ({_increase('hyperfleet_pool_replica_starts_total')})"
+                        " or on() vector(0)",
+                        "start {{outcome}}",
+                    ),
+                    _Query(
+                        f"sum({_increase('hyperfleet_pool_capped_replicas_total')}) or vector(0)",
+                        "capped",
+                    ),
+                ),
+            ),
+            _PanelSpec(
+                "Pool replica start time",
+                "s",
+                "From the pool controller asking Ray for a replica to its first health answer, a "
+                "new VM included: p50, p95.",
+                _quantiles("hyperfleet_pool_replica_start_seconds", levels=(0.5, 0.95)),
+            ),
+            _PanelSpec(
+                "Pool drain time",
+                "s",
+                "From a replica's drain to its stop (its running turns finished, its sessions "
+                "moved): p50, p95.",
+                _quantiles("hyperfleet_pool_drain_seconds", levels=(0.5, 0.95)),
+            ),
+            _PanelSpec(
+                "Sessions moved off drained replicas",
+                "ops",
+                "Session routes moved to other ready replicas when a drained replica stops, per "
+                "second (zero when none).",
+                (
+                    _Query(
+                        f"sum({_rate('hyperfleet_pool_sessions_moved_total')}) or vector(0)",
+                        "sessions moved",
+                    ),
+                ),
+            ),
+        ),
+    ),
+    _Section(
         "Tools and session store",
         (
             _PanelSpec(
@@ -546,7 +633,8 @@ def dashboard() -> Dashboard:
     return Dashboard(
         title=DASHBOARD_TITLE,
         uid=DASHBOARD_UID,
-        description="Hyperfleet: sessions, HTTP, turns, model API, replicas, store, VMs, nodes. "
+        description="Hyperfleet: sessions, HTTP, turns, model API, replicas, agent pools, store, "
+        "VMs, nodes. "
         "Generated by cluster/observability/dashboard.py; edit that, not the JSON.",
         tags=["hyperfleet"],
         editable=True,

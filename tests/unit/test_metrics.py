@@ -4,6 +4,7 @@ objects in place of Ray's."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ from actors.store import SessionRecord, TurnRecord
 from actors.store.actor import ActorSessionStore
 from actors.store.metered import MeteredStore, store_error
 from actors.tools import Tool, ToolResult, Workspace
+from autoscaling import pool_metrics
+from autoscaling.pool import PoolStatus
+from autoscaling.pool_policy import REASONS
 from hyperfleet.errors import (
     BudgetExceededError,
     CapacityError,
@@ -35,6 +39,8 @@ from hyperfleet.errors import (
 from serve_app import metrics as ingress_metrics
 from serve_app.errors import ApiError, OverBudgetError, QuotaExceededError, not_found, unavailable
 from serve_app.routes import TEMPLATES
+
+CATALOGUE = Path(__file__).resolve().parents[2] / "docs" / "observability.md"
 
 
 @dataclass
@@ -63,6 +69,13 @@ class Caught:
 def replica(monkeypatch: pytest.MonkeyPatch) -> Any:
     caught = Caught(metrics._Replica)
     monkeypatch.setattr(metrics, "_REPLICA", caught)
+    return caught.made
+
+
+@pytest.fixture
+def pool(monkeypatch: pytest.MonkeyPatch) -> Any:
+    caught = Caught(pool_metrics._Pool)
+    monkeypatch.setattr(pool_metrics, "_POOL", caught)
     return caught.made
 
 
@@ -327,3 +340,44 @@ def test_replica_gauges(
     assert states == {s: int(s == expected[3]) for s in metrics.REPLICA_STATES}
     assert replica.circuit_state.points == [(2, {})]
     assert replica.sessions_active.points == [(expected[0], {"agent": "agt_1"})]
+
+
+def _catalogued_values(metric: str) -> set[str]:
+    """The backquoted words of ``metric``'s row in docs/observability.md's catalogue."""
+    (row,) = [
+        line for line in CATALOGUE.read_text().splitlines() if line.startswith(f"| `{metric}`")
+    ]
+    return set(re.findall(r"`([a-z_]+)`", row))
+
+
+def test_pool_labels_are_the_catalogues(pool: Any) -> None:
+    status = PoolStatus(
+        desired=3, reason="utilisation", ready=1, starting=2, draining=0, sessions=9
+    )
+    pool_metrics.pool("agt_1", status.counts())
+    states = {t["state"]: v for v, t in pool.replicas.points}
+    assert states == {"desired": 3, "ready": 1, "starting": 2, "draining": 0}
+    assert set(states) <= _catalogued_values("hyperfleet_pool_replicas")
+    for delta in (2, -1, 0):
+        pool_metrics.decided("steady", delta)
+    directions = [t["direction"] for _, t in pool.decisions.points]
+    assert directions == ["up", "down", "hold"]
+    # Every reason the policy can give is explained in the catalogue.
+    assert {*REASONS, *directions} <= _catalogued_values("hyperfleet_pool_decisions_total")
+
+
+def test_pool_counts_of_nothing_are_not_recorded(pool: Any) -> None:
+    # Ray's Counter.inc(0) raises (Ray 2.60): a drain that moved no session and a step up the cap
+    # did not touch record nothing.
+    pool_metrics.capped(0)
+    pool_metrics.drained(1.5, 0)
+    pool_metrics.started("failed")
+    assert pool.capped.points == [] and pool.sessions_moved.points == []
+    assert pool.drain_seconds.points == [(1.5, {})]
+    assert pool.starts.points == [(1, {"outcome": "failed"})]
+    assert pool.start_seconds.points == []  # a failed start has no start time
+    pool_metrics.capped(2)
+    pool_metrics.drained(3.0, 4)
+    pool_metrics.started("ready", 0.4)
+    assert pool.capped.points == [(2, {})] and pool.sessions_moved.points == [(4, {})]
+    assert pool.start_seconds.points == [(0.4, {})]
