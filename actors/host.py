@@ -83,6 +83,9 @@ class SessionHost:
         self._loading: dict[str, asyncio.Future[Session]] = {}
         self._inflight: dict[tuple[str, str], tuple[str, asyncio.Future[TurnRecord]]] = {}
         self.draining = False
+        # Turns past the draining check, from then to their end (some wait on the store before
+        # their session is busy): a drain waits for every one of them.
+        self._entered = 0
         self.retired = False  # the agent is being deleted: its workspaces are gone for good
         self.turns_completed = 0
         self.turns_failed = 0
@@ -244,7 +247,9 @@ class SessionHost:
 
         async def run() -> None:
             try:
-                await self._turn(session_id, content, idempotency_key, owner, emit, reservation)
+                await self._metered_turn(
+                    session_id, content, idempotency_key, owner, emit, reservation
+                )
             except HyperfleetError as e:
                 await emit("error", {"status_code": e.status_code, **e.to_json()})
             except Exception:
@@ -253,8 +258,13 @@ class SessionHost:
                 error = {"type": "internal_error", "message": "the turn failed"}
                 await emit("error", {"status_code": 500, **error})
             finally:
+                self._entered -= 1
                 await queue.put(None)
 
+        # Checked here, before the first event, so that a draining replica's refusal is the
+        # stream's exception (the caller follows the session), never an error event.
+        self._check_not_moved(session_id)
+        self._entered += 1
         with logs.traced(**(trace or {})):
             task = asyncio.create_task(run())  # it keeps the trace: a task copies its context
         try:
@@ -279,14 +289,33 @@ class SessionHost:
         reservation: Reservation | None = None,
     ) -> tuple[TurnRecord, bool]:
         """Runs (or replays) one turn; the flag says it was replayed, not run."""
+        self._check_not_moved(session_id)
+        self._entered += 1
+        try:
+            return await self._metered_turn(session_id, content, key, owner, emit, reservation)
+        finally:
+            self._entered -= 1
+
+    def _check_not_moved(self, session_id: str) -> None:
+        """Raises ``SessionMovedError`` on a draining replica, unless the session's turn is
+        running here (it finishes here; a resend with its key joins it). Before the meter: the
+        caller keeps the turn's reservation and resends to the session's new home."""
         if self.draining and not self._busy(session_id):
-            # Before the meter: the caller keeps the reservation and resends to the session's
-            # new home. A busy session's turn finishes here (a resend with its key joins it).
             raise SessionMovedError(
                 "this replica is draining; the session moves to another replica",
                 retry_after_s=0.0,
                 session_id=session_id,
             )
+
+    async def _metered_turn(
+        self,
+        session_id: str,
+        content: str | list[dict[str, Any]],
+        key: str | None,
+        owner: str | None,
+        emit: Any,
+        reservation: Reservation | None,
+    ) -> tuple[TurnRecord, bool]:
         meter = TurnMeter(
             "turn_" + uuid.uuid4().hex,
             owner or "",
@@ -474,7 +503,9 @@ class SessionHost:
         self.draining = True
         deadline = self._clock() + deadline_s
         # Polled: turns finish on their own schedule and the deadline bounds the wait.
-        while any(s.busy for s in self._sessions.values()) and self._clock() < deadline:  # noqa: ASYNC110
+        while (self._entered or any(s.busy for s in self._sessions.values())) and (  # noqa: ASYNC110
+            self._clock() < deadline
+        ):
             await asyncio.sleep(DRAIN_POLL_S)
         handed = [s.id for s in self._sessions.values() if not s.busy]
         for session_id in handed:

@@ -44,11 +44,14 @@ from serve_app.replicas import Replicas
 
 from . import pool_metrics as metrics
 from .pool_config import PoolConfig, drain_deadline_s, policy_for
-from .pool_policy import Observation, PoolState, decide
+from .pool_policy import Decision, Observation, PoolState, decide
 
 logger = logging.getLogger(__name__)
 
 STEP_CONCURRENCY = 32  # agents observed at once in one tick
+RECORD_EVERY_S = 30.0  # an unchanged pool's state is stored at most this often
+START_BACKOFF_S = 5.0  # after a failed start; doubling up to the max
+START_BACKOFF_MAX_S = 300.0
 DEFAULT_SLOT = {"CPU": 1.0}  # a spare replica slot: an AgentSpec's default resources
 
 
@@ -94,6 +97,8 @@ class PoolController:
         self._ready: dict[str, asyncio.Event] = {}
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._slots: list[dict[str, float]] | None = None
+        self._recorded: dict[str, tuple[tuple[Any, ...], float]] = {}
+        self._backoff: dict[str, tuple[float, float]] = {}  # agent -> (until, last wait)
         self.status: dict[str, PoolStatus] = {}
 
     # The loop -------------------------------------------------------------------------------
@@ -117,11 +122,14 @@ class PoolController:
                     await self._step(agent)
                 except HyperfleetError as e:  # the store or a replica did not answer: next tick
                     logger.warning("pool %s: %s", agent.id, e)
+                except Exception:  # one agent's bad step must not stop the others' scaling
+                    logger.exception("pool %s: the step failed", agent.id)
 
         await asyncio.gather(*(one(a) for a in agents))
         live = {a.id for a in agents}
-        for gone in set(self.status) - live:
-            self.status.pop(gone, None)
+        for table in (self.status, self._locks, self._ready, self._recorded, self._backoff):
+            for gone in set(table) - live:
+                table.pop(gone, None)
         for agent_id, status in self.status.items():
             metrics.pool(agent_id, status.counts())
         await self._keep_warm(agents)
@@ -135,7 +143,11 @@ class PoolController:
         agent = await self.control.pool_agent(agent_id)
         if agent is None:
             return False
-        if not any(r.state == "starting" for r in agent.replicas):
+        live = [r for r in agent.replicas if r.state != "draining"]
+        if len(live) >= AgentSpec.model_validate_json(agent.spec).replicas.max:
+            return False  # at its max: no step, however many opens ask
+        lock = self._locks.setdefault(agent_id, asyncio.Lock())
+        if not lock.locked() and not any(r.state == "starting" for r in agent.replicas):
             # With replicas already starting, the refusal waits for them instead of doubling
             # the pool again.
             self._refused[agent_id] = self._refused.get(agent_id, 0) + 1
@@ -155,10 +167,12 @@ class PoolController:
             if not agent.spec:  # deleted: stop whatever of it still runs
                 await self._stop_all(agent)
                 return
-            # Reread under the lock: a concurrent step may have changed the rows.
-            rows = await self.control.agent_replicas(agent.id)
-            pool = await self.control.agent_pool(agent.id)
-            spec = AgentSpec.model_validate_json(agent.spec)
+            # Read again under the lock: a concurrent step may have changed the rows.
+            fresh = await self.control.pool_agent(agent.id)
+            if fresh is None:
+                return  # deleted meanwhile: the next tick stops it
+            rows = list(fresh.replicas)
+            spec = AgentSpec.model_validate_json(fresh.spec)
             self._resume(agent.id, spec, rows)
             by_state = {s: [r for r in rows if r.state == s] for s in ("starting", "ready")}
             draining = [r for r in rows if r.state == "draining"]
@@ -176,15 +190,14 @@ class PoolController:
                 draining=len(draining),
             )
             state = PoolState()
-            if pool is not None and pool.state not in ("", "{}"):
-                state = PoolState.from_json(json.loads(pool.state))
-            decision = decide(policy_for(spec, self.config), state, seen, self._clock())
-            await self.control.record_pool(
-                agent.id, decision.desired, decision.reason, json.dumps(decision.state.to_json())
-            )
+            if fresh.pool is not None and fresh.pool.state not in ("", "{}"):
+                state = PoolState.from_json(json.loads(fresh.pool.state))
+            now = self._clock()
+            decision = decide(policy_for(spec, self.config), state, seen, now)
+            await self._record(agent.id, decision, now)
             metrics.decided(decision.reason, decision.delta)
-            if decision.delta > 0:
-                await self._add(agent.id, spec, decision.delta)
+            if decision.delta > 0 and now >= self._backoff.get(agent.id, (0.0, 0.0))[0]:
+                await self._add(agent.id, decision.delta)
             elif decision.delta < 0:
                 await self._remove(agent.id, spec, by_state, sessions, -decision.delta)
             self.status[agent.id] = PoolStatus(
@@ -199,18 +212,33 @@ class PoolController:
                 "pool %s: %s -> %s (%s)", agent.id, seen, decision.desired, decision.reason
             )
 
+    async def _record(self, agent_id: str, decision: Decision, now: float) -> None:
+        """Stores the decision and the policy's state: at once when the decision or a cooldown
+        changed, else at most every ``RECORD_EVERY_S`` (the trend's samples change every tick;
+        a restart that loses a few of them loses little, and the control store is spared a
+        write per agent per tick)."""
+        s = decision.state
+        key = (decision.desired, decision.reason, s.last_up_at, s.last_down_at, s.below_since)
+        last = self._recorded.get(agent_id)
+        if last is not None and last[0] == key and now - last[1] < RECORD_EVERY_S:
+            return
+        await self.control.record_pool(
+            agent_id, decision.desired, decision.reason, json.dumps(s.to_json())
+        )
+        self._recorded[agent_id] = (key, now)
+
     def _resume(self, agent_id: str, spec: AgentSpec, rows: list[ReplicaRow]) -> None:
         """Starts and drains under way whose task this process does not run (it restarted)."""
         for row in rows:
             if (agent_id, row.index) in self._tasks:
                 continue
             if row.state == "starting":
-                self._spawn_task(agent_id, row.index, self._start(agent_id, row.index, spec))
+                self._spawn_task(agent_id, row.index, self._start(agent_id, row.index))
             elif row.state == "draining":
                 left_s = max(0.0, (row.deadline or 0.0) - self._clock())
                 self._spawn_task(agent_id, row.index, self._drain(agent_id, row.index, left_s))
 
-    async def _add(self, agent_id: str, spec: AgentSpec, count: int) -> None:
+    async def _add(self, agent_id: str, count: int) -> None:
         indices = await self.control.add_replicas(agent_id, count, self.config.fleet_max_replicas)
         if len(indices) < count:
             metrics.capped(count - len(indices))
@@ -221,7 +249,7 @@ class PoolController:
                 len(indices),
             )
         for index in indices:
-            self._spawn_task(agent_id, index, self._start(agent_id, index, spec))
+            self._spawn_task(agent_id, index, self._start(agent_id, index))
 
     async def _remove(
         self,
@@ -231,13 +259,15 @@ class PoolController:
         sessions: dict[int, int],
         count: int,
     ) -> None:
-        # Starting replicas hold nothing: they go first, newest first.
+        # Starting replicas hold nothing: they go first, newest first. One that turned ready
+        # since the rows were read is not removed here (it may hold sessions already).
         for row in sorted(by_state["starting"], key=lambda r: -r.index)[:count]:
+            if not await self.control.remove_replica(agent_id, row.index, "starting"):
+                continue
             task = self._tasks.pop((agent_id, row.index), None)
             if task is not None:
                 task.cancel()
             self.replicas.kill(agent_id, row.index)
-            await self.control.remove_replica(agent_id, row.index)
             count -= 1
         # The fewest sessions first; replicas 0..min-1 last (a batch job may address them by
         # name: they are drained only when nothing else is left to remove).
@@ -263,9 +293,13 @@ class PoolController:
 
         self._tasks[(agent_id, index)] = asyncio.get_running_loop().create_task(run())
 
-    async def _start(self, agent_id: str, index: int, spec: AgentSpec) -> None:
+    async def _start(self, agent_id: str, index: int) -> None:
         started = time.monotonic()
-        handle = self.replicas.start(agent_id, index, spec)
+        opened = await self.control.replica_spec(agent_id)  # with its own key: only here
+        if opened is None:  # deleted meanwhile
+            await self.control.remove_replica(agent_id, index)
+            return
+        handle = self.replicas.start(agent_id, index, AgentSpec.model_validate_json(opened))
         try:
             await asyncio.wait_for(handle.health.remote(), self.config.start_timeout_s)
         except (RayActorError, RayTaskError, TimeoutError, GetTimeoutError) as e:
@@ -273,14 +307,24 @@ class PoolController:
             metrics.started("failed")
             self.replicas.kill(agent_id, index)
             await self.control.remove_replica(agent_id, index)
+            self._back_off(agent_id)
             return
         if not await self.control.set_replica_state(agent_id, index, "ready"):
             self.replicas.kill(agent_id, index)  # its agent was deleted meanwhile
             return
+        self._backoff.pop(agent_id, None)
         metrics.started("ready", time.monotonic() - started)
         event = self._ready.pop(agent_id, None)
         if event is not None:
             event.set()
+
+    def _back_off(self, agent_id: str) -> None:
+        """After a failed start, no new replica of the agent for a while, doubling up to
+        ``START_BACKOFF_MAX_S``: a replica that cannot start (a bad node, a store outage) must
+        not become a new actor, and for ``vm`` isolation new VM demand, on every tick."""
+        _, last_s = self._backoff.get(agent_id, (0.0, 0.0))
+        wait_s = min(START_BACKOFF_MAX_S, max(START_BACKOFF_S, 2 * last_s))
+        self._backoff[agent_id] = (self._clock() + wait_s, wait_s)
 
     async def _drain(self, agent_id: str, index: int, deadline_s: float) -> None:
         started = time.monotonic()
@@ -317,6 +361,12 @@ class PoolController:
         if self._request_resources is None:
             return
         slots: list[dict[str, float]] = []
+        if not (self.config.warm_floor or self.config.warm_spare):
+            # No warm pool: ask for nothing (which also withdraws an earlier ask).
+            if self._slots != slots:
+                await self._request_resources(slots)
+                self._slots = slots
+            return
         for agent in agents:
             if not agent.spec:
                 continue

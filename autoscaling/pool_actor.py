@@ -35,13 +35,18 @@ async def _request_resources(slots: list[dict[str, float]]) -> None:
 class PoolControllerActor:
     def __init__(self, config: PoolConfig, runtime: RuntimeConfig) -> None:
         logs.configure("pool-controller")
-        warm = _request_resources if config.warm_floor or config.warm_spare else None
-        self.controller = PoolController(Control(), Replicas(runtime), config, warm)
+        self.controller = PoolController(Control(), Replicas(runtime), config, _request_resources)
         # An async actor's __init__ runs on its event loop: the loop starts with the actor.
         self._loop = asyncio.get_running_loop().create_task(self.controller.run())
 
     async def ping(self) -> str:
         return "ok"
+
+    async def configure(self, config: PoolConfig, runtime: RuntimeConfig) -> None:
+        """The settings of the ingress that started last (a redeploy's): new replicas start
+        with its runtime, and the next tick uses its pool settings."""
+        self.controller.config = config
+        self.controller.replicas.runtime = runtime
 
     async def request_capacity(self, agent_id: str, wait_s: float | None = None) -> bool:
         return await self.controller.request_capacity(agent_id, wait_s)
@@ -55,12 +60,14 @@ class PoolControllerActor:
 
 
 def start_pool_controller(config: PoolConfig, runtime: RuntimeConfig) -> Any:
-    """Starts (or finds) the pool controller on the head; returns its handle. The first start's
-    settings hold until the actor is stopped (``hyperfleet down``)."""
-    return PoolControllerActor.options(  # type: ignore[attr-defined]
+    """Starts (or finds) the pool controller on the head and gives it these settings (one found
+    running may have another ingress's); returns its handle."""
+    handle = PoolControllerActor.options(  # type: ignore[attr-defined]
         name=POOL_ACTOR_NAME,
         namespace=NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
         resources={HEAD_RESOURCE: 0.001},
     ).remote(config, runtime)
+    handle.configure.remote(config, runtime)  # not awaited: the ingress starts meanwhile
+    return handle

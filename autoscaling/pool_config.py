@@ -42,6 +42,10 @@ class PoolConfig(BaseModel):
     scale_down_at: float = Field(default=0.3, gt=0, lt=1)
     scale_up_cooldown_s: float = Field(default=15.0, ge=0, le=3_600)
     scale_down_cooldown_s: float = Field(default=300.0, ge=0, le=86_400)
+    # The shortest cooldowns an agent may ask for: a pool that may scale every tick churns
+    # replicas (and, for vm isolation, VMs).
+    min_scale_up_cooldown_s: float = Field(default=1.0, ge=0, le=3_600)
+    min_scale_down_cooldown_s: float = Field(default=30.0, ge=0, le=86_400)
     lead_time_s: float = Field(
         default=VM_START_S, ge=0, le=600, description="how far ahead the trend looks"
     )
@@ -73,7 +77,8 @@ def complete_spec(spec: AgentSpec, config: PoolConfig) -> AgentSpec:
     """``spec`` with the scaling fields it leaves out set from the operator's defaults.
 
     Raises:
-        ValueError: the completed thresholds leave no band (down at or above up).
+        ValueError: the completed thresholds leave no band (down at or above up), or a
+            cooldown is below the operator's floor.
     """
     replicas = spec.replicas
     filled: dict[str, Any] = {
@@ -81,6 +86,13 @@ def complete_spec(spec: AgentSpec, config: PoolConfig) -> AgentSpec:
         for name in ("scale_up_at", "scale_down_at", "scale_up_cooldown_s", "scale_down_cooldown_s")
         if getattr(replicas, name) is None
     }
+    for name, floor in (
+        ("scale_up_cooldown_s", config.min_scale_up_cooldown_s),
+        ("scale_down_cooldown_s", config.min_scale_down_cooldown_s),
+    ):
+        asked = getattr(replicas, name)
+        if asked is not None and asked < floor:
+            raise ValueError(f"replicas.{name}: at least {floor:g} s on this platform")
     if not filled:
         return spec
     merged = type(replicas).model_validate({**replicas.model_dump(), **filled})
@@ -98,8 +110,9 @@ def policy_for(spec: AgentSpec, config: PoolConfig) -> PoolPolicy:
         max_sessions=spec.max_sessions,
         scale_up_at=r.scale_up_at,
         scale_down_at=r.scale_down_at,
-        scale_up_cooldown_s=r.scale_up_cooldown_s,
-        scale_down_cooldown_s=r.scale_down_cooldown_s,
+        # A spec stored before the operator raised a floor is held to the floor too.
+        scale_up_cooldown_s=max(r.scale_up_cooldown_s, config.min_scale_up_cooldown_s),
+        scale_down_cooldown_s=max(r.scale_down_cooldown_s, config.min_scale_down_cooldown_s),
         lead_time_s=config.lead_time_s,
     )
 

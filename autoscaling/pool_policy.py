@@ -9,9 +9,10 @@ through the same function, and the unit tests sweep it. Written in the manner of
 The policy (ARCHITECTURE.md, "Scaling: two loops"):
 
 - Utilisation is demand over capacity: the agent's sessions (never fewer than its turns in
-  flight, plus the sessions just refused) over (replicas counted x ``max_sessions``). Replicas counted are the ready and the
-  starting ones: a replica on its way is capacity already asked for, so a tick does not ask again
-  while it starts (a draining replica is leaving and does not count).
+  flight, plus the sessions just refused) over (replicas counted x ``max_sessions``). Replicas
+  counted are the ready and the starting ones: a replica on its way is capacity already asked
+  for, so a tick does not ask again while it starts (a draining replica is leaving and does not
+  count).
 - Up: above ``scale_up_at`` (now, or projected over the time a new replica takes to be ready),
   desired becomes the fewest replicas that bring demand back under ``scale_up_at``. Aggressive
   when sessions are being refused, when utilisation is at or above ``panic_at``, or when the

@@ -14,6 +14,7 @@ answer of an admitted request, errors included, and the handlers see only an adm
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -52,6 +53,7 @@ DRAIN_S = 30.0
 READY_CHECK_TIMEOUT_S = 5.0
 TRANSCRIPT_LIMIT_MAX = 200
 CAPACITY_RETRY_AFTER_S = 5.0
+STATS_CONCURRENCY = 16  # agents asked at once for GET /v1/agents/stats
 
 
 def _sse(event: dict[str, Any]) -> bytes:
@@ -118,7 +120,7 @@ class Api:
         self.default_quotas = default_quotas or Quotas()
         self.pool = pool
         self.pool_config = pool_config or PoolConfig()
-        self.homes = Homes(control, gate)
+        self.homes = Homes(control, gate, pool, self.pool_config.capacity_wait_s)
         self._specs: dict[str, AgentSpec] = {}
         self.readiness = readiness or Readiness(
             {"control_store": control.has_admin, "session_store": _ping_session_store}
@@ -301,6 +303,8 @@ class Api:
             spec = complete_spec(spec, self.pool_config)  # stored whole: scaling defaults in
         except ValidationError as e:
             raise ApiError(422, "validation_error", str(e.errors()[0]["msg"])) from e
+        except ValueError as e:  # a cooldown under the operator's floor
+            raise ApiError(422, "validation_error", str(e)) from e
         if not user.is_admin:  # an administrator's agents are the platform's own
             try:
                 check_tenant_spec(spec, self.tenants)
@@ -392,23 +396,32 @@ class Api:
         agent = await self._agent(request.path_params["agent_id"], user)
         await self.control.set_agent_status(agent.id, "draining")
         rows = await self.control.agent_replicas(agent.id)
+        # The rows go first: a replica the pool controller is starting now finds none, and
+        # stops itself instead of turning ready.
+        await self.control.drop_pool(agent.id)
         await self.replicas.remove(agent.id, [r.index for r in rows], DRAIN_S)
         await self.control.set_agent_status(agent.id, "deleted")
-        await self.control.drop_pool(agent.id)
         self._specs.pop(agent.id, None)
         self.gate.forget_routes(agent_id=agent.id)
         return JSONResponse({"id": agent.id, "status": "deleted"})
 
     async def agent_stats(self, request: Request, user: User) -> Response:
         agents = await self.control.list_agents(user.id)
+        limit = asyncio.Semaphore(STATS_CONCURRENCY)
+
+        async def one(agent: Agent) -> tuple[int, list[dict[str, Any]]]:
+            async with limit:
+                pool = await self.control.agent_pool(agent.id)
+                rows = await self.control.agent_replicas(agent.id)
+                views = await self._replica_views(agent.id, rows)
+                return (pool.desired if pool else agent.replicas), views
+
         per_node: dict[str, int] = {}
         by_state = {"starting": 0, "ready": 0, "draining": 0, "unavailable": 0}
         desired = active = capacity = 0
-        for agent in agents:
-            pool = await self.control.agent_pool(agent.id)
-            rows = await self.control.agent_replicas(agent.id)
-            desired += pool.desired if pool else agent.replicas
-            for view in await self._replica_views(agent.id, rows):
+        for wanted, views in await asyncio.gather(*(one(a) for a in agents)):
+            desired += wanted
+            for view in views:
                 by_state[view["state"]] = by_state.get(view["state"], 0) + 1
                 active += view["sessions"]
                 if view["state"] == "ready":

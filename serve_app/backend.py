@@ -165,8 +165,11 @@ class ControlStoreActor:
     ) -> bool:
         return self._store.pools.set_state(agent_id, index, state, deadline)
 
-    def remove_replica(self, agent_id: str, index: int) -> None:
-        self._store.pools.remove(agent_id, index)
+    def remove_replica(self, agent_id: str, index: int, only_state: str | None = None) -> bool:
+        return self._store.pools.remove(agent_id, index, only_state)
+
+    def replica_spec(self, agent_id: str) -> str | None:
+        return self._store.replica_spec(agent_id)
 
     def drop_pool(self, agent_id: str) -> None:
         self._store.pools.drop(agent_id)
@@ -364,8 +367,16 @@ class Control:
         found: bool = await self._call("set_replica_state", agent_id, index, state, deadline)
         return found
 
-    async def remove_replica(self, agent_id: str, index: int) -> None:
-        await self._call("remove_replica", agent_id, index)
+    async def remove_replica(
+        self, agent_id: str, index: int, only_state: str | None = None
+    ) -> bool:
+        removed: bool = await self._call("remove_replica", agent_id, index, only_state)
+        return removed
+
+    async def replica_spec(self, agent_id: str) -> str | None:
+        """The agent's spec with its own Anthropic key opened: for starting a replica only."""
+        spec: str | None = await self._call("replica_spec", agent_id)
+        return spec
 
     async def drop_pool(self, agent_id: str) -> None:
         await self._call("drop_pool", agent_id)

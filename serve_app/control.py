@@ -132,7 +132,7 @@ class ControlStore:
         self._db.execute("PRAGMA secure_delete = ON")
         self._db.executescript(_SCHEMA)
         seal_plaintext_keys(self._db, self._sealer)
-        self.pools = PoolTable(self._db, clock, self._sealer.open_spec, self._room)
+        self.pools = PoolTable(self._db, clock, self._room)
 
     def close(self) -> None:
         self._db.close()

@@ -19,6 +19,7 @@ from .admission import Gate
 from .backend import Control
 from .errors import ApiError
 from .records import Route
+from .replicas import Pool
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +29,15 @@ T = TypeVar("T")
 
 
 class Homes:
-    def __init__(self, control: Control, gate: Gate) -> None:
+    def __init__(
+        self, control: Control, gate: Gate, pool: Pool | None = None, capacity_wait_s: float = 0
+    ) -> None:
+        """``pool`` is asked for a replica when a session's replica is gone and none is ready
+        to take it (a pool scaled to zero, say), for up to ``capacity_wait_s``."""
         self.control = control
         self.gate = gate
+        self.pool = pool
+        self.capacity_wait_s = capacity_wait_s
 
     async def at_home(self, route: Route, call: Callable[[Route], Awaitable[T]]) -> T:
         """``call`` on the session's replica. When that replica is draining (``session_moved``)
@@ -54,6 +61,17 @@ class Homes:
         if not (gone or isinstance(error, SessionMovedError)):
             return None
         moved = await self.control.rehome(route.id, route.replica)
+        stuck = moved is not None and moved.replica == route.replica
+        # Draining or gone, and no ready replica to move to (a pool scaled to zero): ask the
+        # pool for one (a refusal, for its policy) and move once it is there. A replica that is
+        # merely restarting is still ready, and keeps its sessions.
+        if (
+            stuck
+            and self.pool is not None
+            and not await self.control.placement(route.agent_id)
+            and await self.pool.request_capacity(route.agent_id, self.capacity_wait_s)
+        ):
+            moved = await self.control.rehome(route.id, route.replica)
         if moved is None or moved.replica == route.replica:
             return None
         self.gate.forget_routes(session_id=route.id)

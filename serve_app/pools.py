@@ -18,6 +18,7 @@ import sqlite3
 from collections.abc import Callable
 
 from .records import PoolAgent, PoolRow, ReplicaRow
+from .sealing import redact_spec
 
 POOL_SCHEMA = """
 CREATE TABLE IF NOT EXISTS replicas (
@@ -38,18 +39,12 @@ class PoolTable:
     store's one-call-at-a-time actor, and those that write do so in one transaction."""
 
     def __init__(
-        self,
-        db: sqlite3.Connection,
-        clock: Callable[[], float],
-        open_spec: Callable[[str, str], str],
-        room: Callable[[str, str], int],
+        self, db: sqlite3.Connection, clock: Callable[[], float], room: Callable[[str, str], int]
     ) -> None:
-        """``open_spec(sealed_spec, agent_id)`` opens a stored spec's own key (the controller
-        starts replicas with it); ``room(owner, spec_json)`` is how many more replicas of that
-        spec the owner's quotas allow."""
+        """``room(owner, spec_json)`` is how many more replicas of that spec the owner's quotas
+        allow."""
         self._db = db
         self._clock = clock
-        self._open_spec = open_spec
         self._room = room
         db.executescript(POOL_SCHEMA)
         self._adopt_fixed_agents()
@@ -111,9 +106,11 @@ class PoolTable:
         ).fetchall()
         out = []
         for agent_id, owner, spec, status in rows:
-            opened = "" if status == "deleted" else self._open_spec(spec, agent_id)
+            # Redacted: a tick reads every agent; the key is opened only to start a replica
+            # (``ControlStore.replica_spec``), never sent around on every tick.
+            shown = "" if status == "deleted" else redact_spec(spec)
             replicas = tuple(self.replicas(agent_id))
-            out.append(PoolAgent(agent_id, owner, opened, replicas, self.pool(agent_id)))
+            out.append(PoolAgent(agent_id, owner, shown, replicas, self.pool(agent_id)))
         return out
 
     def fleet_size(self) -> int:
@@ -155,19 +152,27 @@ class PoolTable:
         return indices
 
     def set_state(self, agent_id: str, index: int, state: str, deadline: float | None) -> bool:
-        """Moves a live replica to ``state``; False when it has no row (removed)."""
+        """Moves a replica to ``state``; False when it has no row (removed), or, for
+        ``ready``, when its agent is no longer live (being deleted: the replica must stop)."""
         if state not in REPLICA_STATES:
             raise ValueError(f"unknown replica state {state!r}")
         cursor = self._db.execute(
             "UPDATE replicas SET state = ?, changed_at = ?, deadline = ? "
-            "WHERE agent_id = ? AND idx = ?",
-            (state, self._clock(), deadline, agent_id, index),
+            "WHERE agent_id = ? AND idx = ? AND (? != 'ready' OR EXISTS (SELECT 1 FROM agents "
+            "WHERE id = ? AND status IN ('starting', 'ready', 'pending')))",
+            (state, self._clock(), deadline, agent_id, index, state, agent_id),
         )
         return cursor.rowcount > 0
 
-    def remove(self, agent_id: str, index: int) -> None:
-        self._db.execute("DELETE FROM replicas WHERE agent_id = ? AND idx = ?", (agent_id, index))
+    def remove(self, agent_id: str, index: int, only_state: str | None = None) -> bool:
+        """Deletes a replica's row (only while it is in ``only_state``, when given); True when
+        one went."""
+        cursor = self._db.execute(
+            "DELETE FROM replicas WHERE agent_id = ? AND idx = ? AND (? IS NULL OR state = ?)",
+            (agent_id, index, only_state, only_state),
+        )
         self._count(agent_id)
+        return cursor.rowcount > 0
 
     def drop(self, agent_id: str) -> None:
         """A deleted agent's pool: its rows go (its replicas were stopped)."""
@@ -193,10 +198,11 @@ class PoolTable:
     def placement(self, agent_id: str) -> list[tuple[int, int]]:
         """The agent's ready replicas with their open sessions, least loaded first."""
         rows = self._db.execute(
-            "SELECT p.idx, (SELECT COUNT(*) FROM routes r WHERE r.agent_id = p.agent_id "
-            "AND r.replica = p.idx AND r.closed = 0) AS n FROM replicas p "
+            "SELECT p.idx, COALESCE(r.n, 0) AS n FROM replicas p LEFT JOIN ("
+            "SELECT replica, COUNT(*) AS n FROM routes WHERE agent_id = ? AND closed = 0 "
+            "GROUP BY replica) r ON r.replica = p.idx "
             "WHERE p.agent_id = ? AND p.state = 'ready' ORDER BY n, p.idx",
-            (agent_id,),
+            (agent_id, agent_id),
         ).fetchall()
         return [(int(i), int(n)) for i, n in rows]
 

@@ -175,7 +175,12 @@ def api_server(
         "ip_requests_per_minute": 100_000,
         # No warm pool (no autoscaler runs here), and pools observed twice a second, so the
         # scaling test's short cooldowns are seen.
-        "pool": {"warm_floor": 0, "warm_spare": 0, "tick_s": 0.5},
+        "pool": {
+            "warm_floor": 0,
+            "warm_spare": 0,
+            "tick_s": 0.5,
+            "min_scale_down_cooldown_s": 1,
+        },
     }
     serve.run(build(config, num_replicas=2), name=APP_NAME, route_prefix="/")
     try:

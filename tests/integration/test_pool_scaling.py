@@ -80,7 +80,8 @@ def _route_replica(session_id: str) -> int:
 
 
 class Talker:
-    """Sends messages to sessions in a loop on a thread, recording every answer's status."""
+    """Sends messages to sessions in a loop on a thread, JSON and SSE in turn, recording every
+    answer's status (an SSE turn that ends in an ``error`` event counts as a failure)."""
 
     def __init__(self, user: Client, sessions: list[str]) -> None:
         self.user = user
@@ -98,15 +99,22 @@ class Talker:
         self._thread.join(timeout=120)
 
     def _run(self) -> None:
+        streamed = False
         while not self._stop.is_set():
             for sid in self.sessions:
+                streamed = not streamed  # every other message is an SSE turn
                 response = self.user.request(
                     "POST",
                     f"/v1/sessions/{sid}/messages",
-                    json={"content": "still there?"},
+                    json={"content": "still there?", "stream": streamed},
                     headers={"Idempotency-Key": uuid.uuid4().hex},
                 )
-                self.statuses.append((sid, response.status_code, response.text[:300]))
+                status = response.status_code
+                if streamed and (
+                    "event: error" in response.text or "turn_end" not in response.text
+                ):
+                    status = 599  # a stream that ended in an error event, or not at its end
+                self.statuses.append((sid, status, response.text[:300]))
 
 
 def test_a_pool_follows_its_sessions_up_and_back_down(admin: Client, api_server: ApiServer) -> None:
