@@ -401,9 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--warm-replicas",
         type=int,
-        default=10,
-        help="replica slots of VM capacity kept in the cluster, in use or not (Ray's "
-        "request_resources; a cluster without an autoscaler ignores it)",
+        default=0,
+        help="replica slots of capacity kept in the cluster, in use or not (Ray's "
+        "request_resources; default 0: one machine has no autoscaler to add any)",
     )
     sub.add_parser("down", help="stop the local stack", description="Stop what `up` started.")
     sub.add_parser(
