@@ -144,10 +144,11 @@ class PoolController:
         if agent is None:
             return False
         live = [r for r in agent.replicas if r.state != "draining"]
-        if len(live) >= AgentSpec.model_validate_json(agent.spec).replicas.max:
-            return False  # at its max: no step, however many opens ask
+        starting = any(r.state == "starting" for r in agent.replicas)
+        if not starting and len(live) >= AgentSpec.model_validate_json(agent.spec).replicas.max:
+            return False  # at its max, none on its way: no step, however many opens ask
         lock = self._locks.setdefault(agent_id, asyncio.Lock())
-        if not lock.locked() and not any(r.state == "starting" for r in agent.replicas):
+        if not lock.locked() and not starting:
             # With replicas already starting, the refusal waits for them instead of doubling
             # the pool again.
             self._refused[agent_id] = self._refused.get(agent_id, 0) + 1

@@ -16,7 +16,7 @@ from hyperfleet import logs
 
 from .admission import ControlGate, Gate, RedisGate
 from .app import Api
-from .backend import Control
+from .backend import HEAD_RESOURCE, Control
 from .client_address import UVICORN_TRUST_ENV, ClientAddresses, ForwardedHeader, parse_networks
 from .models import Quotas
 from .replicas import Pool, Replicas
@@ -67,7 +67,9 @@ class IngressConfig(BaseModel):
 @serve.deployment(
     autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32},
     max_ongoing_requests=256,
-    ray_actor_options={"num_cpus": 0.25},
+    # On the head: Serve spreads replicas over nodes, and an ingress on an agent's VM would
+    # share a tenant's VM (isolation vm) and keep it from ever going idle.
+    ray_actor_options={"num_cpus": 0.25, "resources": {HEAD_RESOURCE: 0.001}},
 )
 @serve.ingress()
 class Ingress:
