@@ -11,16 +11,19 @@ stdout too). Every Ray call has a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ray
 
 from actors import NAMESPACE, AgentSpec, RuntimeConfig, spawn_replica, start_store_actor
+from hyperfleet.names import CONTROL_ACTOR_NAME, POOL_ACTOR_NAME
 
 CALL_TIMEOUT_S = 60.0
 RETRY_PAUSE_S = 1.0
@@ -142,6 +145,42 @@ def nodes() -> list[dict[str, Any]]:
     return [_node_of(n["NodeID"]) for n in ray.nodes() if n["Alive"]]
 
 
+def serve_api(port: int, control_path: str, config: dict[str, Any]) -> dict[str, str]:
+    """The HTTP API on this cluster, as the integration tier's ``api_server`` runs it: the
+    control store on the head with an administrator's key, and the Serve app (its ingress starts
+    the pool controller). The proxy runs on the head only: every local "VM" shares this
+    machine's loopback, where a proxy per node would contend for the port."""
+    from ray import serve
+
+    from serve_app import APP_NAME, build, start_control_actor
+
+    control = start_control_actor(Path(control_path))
+    ray.get(control.ping.remote(), timeout=CALL_TIMEOUT_S)
+    ray.get(control.create_user.remote("usr_admin", "admin", {}, True), timeout=CALL_TIMEOUT_S)
+    issued = ray.get(control.issue_key.remote("usr_admin"), timeout=CALL_TIMEOUT_S)
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(config, num_replicas=1), name=APP_NAME, route_prefix="/")
+    return {"base_url": f"http://127.0.0.1:{port}", "admin_key": issued.api_key}
+
+
+def serve_down() -> str:
+    """Stops what ``serve_api`` started: Serve, the pool controller and the control store."""
+    from ray import serve
+
+    serve.shutdown()  # type: ignore[no-untyped-call]
+    for name in (POOL_ACTOR_NAME, CONTROL_ACTOR_NAME):
+        with contextlib.suppress(ValueError):  # never started, or gone
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+    return "ok"
+
+
+def session_replica(session_id: str) -> int | None:
+    """The replica index the control store routes ``session_id`` to (None: no route)."""
+    control = ray.get_actor(CONTROL_ACTOR_NAME, namespace=NAMESPACE)
+    route: Any = ray.get(control.get_route.remote(session_id), timeout=CALL_TIMEOUT_S)
+    return None if route is None else int(route.replica)
+
+
 OPS: dict[str, Callable[..., Any]] = {
     "setup_store": setup_store,
     "spawn": spawn,
@@ -153,6 +192,9 @@ OPS: dict[str, Callable[..., Any]] = {
     "delete": delete,
     "provider_address": provider_address,
     "nodes": nodes,
+    "serve_api": serve_api,
+    "serve_down": serve_down,
+    "session_replica": session_replica,
 }
 
 

@@ -7,6 +7,10 @@ and serves a session. SIGTERM to that busy node's workload process drains it, an
 continues on another node with its transcript. Once the agent is deleted, the idle node is drained
 and its workload Stopped.
 
+Then the API and its pool controller run in the cluster, driven over HTTP: an agent's pool grows
+past the VMs it has (a replica waits for the VM the autoscaler Spawns for it) and shrinks back,
+and the VM it left idle is Stopped (``benchmarks/pool_ramp.py`` records the same ramp).
+
 The cluster is a second Ray cluster, driven from a subprocess (``autoscaler_driver``): this
 pytest process is already a driver of the session's cluster.
 """
@@ -41,6 +45,7 @@ from .autoscaling_cluster import (
     start_standin_for,
 )
 from .conftest import EmulatorServer
+from .pool_load import MAX_SESSIONS, PoolLoad, Talker, start_api, vm_agent_spec
 
 # One bound for each step that waits on the autoscaler (a node start takes ~10-30 s here).
 STEP_TIMEOUT_S = 150.0
@@ -211,3 +216,87 @@ def test_autoscaler_scales_out_drains_and_scales_in(
     alive = driver.call("nodes", CALL_TIMEOUT_S)
     assert [n["instance_id"] for n in alive] == [head.instance_id]
     hypercore.close()
+
+
+@pytest.mark.timeout(600)
+def test_a_pool_adds_a_vm_past_its_nodes_slots_and_gives_it_back(
+    cluster: tuple[StandinHandle, Head, Driver, str],
+    emulator: EmulatorServer,
+    tmp_path: Path,
+) -> None:
+    """The API and its pool controller on the cluster: sessions past one replica's room make
+    the pool add a replica, which waits for a VM the autoscaler Spawns through the provider; with
+    the sessions closed, the pool drains back to one replica and the autoscaler Stops the VM it
+    left idle. Every request answers, the survivors' messages included."""
+    standin, head, driver, name = cluster
+    hypercore: HypercoreClient = standin.client()
+    tmp_path.chmod(0o711)
+    # After the test above, whose agent's node goes when it is deleted.
+    eventually(lambda: cluster_workloads(hypercore, name, "worker") == {}, "no worker", head)
+    api = start_api(driver, tmp_path, emulator.base_url, emulator.api_key, tmp_path)
+    load = PoolLoad(api, hypercore, name)
+    try:
+        _ramp_up_and_down(load, driver, head)
+        load.delete_agent()
+        assert not load.failures, load.failures
+    finally:
+        load.close()
+        hypercore.close()
+        driver.call("serve_down", CALL_TIMEOUT_S)
+
+
+def _pool_at(load: PoolLoad, states: list[str], vms: int) -> Callable[[], Any]:
+    """A check for ``eventually``: the agent's detail once its replicas' states are ``states``
+    and the cluster runs ``vms`` worker VMs."""
+
+    def check() -> dict[str, Any] | None:
+        detail = load.detail()
+        if detail is None or [r["state"] for r in detail["replicas"]] != states:
+            return None
+        return detail if len(load.vms()) == vms else None
+
+    return check
+
+
+def _ramp_up_and_down(load: PoolLoad, driver: Driver, head: Head) -> None:
+    load.create_agent(vm_agent_spec())  # one replica at least, on a VM of its own
+    first = eventually(_pool_at(load, ["ready"], 1), "the first replica on a VM", head)
+    [first_vm] = load.vms()
+
+    # Up: a full replica (MAX_SESSIONS) makes the pool want a second one; Ray has no VM slot
+    # for it, so the autoscaler Spawns a VM. An open meanwhile finds the first replica full.
+    opened = [load.open_session() for _ in range(MAX_SESSIONS)]
+    eventually(lambda: (load.detail() or {}).get("desired_replicas") == 2, "desired 2", head)
+    opened.append(load.open_session())
+    grown = eventually(_pool_at(load, ["ready", "ready"], 2), "a second replica on a VM", head)
+    # The fifth open waited for the new replica instead of evicting a session from the full one.
+    assert grown["sessions"] == len(opened), grown
+    opened.append(load.open_session())  # on the least loaded replica: the new one
+    assert None not in opened and not load.failures, load.failures
+    assert grown["desired_replicas"] == 2 and grown["scaling_reason"], grown
+    instance_of = {n["node_id"]: n["instance_id"] for n in driver.call("nodes", CALL_TIMEOUT_S)}
+    vms = load.vms()
+    homes = {r["index"]: instance_of[r["node_id"]] for r in grown["replicas"]}
+    assert homes[first["replicas"][0]["index"]] == first_vm
+    assert set(homes.values()) == set(vms)  # one replica per VM
+    [new_index] = [i for i, vm in homes.items() if vm != first_vm]
+    on_new = [
+        s for s in load.sessions if driver.call("session_replica", 30, session_id=s) == new_index
+    ]
+    assert opened[-1] in on_new, grown
+    assert (load.send(on_new[0], "on the new VM?") or "").startswith("You said"), load.failures
+
+    # Down: two sessions left of 2 x MAX_SESSIONS is under 30 %: one replica drains (its session
+    # moves), and its VM, idle, is drained and Stopped by the autoscaler.
+    survivors = [load.sessions[0], on_new[0]]
+    for session_id in [s for s in load.sessions if s not in survivors]:
+        load.close_session(session_id)
+    with Talker(load, survivors) as talker:
+        shrunk = eventually(_pool_at(load, ["ready"], 1), "one replica and one VM left", head)
+    assert shrunk["desired_replicas"] == 1 and talker.answered >= len(survivors), shrunk
+    last = shrunk["replicas"][0]["index"]
+    assert set(load.vms()) == {homes[last]}  # the VM left is the surviving replica's
+    for session_id in survivors:
+        assert driver.call("session_replica", 30, session_id=session_id) == last
+        assert (load.send(session_id, "and now?") or "").startswith("You said"), load.failures
+        assert load.turns(session_id) >= 3  # its earlier turns came along, from the store
