@@ -68,6 +68,7 @@ from typing import Protocol
 from autoscaling import Observation, PoolPolicy, PoolState, decide
 from benchmarks import autoscale_traces
 from benchmarks.autoscale_traces import Trace, demand_replica_s, lognormal
+from benchmarks.results_file import write_section
 
 MAX_SESSIONS = 100
 TICK_S = 2  # the pool controller's period (PoolConfig.tick_s), and Knative's tick-interval
@@ -632,28 +633,8 @@ def _wrap(line: str) -> str:
 
 
 def write_results(text: str, path: Path = RESULTS, today: str | None = None) -> None:
-    """Put ``text`` (a ``SECTION``) at the end of today's ``## date`` section, or in place of
-    an earlier one of today's; a missing heading goes above the newest date. Nothing else in
-    the file changes."""
-    today = today or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
-    lines = path.read_text().splitlines(keepends=True)
-    heading = f"## {today}\n"
-    if heading not in lines:
-        first = next((n for n, ln in enumerate(lines) if ln.startswith("## ")), len(lines))
-        lines[first:first] = [heading, "\n"]
-    start = lines.index(heading) + 1
-    end = next((n for n in range(start, len(lines)) if lines[n].startswith("## ")), len(lines))
-    ours = next((n for n in range(start, end) if lines[n].rstrip("\n") == SECTION), None)
-    if ours is not None:
-        stop = next((n for n in range(ours + 1, end) if lines[n].startswith("### ")), end)
-        del lines[ours:stop]
-        end -= stop - ours
-    at = end
-    while at > start and not lines[at - 1].strip():
-        at -= 1
-    new = ["\n", *text.splitlines(keepends=True)] + (["\n"] if at < len(lines) else [])
-    lines[at:end] = new
-    path.write_text("".join(lines))
+    """``text`` into RESULTS.md, in place of today's earlier run (``results_file``)."""
+    write_section(text, path, today)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

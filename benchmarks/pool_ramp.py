@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from benchmarks.results_file import write_section
 from cluster.cli.servers import start_emulator
 from hyperfleet.processes import free_port, reap_leftovers, stop
 from tests.integration.autoscaling_cluster import (
@@ -257,22 +258,8 @@ def section(rows: list[tuple[str, str]], command: str, elapsed_s: float, out: Pa
 
 
 def write_results(text: str, path: Path = RESULTS, today: str | None = None) -> None:
-    """Appends ``text`` at the end of today's ``## date`` section (a missing heading goes above
-    the newest date); nothing else in the file changes."""
-    today = today or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
-    lines = path.read_text().splitlines(keepends=True)
-    heading = f"## {today}\n"
-    if heading not in lines:
-        first = next((n for n, ln in enumerate(lines) if ln.startswith("## ")), len(lines))
-        lines[first:first] = [heading, "\n"]
-    start = lines.index(heading) + 1
-    end = next((n for n in range(start, len(lines)) if lines[n].startswith("## ")), len(lines))
-    at = end
-    while at > start and not lines[at - 1].strip():
-        at -= 1
-    new = ["\n", *text.splitlines(keepends=True)] + (["\n"] if end < len(lines) else [])
-    lines[at:end] = new
-    path.write_text("".join(lines))
+    """``text`` into RESULTS.md, in place of today's earlier run (``results_file``)."""
+    write_section(text, path, today)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
