@@ -41,6 +41,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from actors.store.redis import pooled_client
 from hyperfleet.metering import RESERVATION_TTL_S, Reservation, utc_day
 
 from .errors import unavailable
@@ -298,9 +299,7 @@ class RedisGate:
         day; None: Redis's own clock for the first two and this host's for the day (tests pass
         a fake one)."""
         self._control = control
-        self._redis = client or Redis.from_url(
-            redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
-        )
+        self._redis = client or pooled_client(redis_url, REDIS_TIMEOUT_S)
         self._admit = self._redis.register_script(_ADMIT)
         self._clock = clock
         self._users = _TtlCache(auth_cache_ttl_s)

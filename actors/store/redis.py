@@ -68,14 +68,36 @@ def _keys(session_id: str) -> list[str]:
     return [f"hf:s:{session_id}", f"hf:t:{session_id}", f"hf:k:{session_id}"]
 
 
+POOL_CONNECTIONS = 64  # per process; callers past it wait for one (up to their timeout)
+
+
+def pooled_client(
+    url: str,
+    timeout_s: float,
+    max_connections: int = POOL_CONNECTIONS,
+    wait_s: float | None = None,
+) -> aioredis.Redis:
+    """An asyncio Redis client whose connection pool queues a caller for a free connection (for
+    up to ``wait_s``, default ``timeout_s``) instead of failing: redis-py's default pool raises
+    ``MaxConnectionsError`` at once when its 100 connections are in use, which a few hundred
+    concurrent sessions on one ingress replica reached (issue 16's probe: 6 % of requests
+    answered 503). Every connection and command is bounded by ``timeout_s``."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout_s if wait_s is None else wait_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+    )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose closes both
+
+
 class RedisSessionStore:
     def __init__(
         self, url: str, timeout_s: float = TIMEOUT_S, clock: Callable[[], float] = time.time
     ) -> None:
         self._clock = clock  # when an outbox record was written
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
+        self._redis = pooled_client(url, timeout_s)
         self._commit = self._redis.register_script(_COMMIT)
 
     async def aclose(self) -> None:
