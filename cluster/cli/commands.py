@@ -142,6 +142,23 @@ def _admission_flags(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def _emulator_flags(args: argparse.Namespace) -> list[str]:
+    """``hyperfleet emulator``'s latency flags from ``up``'s ``--emulator-*`` ones.
+
+    Raises:
+        ValueError: a value out of the emulator's range.
+    """
+    if args.emulator_ttft_ms < 0 or args.emulator_tps < 0 or not 0 <= args.emulator_jitter <= 1:
+        raise ValueError(
+            "--emulator-ttft-ms and --emulator-tps: at least 0; --emulator-jitter: 0 to 1"
+        )
+    return [
+        f"--ttft-ms={args.emulator_ttft_ms:g}",
+        f"--tps={args.emulator_tps:g}",
+        f"--jitter={args.emulator_jitter:g}",
+    ]
+
+
 def _run_up(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -155,6 +172,7 @@ def _run_up(args: argparse.Namespace) -> int:
         return 2
     try:
         admission = _admission_flags(args)
+        emulator_flags = _emulator_flags(args)
     except ValueError as e:
         print(f"hyperfleet up: {e}", file=sys.stderr)
         return 2
@@ -169,6 +187,7 @@ def _run_up(args: argparse.Namespace) -> int:
             dashboard_port=args.dashboard_port,
             prometheus_port=args.prometheus_port,
             grafana_port=args.grafana_port,
+            emulator_flags=emulator_flags,
             **({"prometheus_rules": args.prometheus_rules} if args.prometheus_rules else {}),
         )
     except stack.StackError as e:
@@ -391,6 +410,25 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("x-forwarded-for", "forwarded"),
         default="x-forwarded-for",
         help="the header --trusted-proxies set: X-Forwarded-For or RFC 7239 Forwarded",
+    )
+    p.add_argument(
+        "--emulator-ttft-ms",
+        type=float,
+        default=0.0,
+        help="the emulator's time to first token, for turns that take as long as real ones "
+        "(an emulator already running keeps its own; hyperfleet down first)",
+    )
+    p.add_argument(
+        "--emulator-tps",
+        type=float,
+        default=0.0,
+        help="the emulator's output tokens per second (0: no limit)",
+    )
+    p.add_argument(
+        "--emulator-jitter",
+        type=float,
+        default=0.0,
+        help="a seeded +/- fraction on the emulator's ttft and tps (0 to 1)",
     )
     p.add_argument(
         "--fleet-max-replicas",

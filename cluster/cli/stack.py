@@ -168,6 +168,7 @@ def up(
     prometheus_port: int = DEFAULT_PROMETHEUS_PORT,
     grafana_port: int = DEFAULT_GRAFANA_PORT,
     prometheus_rules: Sequence[Path] = (ALERT_RULES,),
+    emulator_flags: Sequence[str] = (),
 ) -> StackInfo:
     """Starts the local stack; a part that runs already is left as it is. What the machine
     lacks (``prerequisites.py``) is said first, with how to get it. ``admission`` is the
@@ -175,7 +176,9 @@ def up(
     ``ip_exempt``, ``trusted_proxies``, ``forwarded_header``); the API is redeployed with them
     on every ``up``. Prometheus's configuration (with those of ``prometheus_rules`` that exist)
     and the Grafana folder are written again on every ``up``; ``grafana_port`` is where the
-    Ray dashboard and the written ``grafana.ini`` expect a Grafana."""
+    Ray dashboard and the written ``grafana.ini`` expect a Grafana. ``emulator_flags`` are
+    ``hyperfleet emulator``'s (its latency model: ``--ttft-ms``, ``--tps``, ``--jitter``), for an
+    emulator this ``up`` starts."""
     for warning in missing_prerequisites(settings):
         progress(warning)
     daemons = _daemons(settings)
@@ -190,7 +193,7 @@ def up(
         )
         progress(f"[1/{STEPS}] Anthropic emulator on 127.0.0.1:{emulator_port} ...")
         env = dict(os.environ, HYPERFLEET_EMULATOR_API_KEY=emulator_key)
-        emulator = daemons.start(EMULATOR, emulator_argv(emulator_port), env)
+        emulator = daemons.start(EMULATOR, [*emulator_argv(emulator_port), *emulator_flags], env)
         emulator_url = f"http://127.0.0.1:{emulator_port}"
         ready = wait_http_ok(emulator_url + "/_emulator/stats", READY_TIMEOUT_S)
         if not ready or not daemons.state(EMULATOR).running:  # answered by someone else?

@@ -208,3 +208,20 @@ def test_a_taken_prometheus_port_is_explained(
                 settings, stack._daemons(settings), port, tmp_path, [], lambda _: None, "[4/8]"
             )
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_ups_emulator_latency_flags_are_the_emulators_own(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cluster.cli.commands import _emulator_flags
+
+    args = build_parser().parse_args(
+        ["up", "--emulator-ttft-ms", "500", "--emulator-tps", "50", "--emulator-jitter", "0.1"]
+    )
+    flags = _emulator_flags(args)
+    emulator = build_parser().parse_args(["emulator", *flags])
+    assert (emulator.ttft_ms, emulator.tps, emulator.jitter) == (500.0, 50.0, 0.1)
+    monkeypatch.setenv("HYPERFLEET_HOME", str(tmp_path))
+    assert main(["up", "--emulator-jitter", "2"]) == 2  # refused before anything starts
+    assert "--emulator-jitter" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
