@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 from cluster.observability import ports as observability_ports
 from hyperfleet import ports
 
+from .loadtest_command import loadtest_parser, run_loadtest
+
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
@@ -478,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _hypercore_parser(sub)
+    loadtest_parser(sub)
     return parser
 
 
@@ -490,6 +493,7 @@ _HANDLERS = {
     "agents": _run_agents,
     "node": _run_node,
     "hypercore": _run_hypercore,
+    "loadtest": run_loadtest,
 }
 
 

@@ -11,6 +11,7 @@ PACKAGES = [
     "cluster.emulator",
     "cluster.hypercore",
     "cluster.hypercore_standin",
+    "cluster.loadtest",
     "serve_app",
     "actors",
     "actors.store",
