@@ -52,11 +52,8 @@ import heapq
 import itertools
 import json
 import math
-import os
-import platform
 import random
 import re
-import subprocess
 import sys
 import textwrap
 import time
@@ -69,7 +66,7 @@ from autoscaling import Observation, PoolPolicy, PoolState, decide
 from benchmarks import autoscale_traces
 from benchmarks.autoscale_baselines import KnativeController, RayServeController
 from benchmarks.autoscale_traces import Trace, demand_replica_s, lognormal
-from benchmarks.results_file import write_section
+from benchmarks.results_file import commit, machine, write_section
 
 MAX_SESSIONS = 100
 TICK_S = 2  # the pool controller's period (PoolConfig.tick_s), and Knative's tick-interval
@@ -493,32 +490,14 @@ def variant(spec: str) -> Callable[[], Controller]:
     return functools.partial(PoolPolicyController, policy, " ".join([name, *rest]))
 
 
-def _machine() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next((ln.split(":")[1].strip() for ln in info.splitlines() if "model name" in ln), "")
-    cpu = f"{cpu or platform.machine()}, load average {os.getloadavg()[0]:.1f}"
-    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
-
-
-def _commit() -> str:
-    def git(*argv: str) -> str:
-        done = subprocess.run(
-            ["git", *argv], cwd=RESULTS.parent.parent, capture_output=True, text=True, timeout=10
-        )
-        return done.stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "an unknown commit"
-    changed = git("status", "--porcelain", "--", "autoscaling/pool_policy.py", "benchmarks/")
-    return f"{head} plus uncommitted changes" if changed else head
-
-
 def section(runs: Sequence[Run], command: str, elapsed_s: float) -> str:
     """The RESULTS.md subsection for these runs."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%H:%M UTC")
+    on = commit("autoscaling/pool_policy.py", "benchmarks/")
     lines = [
         SECTION,
         "",
-        f"`{command}` at {stamp}, on {_commit()}: {elapsed_s:.0f} s on {_machine()}. The fleet "
+        f"`{command}` at {stamp}, on {on}: {elapsed_s:.0f} s on {machine()}. The fleet "
         "model, the oracles and the baselines' defaults (with where they come from) are in "
         "`benchmarks/autoscale_sim.py`'s docstring, the traces in "
         "`benchmarks/autoscale_traces.py`'s. Targets: refused time <= "

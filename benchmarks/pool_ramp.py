@@ -28,11 +28,8 @@ import argparse
 import contextlib
 import datetime
 import json
-import os
-import platform
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -44,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from benchmarks.results_file import write_section
+from benchmarks.results_file import commit, machine, write_section
 from cluster.cli.servers import start_emulator
 from hyperfleet.processes import free_port, reap_leftovers, stop
 from tests.integration.autoscaling_cluster import (
@@ -223,30 +220,12 @@ def summary(recorder: Recorder, opens: list[float], load: PoolLoad) -> list[tupl
     ]
 
 
-def _machine() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next((ln.split(":")[1].strip() for ln in info.splitlines() if "model name" in ln), "")
-    cpu = f"{cpu or platform.machine()}, load average {os.getloadavg()[0]:.1f}"
-    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
-
-
-def _commit() -> str:
-    def git(*argv: str) -> str:
-        done = subprocess.run(
-            ["git", *argv], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
-        )
-        return done.stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "an unknown commit"
-    changed = git("status", "--porcelain", "--", "autoscaling/", "serve_app/", "benchmarks/")
-    return f"{head} plus uncommitted changes" if changed else head
-
-
 def section(rows: list[tuple[str, str]], command: str, elapsed_s: float, out: Path) -> str:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%H:%M UTC")
     where = out.relative_to(REPO) if out.is_relative_to(REPO) else out
+    on = commit("autoscaling/", "serve_app/", "benchmarks/")
     intro = (
-        f"`{command}` at {stamp}, on {_commit()}: {elapsed_s:.0f} s on {_machine()}. One agent "
+        f"`{command}` at {stamp}, on {on}: {elapsed_s:.0f} s on {machine()}. One agent "
         "(isolation vm: a replica per worker VM; 4 sessions a replica, 1-2 replicas) through a "
         "ramp of sessions up and down, on the Hypercore stand-in with autoscaler v2 and "
         "`HypercoreNodeProvider` (idle timeout 15 s), the pool ticking every 0.5 s. Times from "

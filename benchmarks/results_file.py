@@ -1,12 +1,39 @@
 """Writing a benchmark's section into ``benchmarks/RESULTS.md``: under today's ``## date``
-heading, in place of the same section written earlier today, nothing else in the file changed."""
+heading, in place of the same section written earlier today, nothing else in the file changed;
+and the machine and commit a section names."""
 
 from __future__ import annotations
 
 import datetime
+import os
+import platform
+import subprocess
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+REPO = RESULTS.parent.parent
+
+
+def machine() -> str:
+    """The cores, CPU model, load average and Python a run had."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((ln.split(":")[1].strip() for ln in info.splitlines() if "model name" in ln), "")
+    cpu = f"{cpu or platform.machine()}, load average {os.getloadavg()[0]:.1f}"
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+
+
+def commit(*paths: str) -> str:
+    """HEAD's short hash, "plus uncommitted changes" when ``paths`` have some."""
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(
+            ["git", *argv], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
+        )
+        return done.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "an unknown commit"
+    changed = git("status", "--porcelain", "--", *paths)
+    return f"{head} plus uncommitted changes" if changed else head
 
 
 def write_section(text: str, path: Path = RESULTS, today: str | None = None) -> None:
