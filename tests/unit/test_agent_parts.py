@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from actors import CircuitBreaker, CircuitOpenError, Usage, price_of
-from actors.events import TextCoalescer
 
 
 def test_price_lookup_and_cost() -> None:
@@ -54,26 +51,3 @@ def test_breaker_counts_consecutive_failures_only() -> None:
     breaker.record_success()
     breaker.record_failure()
     assert breaker.state == "closed"
-
-
-async def test_coalescer_batches_by_time_and_size() -> None:
-    now = [0.0]
-    sent: list[tuple[str, dict[str, Any]]] = []
-
-    async def emit(kind: Any, data: dict[str, Any]) -> None:
-        sent.append((kind, data))
-
-    coalescer = TextCoalescer(emit, interval_s=0.02, max_chars=10, clock=lambda: now[0])
-    for piece in ["a", "b", "c"]:
-        await coalescer.add(piece)
-    assert sent == []
-    now[0] = 0.03
-    await coalescer.add("d")
-    assert sent == [("text_delta", {"text": "abcd"})]
-    await coalescer.add("0123456789")  # the size bound
-    assert sent[-1] == ("text_delta", {"text": "0123456789"})
-    await coalescer.add("tail")
-    await coalescer.flush()
-    assert sent[-1] == ("text_delta", {"text": "tail"})
-    await coalescer.flush()
-    assert len(sent) == 3
