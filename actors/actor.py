@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import ray
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -88,6 +88,12 @@ class RuntimeConfig(BaseModel):
     egress_refresh_s: float = Field(
         default=30.0, gt=0, le=3_600, description="how often the egress rules learn new nodes"
     )
+    model_transport: Literal["aiohttp", "httpx"] = Field(
+        default="aiohttp",
+        description="the model client's HTTP transport: aiohttp spends about a third less CPU "
+        "reading a stream; httpx is used anyway where an HTTP(S)_PROXY variable is set "
+        "(the aiohttp transport ignores it)",
+    )
 
     @field_validator("egress_blocked")
     @classmethod
@@ -120,15 +126,54 @@ def _key_from_environment() -> SecretStr:
 
 def _build_client(key: SecretStr, runtime: RuntimeConfig) -> anthropic.AsyncAnthropic:
     """Runs on ``PendingClient``'s thread: the SDK import is the slow part of a replica's start."""
+    return model_client(
+        key.get_secret_value(),
+        runtime.anthropic_base_url,
+        # getattr: a config pickled by an ingress from before this field (a rolling upgrade)
+        transport=getattr(runtime, "model_transport", "aiohttp"),
+        max_retries=runtime.max_retries,
+        timeout_s=runtime.request_timeout_s,
+    )
+
+
+def model_client(
+    api_key: str,
+    base_url: str | None,
+    *,
+    transport: Literal["aiohttp", "httpx"] = "aiohttp",
+    max_retries: int = 2,
+    timeout_s: float = 120.0,
+    default_headers: Mapping[str, str] | None = None,
+) -> anthropic.AsyncAnthropic:
+    """The official client as a replica uses it.
+
+    Reading a stream is most of a replica's CPU per turn (a model sends an event a token): the
+    SDK's aiohttp transport spends 5.3 ms a 32-event call where httpx spends 8.3 (2026-12-02).
+    An HTTP(S)_PROXY in the environment selects httpx, which honours it.
+    """
     import anthropic
     import httpx2
 
-    return anthropic.AsyncAnthropic(
-        api_key=key.get_secret_value(),
-        base_url=runtime.anthropic_base_url,
-        max_retries=runtime.max_retries,
-        timeout=httpx2.Timeout(runtime.request_timeout_s, connect=10.0),
+    timeout = httpx2.Timeout(timeout_s, connect=10.0)
+    http_client = (
+        anthropic.DefaultAioHttpClient(timeout=timeout)
+        if transport == "aiohttp" and not _proxied()
+        else None
     )
+    return anthropic.AsyncAnthropic(
+        api_key=api_key,
+        base_url=base_url,
+        max_retries=max_retries,
+        timeout=timeout,
+        http_client=http_client,
+        default_headers=dict(default_headers or {}),
+    )
+
+
+def _proxied() -> bool:
+    """An egress proxy in the environment, which only the httpx transport honours."""
+    names = ("https_proxy", "http_proxy", "all_proxy")
+    return any(os.environ.get(name) or os.environ.get(name.upper()) for name in names)
 
 
 def sandbox_limits(spec: AgentSpec) -> SandboxLimits:

@@ -25,7 +25,7 @@ from actors import (
     StaleSessionError,
     UpstreamError,
 )
-from actors.actor import build_host
+from actors.actor import build_host, model_client
 from actors.model_client import PendingClient
 from hyperfleet.processes import stop
 
@@ -36,10 +36,19 @@ HostFactory = Callable[..., SessionHost]
 TURN_START_WAIT_S = 5.0
 
 
+# The fault tests run on both of the model client's transports (``model_transport``);
+# the rest on the default, aiohttp.
+BOTH_TRANSPORTS = pytest.mark.parametrize("make_host", ["aiohttp", "httpx"], indirect=True)
+
+
 @pytest.fixture
 async def make_host(
-    emulator: EmulatorServer, tmp_path: Path, workspaces_root: Path
+    request: pytest.FixtureRequest,
+    emulator: EmulatorServer,
+    tmp_path: Path,
+    workspaces_root: Path,
 ) -> AsyncIterator[HostFactory]:
+    transport = getattr(request, "param", "aiohttp")
     clients: list[anthropic.AsyncAnthropic] = []
     store = SqliteSessionStore(tmp_path / "sessions.db")
     runtime = RuntimeConfig(workspaces=str(workspaces_root))
@@ -50,9 +59,10 @@ async def make_host(
         spec = AgentSpec(
             **{"tools": ("bash", "read_file", "write_file", "list_files"), **spec_fields}
         )
-        client = anthropic.AsyncAnthropic(
-            base_url=emulator.base_url,
-            api_key=emulator.api_key,
+        client = model_client(
+            emulator.api_key,
+            emulator.base_url,
+            transport=transport,
             max_retries=2,
             default_headers={"x-emulator-retry-after-ms": "10", **(headers or {})},
         )
@@ -179,6 +189,7 @@ async def test_bash_timeout_is_a_tool_error(make_host: HostFactory) -> None:
     assert "timed out after 1 s" in _text(turn)
 
 
+@BOTH_TRANSPORTS
 @pytest.mark.parametrize("fault", ["429", "529", "500"])
 async def test_status_faults_end_in_a_clean_error(make_host: HostFactory, fault: str) -> None:
     host = make_host(headers={"x-emulator-fault": fault})
@@ -188,6 +199,7 @@ async def test_status_faults_end_in_a_clean_error(make_host: HostFactory, fault:
     assert (await host.transcript(sid))["version"] == 0
 
 
+@BOTH_TRANSPORTS
 @pytest.mark.parametrize("fault", ["midstream", "drop"])
 async def test_stream_fault_before_content_is_retried(
     make_host: HostFactory, emulator: EmulatorServer, fault: str
@@ -202,6 +214,7 @@ async def test_stream_fault_before_content_is_retried(
     assert (await host.transcript(sid))["version"] == 0
 
 
+@BOTH_TRANSPORTS
 async def test_random_stream_faults_are_retried_to_success(
     tmp_path: Path, make_host: HostFactory
 ) -> None:
@@ -226,6 +239,7 @@ async def test_random_stream_faults_are_retried_to_success(
         stop(process)
 
 
+@BOTH_TRANSPORTS
 @pytest.mark.parametrize("fault", ["midstream", "drop"])
 async def test_stream_fault_after_content_ends_turn_uncommitted(
     make_host: HostFactory, fault: str
