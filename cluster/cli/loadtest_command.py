@@ -4,6 +4,7 @@ when the command runs: aiohttp is this command's alone)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -92,6 +93,20 @@ def loadtest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--success-min", type=float, default=0.99, metavar="SHARE")
     p.add_argument("--rps-min", type=float, metavar="R", help="completed messages a second")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="load generators: 1 runs in this process; N splits the users (and --rate) over N "
+        "Ray actors spread over the cluster's nodes, and merges what they measured",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="the Ray cluster for --workers above 1 (default: $RAY_ADDRESS, else the head "
+        "`hyperfleet up` recorded, else Ray's `auto`)",
+    )
 
 
 def _loadtest_target(args: argparse.Namespace) -> tuple[str, str]:
@@ -121,6 +136,31 @@ def _loadtest_target(args: argparse.Namespace) -> tuple[str, str]:
     return url, key
 
 
+def _ray_address(args: argparse.Namespace) -> str | None:
+    """The Ray cluster to join for ``--workers`` above 1, and what joining it takes in this
+    process's environment (read once, when ``ray`` is imported): the token of the stack
+    ``hyperfleet up`` started, and loopback alone for a head on 127.0.0.1."""
+    from .servers import LOOPBACK_RAY_ENV
+    from .settings import Settings
+    from .stack import ray_token_file
+
+    settings = Settings.from_env()
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        try:
+            address = str(json.loads((settings.home / "stack.json").read_text())["ray_address"])
+        except (OSError, ValueError, KeyError):
+            address = None  # Ray's `auto`: the latest head started on this machine
+    token = ray_token_file(settings)
+    own_token = "RAY_AUTH_TOKEN_PATH" in os.environ or "RAY_AUTH_TOKEN" in os.environ
+    if not own_token and token.exists():
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    host = (address or "").removeprefix("ray://").rsplit(":", 1)[0]
+    if host in ("127.0.0.1", "localhost"):
+        os.environ.update(LOOPBACK_RAY_ENV)
+    return address
+
+
 def run_loadtest(args: argparse.Namespace) -> int:
     # Imported here: aiohttp and the engine are this command's alone.
     from cluster import loadtest
@@ -142,18 +182,26 @@ def run_loadtest(args: argparse.Namespace) -> int:
         )
         if not 0 <= args.success_min <= 1:
             raise ValueError("--success-min: a share, 0 to 1")
+        thresholds = loadtest.Thresholds(
+            p95_max_s=args.p95_max,
+            p99_max_s=args.p99_max,
+            success_min=args.success_min,
+            rps_min=args.rps_min,
+        )
+        config = loadtest.LoadTestConfig(
+            url,
+            key,
+            plan,
+            thresholds,
+            anthropic_key=args.anthropic_key,
+            progress=not args.quiet,
+            workers=args.workers,
+        )
     except ValueError as e:
         print(f"hyperfleet loadtest: {e}", file=sys.stderr)
         return 2
-    thresholds = loadtest.Thresholds(
-        p95_max_s=args.p95_max,
-        p99_max_s=args.p99_max,
-        success_min=args.success_min,
-        rps_min=args.rps_min,
-    )
-    config = loadtest.LoadTestConfig(
-        url, key, plan, thresholds, anthropic_key=args.anthropic_key, progress=not args.quiet
-    )
+    if config.workers > 1:
+        config = dataclasses.replace(config, ray_address=_ray_address(args))
     try:
         report = loadtest.run(config)
     except loadtest.SetupError as e:

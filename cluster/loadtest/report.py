@@ -296,8 +296,10 @@ def build_report(
     duration_s: float,
     thresholds: Thresholds,
     client: ClientStats,
+    run_failures: Sequence[str] = (),
 ) -> LoadTestReport:
-    """Aggregate a run's outcomes into its report, judged against ``thresholds``."""
+    """Aggregate a run's outcomes into its report, judged against ``thresholds``; each of
+    ``run_failures`` (a load generator that failed) fails it as well."""
     duration_s = max(duration_s, 1e-9)
     messages = [o for o in outcomes if o.op == "message"]
     done = [o for o in messages if o.ok]
@@ -314,7 +316,7 @@ def build_report(
     throughput = len(done) / duration_s
     p95_s = percentile(e2el, 95)
     p99_s = percentile(e2el, 99)
-    missed = failed_criteria(thresholds, p95_s, p99_s, success_rate, throughput)
+    missed = [*run_failures, *failed_criteria(thresholds, p95_s, p99_s, success_rate, throughput)]
     return LoadTestReport(
         schema_version=SCHEMA_VERSION,
         tool="hyperfleet loadtest",
@@ -417,9 +419,10 @@ def summary(report: LoadTestReport) -> str:
             "retries     " + ", ".join(f"{k}: {v}" for k, v in report.retries.by_reason.items())
         )
     cl = report.client
+    processes = "" if cl.processes == 1 else f"{cl.processes} processes, the busiest at "
     lines.append(
-        f"client      {cl.cpu_percent:.0f} % of a core, {cl.cpu_s:.2f} CPU s, event-loop lag "
-        f"p99 {cl.loop_lag_p99_ms:.1f} ms (max {cl.loop_lag_max_ms:.1f} ms)"
+        f"client      {processes}{cl.cpu_percent:.0f} % of a core, {cl.cpu_s:.2f} CPU s, "
+        f"event-loop lag p99 {cl.loop_lag_p99_ms:.1f} ms (max {cl.loop_lag_max_ms:.1f} ms)"
     )
     lines.extend(f"warning: {w}" for w in cl.warnings)
     if report.passed:
