@@ -67,6 +67,8 @@ class GeneratorResult:
     elapsed_s: float = 0.0
     # How long after the run's common start it began (0 when it was not given one).
     late_s: float = 0.0
+    # When its load began, ``time.time()``: the zero of its outcomes' times.
+    started_at: float = 0.0
     cpu_s: float = 0.0
     cpu_percent: float = 0.0
     lags_ms: array[float] = field(default_factory=lambda: array("d"))
@@ -119,6 +121,7 @@ class Generator:
         share = self.share
         monitor = self.monitor = ClientMonitor()
         load = self.load = Load(http, target, share.plan, share.run_id, self.live)
+        started_at = self.wall_clock()
         sampler = asyncio.create_task(monitor.sample())
         try:
             await load.run()
@@ -139,6 +142,7 @@ class Generator:
             outcomes=OutcomeColumns.of(live.outcomes),
             elapsed_s=elapsed,
             late_s=late_s,
+            started_at=started_at,
             cpu_s=monitor.cpu_s(),
             cpu_percent=monitor.cpu_percent(),
             lags_ms=array("d", (lag for _, lag in monitor.lags_ms)),

@@ -131,6 +131,7 @@ class LoadTestReport(_Model):
     schema_version: int
     tool: str
     date: str
+    started_at: float
     api_url: str
     config: RunConfig
     duration: float
@@ -297,6 +298,7 @@ def build_report(
     thresholds: Thresholds,
     client: ClientStats,
     run_failures: Sequence[str] = (),
+    started_at: float = 0.0,
 ) -> LoadTestReport:
     """Aggregate a run's outcomes into its report, judged against ``thresholds``; each of
     ``run_failures`` (a load generator that failed) fails it as well."""
@@ -321,6 +323,7 @@ def build_report(
         schema_version=SCHEMA_VERSION,
         tool="hyperfleet loadtest",
         date=date,
+        started_at=round(started_at, 3),
         api_url=api_url,
         config=config,
         duration=round(duration_s, 6),

@@ -187,6 +187,7 @@ async def run_loadtest(config: LoadTestConfig, out: TextIO = sys.stderr) -> Load
         thresholds=config.thresholds,
         client=merged.client.model_copy(update={"warnings": warnings}),
         run_failures=merged.failures,
+        started_at=merged.started_at,
     )
 
 

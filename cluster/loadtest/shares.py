@@ -104,6 +104,8 @@ class Merged:
     outcomes: list[Outcome]
     # From the common start to the last generator's end.
     elapsed_s: float
+    # The common start, ``time.time()``: the zero of the outcomes' times (0 when none ran).
+    started_at: float
     client: ClientStats
     rate_limited: int
     rate_limits_seen: frozenset[int]
@@ -149,6 +151,7 @@ def merge(results: Sequence[GeneratorResult]) -> Merged:
     return Merged(
         outcomes=outcomes,
         elapsed_s=max((r.late_s + r.elapsed_s for r in measured), default=0.0),
+        started_at=min((r.started_at - r.late_s for r in measured), default=0.0),
         client=client,
         rate_limited=sum(r.rate_limited for r in measured),
         rate_limits_seen=frozenset().union(*(r.rate_limits_seen for r in measured)),

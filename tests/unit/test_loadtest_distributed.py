@@ -225,6 +225,14 @@ def test_a_generator_that_started_late_is_named() -> None:
     ]
 
 
+def test_the_runs_start_is_the_common_one_whichever_generator_began_late() -> None:
+    on_time = _result(0, [_message(0.0, 1.0)], started_at=1_000.0)
+    late = _result(1, [_message(0.0, 1.0)], started_at=1_000.5, late_s=0.5)
+    failed = GeneratorResult.failed(2, "gone")
+    assert merge([late, failed, on_time]).started_at == pytest.approx(1_000.0)
+    assert merge([failed]).started_at == 0.0
+
+
 def test_the_runs_bound_covers_the_plans_worst_case() -> None:
     closed = Plan(users=5, requests=4, timeout_s=10.0, max_retries=2)
     assert request_bound_s(closed) == 3 * 10.0 + 2 * 30.0
