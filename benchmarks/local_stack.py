@@ -137,6 +137,8 @@ class Sampler:
     started: float = 0.0
     stopped: float = 0.0
     own_cpu_s: float = 0.0  # the sampling's own, in this process
+    # After each sample: (time.time(), CPU seconds by role since the first sample).
+    history: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -168,6 +170,7 @@ class Sampler:
             self.peak_rss_mb[role] = max(self.peak_rss_mb.get(role, 0.0), mb)
         if rss.get("agent actors", 0.0) > self.peak_agents_mb:
             self.peak_agents_mb, self.agents_at_peak = rss["agent actors"], agents
+        self.history.append((time.time(), self.cpu_s()))
         self.own_cpu_s += time.thread_time() - began_s
 
     def cpu_s(self) -> dict[str, float]:
@@ -179,6 +182,16 @@ class Sampler:
 
     def wall_s(self) -> float:
         return self.stopped - self.started
+
+    def cpu_between(self, start: float, end: float) -> tuple[dict[str, float], float]:
+        """CPU seconds by role from the last sample at or before ``start`` to the first at or
+        after ``end`` (``time.time()``; clamped to the samples), and the seconds between them."""
+        if not self.history:
+            return {}, 0.0
+        before = [h for h in self.history if h[0] <= start] or self.history[:1]
+        after = [h for h in self.history if h[0] >= end] or self.history[-1:]
+        (t0, cpu0), (t1, cpu1) = before[-1], after[0]
+        return {role: s - cpu0.get(role, 0.0) for role, s in cpu1.items()}, max(t1 - t0, 0.0)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.sample_s):
