@@ -91,8 +91,7 @@ class RuntimeConfig(BaseModel):
     model_transport: Literal["aiohttp", "httpx"] = Field(
         default="aiohttp",
         description="the model client's HTTP transport: aiohttp spends about a third less CPU "
-        "reading a stream; httpx is used anyway where an HTTP(S)_PROXY variable is set "
-        "(the aiohttp transport ignores it)",
+        "reading a stream (both honour HTTP(S)_PROXY and NO_PROXY)",
     )
 
     @field_validator("egress_blocked")
@@ -149,16 +148,15 @@ def model_client(
 
     Reading a stream is most of a replica's CPU per turn (a model sends an event a token): the
     SDK's aiohttp transport spends 5.3 ms a 32-event call where httpx spends 8.3 (2026-12-02).
-    An HTTP(S)_PROXY in the environment selects httpx, which honours it.
+    Both transports take HTTP(S)_PROXY and NO_PROXY from the environment (httpx mounts the
+    aiohttp transport per proxy); aiohttp has no SOCKS proxies, so ``socks*://`` needs httpx.
     """
     import anthropic
     import httpx2
 
     timeout = httpx2.Timeout(timeout_s, connect=10.0)
     http_client = (
-        anthropic.DefaultAioHttpClient(timeout=timeout)
-        if transport == "aiohttp" and not _proxied()
-        else None
+        anthropic.DefaultAioHttpClient(timeout=timeout) if transport == "aiohttp" else None
     )
     return anthropic.AsyncAnthropic(
         api_key=api_key,
@@ -168,12 +166,6 @@ def model_client(
         http_client=http_client,
         default_headers=dict(default_headers or {}),
     )
-
-
-def _proxied() -> bool:
-    """An egress proxy in the environment, which only the httpx transport honours."""
-    names = ("https_proxy", "http_proxy", "all_proxy")
-    return any(os.environ.get(name) or os.environ.get(name.upper()) for name in names)
 
 
 def sandbox_limits(spec: AgentSpec) -> SandboxLimits:

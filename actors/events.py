@@ -3,7 +3,9 @@
 One Ray object per token would not scale, so text is buffered and sent at most once per
 ``interval_s`` or when ``max_chars`` are waiting; every other event flushes the buffer first, so
 the order seen by a client is the order things happened. The first text of a call goes at once:
-coalescing must not delay the time to first token.
+coalescing must not delay the time to first token. Waiting text goes out when its window has
+passed at the next event of the stream of any kind (``tick``: a tool's input, thinking, a ping)
+and when its content block ends, so a text block's tail never waits for a long tool input.
 
 The window is 100 ms: ten updates a second read as smooth text, and at a model's 50 tokens a
 second it sends five tokens an event. Each event costs a Ray object from the replica to the
@@ -57,6 +59,11 @@ class TextCoalescer:
             or self._size >= self._max_chars
             or self._clock() - self._last >= self._interval_s
         ):
+            await self.flush()
+
+    async def tick(self) -> None:
+        """Another event of the stream: send waiting text whose window has passed."""
+        if self._buffer and (self._last is None or self._clock() - self._last >= self._interval_s):
             await self.flush()
 
     async def flush(self) -> None:

@@ -229,6 +229,11 @@ class AgentLoop:
                                 text = reply.add(event)
                                 if text:
                                     await coalescer.add(text)
+                                elif event.type == "content_block_stop":
+                                    # A text block's tail goes before a tool's input streams.
+                                    await coalescer.flush()
+                                else:  # a tool's input, thinking, a ping: time passes too
+                                    await coalescer.tick()
                         message = reply.result()
                         await coalescer.flush()
                         call.succeeded()

@@ -131,7 +131,7 @@ class LoadTestReport(_Model):
     schema_version: int
     tool: str
     date: str
-    started_at: float
+    started_at: float = 0.0  # absent from reports written before it
     api_url: str
     config: RunConfig
     duration: float

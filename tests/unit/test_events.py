@@ -84,3 +84,20 @@ def test_empty_text_is_ignored() -> None:
         return sent
 
     assert asyncio.run(run()) == []
+
+
+def test_waiting_text_goes_at_the_next_event_past_its_window() -> None:
+    async def run() -> list:
+        coalescer, clock, sent = _coalescer(interval_s=0.125)
+        await coalescer.add("I'll")
+        clock.now += 0.03125
+        await coalescer.add(" read the file.")  # within the window: waits
+        await coalescer.tick()  # a tool's input streaming, still within the window
+        waiting = [d["text"] for _, d, _ in sent]
+        clock.now += 0.125
+        await coalescer.tick()  # the window has passed: it goes, without more text
+        return [waiting, [d["text"] for _, d, _ in sent]]
+
+    waiting, after = asyncio.run(run())
+    assert waiting == ["I'll"]
+    assert after == ["I'll", " read the file."]
