@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -137,8 +138,8 @@ class Sampler:
     started: float = 0.0
     stopped: float = 0.0
     own_cpu_s: float = 0.0  # the sampling's own, in this process
-    # After each sample: (time.time(), CPU seconds by role since the first sample).
-    history: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+    # After each sample: (time.time(), each process's CPU seconds since its first sample).
+    history: list[tuple[float, dict[tuple[int, float], float]]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -170,7 +171,9 @@ class Sampler:
             self.peak_rss_mb[role] = max(self.peak_rss_mb.get(role, 0.0), mb)
         if rss.get("agent actors", 0.0) > self.peak_agents_mb:
             self.peak_agents_mb, self.agents_at_peak = rss["agent actors"], agents
-        self.history.append((time.time(), self.cpu_s()))
+        self.history.append(
+            (time.time(), {k: s.last_cpu_s - s.first_cpu_s for k, s in self.procs.items()})
+        )
         self.own_cpu_s += time.thread_time() - began_s
 
     def cpu_s(self) -> dict[str, float]:
@@ -185,13 +188,19 @@ class Sampler:
 
     def cpu_between(self, start: float, end: float) -> tuple[dict[str, float], float]:
         """CPU seconds by role from the last sample at or before ``start`` to the first at or
-        after ``end`` (``time.time()``; clamped to the samples), and the seconds between them."""
+        after ``end`` (``time.time()``; clamped to the samples), and the seconds between them.
+        Each process's growth goes to its latest role: a Ray worker that became an agent
+        replica in the window brings none of what it spent before it."""
         if not self.history:
             return {}, 0.0
         before = [h for h in self.history if h[0] <= start] or self.history[:1]
         after = [h for h in self.history if h[0] >= end] or self.history[-1:]
         (t0, cpu0), (t1, cpu1) = before[-1], after[0]
-        return {role: s - cpu0.get(role, 0.0) for role, s in cpu1.items()}, max(t1 - t0, 0.0)
+        spent: dict[str, float] = {}
+        for key, cpu_s in cpu1.items():
+            role = self.procs[key].role
+            spent[role] = spent.get(role, 0.0) + cpu_s - cpu0.get(key, 0.0)
+        return spent, max(t1 - t0, 0.0)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.sample_s):
@@ -234,6 +243,12 @@ def hyperfleet(home: Path, *argv: str, timeout_s: float) -> subprocess.Completed
         timeout=timeout_s,
         check=False,
     )
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end the run through its ``finally`` blocks, so the stack it started goes
+    down: a benchmark started in the background by a shell ignores SIGINT."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
 @contextlib.contextmanager

@@ -53,6 +53,7 @@ from benchmarks.local_stack import (
     StackPorts,
     admin_key,
     emulator_key,
+    exit_on_sigterm,
     idle_rate,
     stack,
 )
@@ -239,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON result")
     parser.add_argument("--results", action="store_true", help="write into RESULTS.md")
     args = parser.parse_args(argv)
+    exit_on_sigterm()
     command = " ".join(sys.argv[1:] if argv is None else argv)
     version = litellm_proxy.ensure_installed(args.litellm_version)
     print(f"LiteLLM {version} in {litellm_proxy.VENV}", file=sys.stderr, flush=True)

@@ -10,8 +10,8 @@ of the stack (the descendants of the daemons ``up`` recorded in ``$HYPERFLEET_HO
 system) and its RSS. A role's CPU per turn is the growth of its processes' CPU seconds over the
 run (a process born in the run counts from zero; one that exits counts up to its last sample)
 divided by the completed turns; the load tester's own is its JSON's ``client.cpu_s``. The
-headline figure is the steady window's: from the end of the ramp-up to the end of
-``--duration``, where the samples are cut (the report's ``started_at`` places its timeline on
+headline figure is the steady window's: from a think time after the end of the ramp-up to the
+end of ``--duration``, where the samples are cut (the report's ``started_at`` places its timeline on
 the wall clock), so neither the replicas' starts nor the setup and cleanup are in it. The
 marginal cost is the CPU rate's growth over the turn rate's from one point to the next.
 RSS is the peak over the run's samples: by role, and the agent actors'
@@ -21,7 +21,7 @@ The seed's criteria are p95 < 3 s, p99 < 10 s and success > 99 %; the "knee" is 
 ``--users`` value meeting them.
 
     python -m benchmarks.users_curve [--users 8,100,250,500,750,1000,1250] [--requests 10]
-        [--think-time 30] [--ramp-up 60] [--duration 180] [--out FILE] [--results]
+        [--think-time 30] [--ramp-up 60] [--duration 210] [--out FILE] [--results]
     python -m benchmarks.users_curve --from-json FILE [--results]   # render a saved run
 """
 
@@ -47,6 +47,7 @@ from benchmarks.local_stack import (
     SAMPLE_S,
     Sampler,
     StackPorts,
+    exit_on_sigterm,
     hyperfleet,
     stack,
 )
@@ -96,7 +97,7 @@ class Point:
     agent_actors: int = 0
     agents_rss_mb: float = 0.0
     sampler_cpu_s: float = 0.0
-    # The steady state: from the end of the ramp-up to the end of --duration (else the run).
+    # The steady state: from a think time past the ramp-up to the end of --duration.
     steady_s: float = 0.0
     steady_turns: int = 0
     steady_cpu_s: dict[str, float] = field(default_factory=dict)
@@ -136,9 +137,19 @@ class Point:
         spent = sum(self.steady_cpu_s.values()) + self.tester_cpu_s * self.tester_share
         return spent / max(self.steady_s, 1e-9)
 
+    @property
+    def steady(self) -> bool:
+        """Whether the point has a steady window (a run cut short, or shorter than its ramp-up
+        and a think time, has none)."""
+        return self.steady_turns > 0 and self.steady_s > 0
+
     def machine_busy(self) -> float:
-        """The stack's and the tester's CPU in the steady window, as a share of every core."""
-        return self.steady_cpu_per_s() / (os.cpu_count() or 1)
+        """The stack's and the tester's CPU as a share of every core: in the steady window, else
+        over the whole run."""
+        if self.steady:
+            return self.steady_cpu_per_s() / (os.cpu_count() or 1)
+        spent = sum(self.cpu_s.values()) + self.tester_cpu_s
+        return spent / max(self.wall_s, 1e-9) / (os.cpu_count() or 1)
 
 
 def run_point(home: Path, users: int, args: argparse.Namespace) -> Point:
@@ -161,10 +172,10 @@ def run_point(home: Path, users: int, args: argparse.Namespace) -> Point:
     mine_before = sum(me.cpu_times()[:2])
     with Sampler(home) as sampler:
         try:
-            done = hyperfleet(home, *argv, timeout_s=args.run_timeout_s)
+            done = hyperfleet(home, *argv, timeout_s=run_timeout_s(args))
             code, error = done.returncode, done.stderr.strip()[-500:] if done.returncode > 1 else ""
         except subprocess.TimeoutExpired:
-            code, error = 124, f"the load test ran past {args.run_timeout_s} s"
+            code, error = 124, f"the load test ran past {run_timeout_s(args):.0f} s"
     point = Point(
         users=users,
         exit_code=code,
@@ -196,12 +207,22 @@ def run_point(home: Path, users: int, args: argparse.Namespace) -> Point:
     return point
 
 
+def run_timeout_s(args: argparse.Namespace) -> float:
+    """How long one load test may take: its ramp-up and duration, the users' last think times
+    (the longest of a thousand exponential ones is about 7.5 means), setup and cleanup."""
+    if args.run_timeout_s:
+        return float(args.run_timeout_s)
+    run_s = args.ramp_up + (args.duration or args.requests * (args.think_time + 10.0))
+    return run_s + 10.0 * args.think_time + 180.0
+
+
 def steady(point: Point, report: dict[str, Any], sampler: Sampler, args: Any) -> None:
-    """Fill ``point``'s steady window: after the ramp-up, while users keep arriving at their
-    think time's pace and no replica starts; up to ``--duration`` (else the run's end)."""
+    """Fill ``point``'s steady window: from a think time after the ramp-up (the last users'
+    first messages went out with no think before them) to ``--duration`` (else the run's
+    end), while users send at their think time's pace and no replica starts."""
     zero = float(report.get("started_at") or 0.0)
     end_s = float(args.duration or report["duration"])
-    begin_s = min(float(args.ramp_up), end_s)
+    begin_s = min(float(args.ramp_up) + float(args.think_time), end_s)
     if zero <= 0 or end_s <= begin_s:
         return
     point.steady_cpu_s, point.steady_s = sampler.cpu_between(zero + begin_s, zero + end_s)
@@ -214,7 +235,7 @@ def steady(point: Point, report: dict[str, Any], sampler: Sampler, args: Any) ->
 def marginal_ms(points: Sequence[Point], i: int) -> float | None:
     """CPU per extra turn from point ``i - 1`` to ``i``: the growth of the CPU rate over the
     growth of the turn rate in the steady windows (what a turn costs, idle work apart)."""
-    if i == 0:
+    if i == 0 or not (points[i - 1].steady and points[i].steady):
         return None
     a, b = points[i - 1], points[i]
     d_turns = b.steady_turns_per_s() - a.steady_turns_per_s()
@@ -235,16 +256,18 @@ def curve_table(points: Sequence[Point], top: int = 4, mark_knee: bool = True) -
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for i, p in enumerate(points):
-        per = p.steady_ms_per_turn()
-        roles = ", ".join(f"{role} {ms:.1f}" for role, ms in list(per.items())[:top])
+        per = p.steady_ms_per_turn() if p.steady else {}
+        roles = ", ".join(f"{role} {ms:.1f}" for role, ms in list(per.items())[:top]) or "-"
+        steady_ms = f"{sum(per.values()):.0f}" if per else "-"
+        rate = f"{p.steady_turns_per_s():.2f}" if p.steady else "-"
         mark = " **knee**" if mark_knee and p is knee(points) else ""
         extra = marginal_ms(points, i)
         rows.append(
             f"| {p.users}{mark} | {p.completed} | {p.failed} | {100 * p.success_rate:.1f} % "
             f"| {_s(p.p50_s)} | {_s(p.p95_s)} | {_s(p.p99_s)} | {_s(p.ttft_p50_s)} "
-            f"| {p.steady_turns_per_s():.2f} | {p.loop_lag_p99_ms:.1f} "
+            f"| {rate} | {p.loop_lag_p99_ms:.1f} "
             f"| {100 * p.machine_busy():.0f} % "
-            f"| {sum(per.values()):.0f} ({sum(p.cpu_ms_per_turn().values()):.0f}) "
+            f"| {steady_ms} ({sum(p.cpu_ms_per_turn().values()):.0f}) "
             f"| {'-' if extra is None else f'{extra:.0f}'} | {roles} |"
             + (f" exit {p.exit_code}: {p.error[:80]}" if p.error else "")
         )
@@ -280,7 +303,6 @@ def knee(points: Sequence[Point]) -> Point | None:
 
 def reading(points: Sequence[Point]) -> str:
     at = knee(points)
-    first, last = points[0], points[-1]
     where = (
         f"The seed's criteria (p95 < {P95_MAX_S:.0f} s, p99 < {P99_MAX_S:.0f} s, success > "
         f"{100 * SUCCESS_MIN:.0f} %) hold up to {at.users} users"
@@ -292,7 +314,7 @@ def reading(points: Sequence[Point]) -> str:
         where += (
             f"; at {beyond.users} p95 is {_s(beyond.p95_s)} s (success "
             f"{100 * beyond.success_rate:.1f} %), the machine's cores "
-            f"{100 * beyond.machine_busy():.0f} % busy over the run"
+            f"{100 * beyond.machine_busy():.0f} % busy"
         )
     lagging = [p.users for p in points if p.loop_lag_p99_ms > TESTER_LAG_MAX_MS]
     if lagging:
@@ -301,6 +323,10 @@ def reading(points: Sequence[Point]) -> str:
             f"{', '.join(map(str, lagging))} users: it shares the cores, and those latencies "
             f"include its own delay"
         )
+    windowed = [p for p in points if p.steady]
+    if len(windowed) < 2:
+        return f"{where}. Fewer than two points have a steady window: no CPU comparison."
+    first, last = windowed[0], windowed[-1]
     ratio = sum(last.steady_ms_per_turn().values()) / max(
         sum(first.steady_ms_per_turn().values()), 1e-9
     )
@@ -345,15 +371,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--think-time", type=float, default=30.0, help="mean, seconds")
     parser.add_argument("--ramp-up", type=float, default=60.0, help="seconds")
     parser.add_argument(
-        "--duration", type=float, default=180.0, help="seconds a run lasts (0: --requests)"
+        "--duration", type=float, default=210.0, help="seconds a run lasts (0: --requests)"
     )
-    parser.add_argument("--run-timeout-s", type=float, default=600.0, help="per load test")
+    parser.add_argument(
+        "--run-timeout-s",
+        type=float,
+        default=None,
+        help="per load test (default: its ramp-up, duration and 10 think times, plus 3 minutes)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON result")
     parser.add_argument("--results", action="store_true", help="write into RESULTS.md")
     parser.add_argument(
         "--from-json", type=Path, default=None, help="render a saved --out file; run nothing"
     )
     args = parser.parse_args(argv)
+    exit_on_sigterm()
     command = " ".join(sys.argv[1:] if argv is None else argv)
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
@@ -397,8 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"ramp-up {args.ramp_up:g} s, {args.duration or 0:g} s a run. Latency and "
             f"success are over the whole run, the ramp-up included. CPU is every stack "
             f"process's (user + system, sampled every {SAMPLE_S:g} s) plus the load tester's, "
-            f"per completed turn in the steady window (from the end of the ramp-up to the end "
-            f"of the run's duration: no replica starts, users at their think time's pace), and "
+            f"per completed turn in the steady window (from a think time after the ramp-up to "
+            f"the end of the run's duration: no replica starts, users at their think time's "
+            f"pace), and "
             f"in brackets over the whole run with its setup and cleanup; machine CPU is the "
             f"steady window's over all the cores; RSS is the peak over the run.\n\n"
             f"{curve}\n\n{memory}\n\n{reading(points)}\n"

@@ -200,6 +200,14 @@ class Load:
     def _over(self) -> bool:
         return self.deadline is not None and self.clock() >= self.deadline
 
+    async def _think(self, rng: random.Random) -> None:
+        """A think time, cut at the deadline: a user stops when the run does, not a long
+        exponential pause later (with thousands of users, the longest is about 8 means)."""
+        pause = rng.expovariate(1.0 / self.plan.think_time_s)
+        if self.deadline is not None:
+            pause = min(pause, max(0.0, self.deadline - self.clock()))
+        await asyncio.sleep(pause)
+
     async def run(self) -> None:
         """Apply the load until every virtual user is done."""
         self.t0 = self.clock()
@@ -225,7 +233,7 @@ class Load:
             if not opened:
                 await asyncio.sleep(FAILED_OPEN_PAUSE_S)
             elif self.plan.think_time_s > 0:
-                await asyncio.sleep(rng.expovariate(1.0 / self.plan.think_time_s))
+                await self._think(rng)
 
     async def _open_loop(self, rate: float) -> None:
         """Poisson arrivals at ``rate`` a second; with a ramp, an arrival at ``t`` is kept with
@@ -269,7 +277,7 @@ class Load:
         try:
             for i in range(self.plan.requests):
                 if i and self.plan.think_time_s > 0:
-                    await asyncio.sleep(rng.expovariate(1.0 / self.plan.think_time_s))
+                    await self._think(rng)
                 if self._over():
                     break
                 text, tool = message_text(rng, self.plan.tools_mix, i)

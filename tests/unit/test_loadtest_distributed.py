@@ -3,8 +3,10 @@ the merge of the generators' results into one report, and the fleet's progress l
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import random
 from array import array
 from pathlib import Path
 
@@ -285,3 +287,18 @@ def test_one_generators_progress_line_reads_as_before() -> None:
     line = progress.line()
     assert line.startswith("[   5.0 s] sessions 3, in flight 2 | ok 4, failed 1, retries 0 |")
     assert "workers" not in line and "max" not in line
+
+
+def test_a_think_time_ends_at_the_runs_deadline() -> None:
+    from cluster.loadtest.users import Live, Load, Target
+
+    plan = Plan(users=1, requests=3, think_time_s=1_000.0, duration_s=0.05)
+    load = Load(None, Target("http://127.0.0.1:9", "k", "a"), plan, "run", Live())  # type: ignore[arg-type]
+    load.deadline = load.clock() + 0.05
+
+    async def think() -> float:
+        began = load.clock()
+        await asyncio.wait_for(load._think(random.Random(1)), 5.0)
+        return load.clock() - began
+
+    assert asyncio.run(think()) < 1.0  # not the ~1,000 s mean
