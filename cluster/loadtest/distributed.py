@@ -58,6 +58,11 @@ READY_TIMEOUT_S = 120.0
 START_LEAD_S = 2.0
 # How long one progress poll waits for the generators' counters.
 COUNTERS_WAIT_S = 0.5
+# A running generator whose counters have not answered for this long is hung: stopped, and a
+# failure of the run (its event loop answers them between requests, within a second or so).
+UNRESPONSIVE_S = 60.0
+# How often the run checks its generators' liveness.
+LIVENESS_POLL_S = 5.0
 ERROR_TEXT_MAX = 600
 
 
@@ -130,6 +135,7 @@ class Fleet:
         self.nodes = [""] * len(actors)
         self._joined = joined  # this process joined the cluster for the run, and leaves it
         self._asked: list[asyncio.Future[Any] | None] = [None] * len(actors)
+        self._answered_at = [time.monotonic()] * len(actors)
 
     @classmethod
     async def start(cls, address: str | None, shares: Sequence[Share]) -> Fleet:
@@ -174,13 +180,21 @@ class Fleet:
         ``bound_s`` after the start (then stopped), as a failure with Ray's reason."""
         start_at = time.time() + START_LEAD_S
         futures = [_awaitable(a.run.remote(target, start_at)) for a in self.actors]
-        await asyncio.wait(futures, timeout=START_LEAD_S + bound_s)
+        hung = await self._wait(futures, START_LEAD_S + bound_s)
         results = []
         for index, future in enumerate(futures):
             node = self.nodes[index]
-            if not future.done():
+            if index in hung:
+                results.append(
+                    GeneratorResult.failed(
+                        index,
+                        f"its counters did not answer for {UNRESPONSIVE_S:.0f} s (hung); stopped",
+                        node,
+                    )
+                )
+            elif not future.done():
                 future.cancel()
-                ray.kill(self.actors[index], no_restart=True)
+                self._kill(index)
                 results.append(
                     GeneratorResult.failed(
                         index,
@@ -194,6 +208,31 @@ class Fleet:
             else:
                 results.append(replace(future.result(), node=node))
         return results
+
+    async def _wait(self, futures: list[asyncio.Future[Any]], bound_s: float) -> set[int]:
+        """Wait for every run until ``bound_s``, asking for counters meanwhile: one that has not
+        answered for ``UNRESPONSIVE_S`` is killed. The indices of those killed."""
+        self._answered_at = [time.monotonic()] * len(futures)
+        deadline = time.monotonic() + bound_s
+        hung: set[int] = set()
+        pending = set(futures)
+        while pending and (left := deadline - time.monotonic()) > 0:
+            _, pending = await asyncio.wait(pending, timeout=min(left, LIVENESS_POLL_S))
+            if not pending:
+                break
+            await self.poll()
+            now = time.monotonic()
+            for index, future in enumerate(futures):
+                if future in pending and now - self._answered_at[index] > UNRESPONSIVE_S:
+                    hung.add(index)
+                    pending.discard(future)
+                    future.cancel()
+                    self._kill(index)
+        return hung
+
+    def _kill(self, index: int) -> None:
+        with contextlib.suppress(RayError):  # gone with its node: nothing left to stop
+            ray.kill(self.actors[index], no_restart=True)
 
     async def poll(self) -> list[Counters | None]:
         """Each generator's counters, or None where it has not answered within
@@ -209,7 +248,11 @@ class Fleet:
                 continue
             self._asked[index] = None
             # A generator that died answers with its error; ``run`` reports it.
-            found.append(None if future.exception() is not None else future.result())
+            if future.exception() is not None:
+                found.append(None)
+                continue
+            self._answered_at[index] = time.monotonic()
+            found.append(future.result())
         return found
 
     def stop(self) -> None:

@@ -7,8 +7,10 @@ import asyncio
 import json
 import os
 import random
+import time
 from array import array
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -302,3 +304,56 @@ def test_a_think_time_ends_at_the_runs_deadline() -> None:
         return load.clock() - began
 
     assert asyncio.run(think()) < 1.0  # not the ~1,000 s mean
+
+
+def test_a_generator_whose_counters_stop_answering_is_stopped_as_hung(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import concurrent.futures
+
+    from cluster.loadtest import distributed
+
+    monkeypatch.setattr(distributed, "UNRESPONSIVE_S", 0.3)
+    monkeypatch.setattr(distributed, "LIVENESS_POLL_S", 0.05)
+
+    class Ref:
+        def __init__(self, value: object = None, forever: bool = False) -> None:
+            self._future: concurrent.futures.Future[object] = concurrent.futures.Future()
+            if not forever:
+                self._future.set_result(value)
+
+        def future(self) -> concurrent.futures.Future[object]:
+            return self._future
+
+    class Method:
+        def __init__(self, make: Any) -> None:
+            self.remote = make
+
+    class Handle:
+        """A generator's actor as the driver sees it: ``run`` never ends; ``counters``
+        answers, or (hung) never does."""
+
+        def __init__(self, hung: bool) -> None:
+            self.run = Method(lambda *_: Ref(forever=True))
+            self.counters = Method(lambda: Ref(forever=True) if hung else Ref(None))
+
+    killed: list[int] = []
+
+    class Fleet(distributed.Fleet):
+        def _kill(self, index: int) -> None:
+            killed.append(index)
+
+    fleet = Fleet([Handle(hung=False), Handle(hung=True)], joined=False)
+
+    async def wait() -> set[int]:
+        runs = [asyncio.get_running_loop().create_future() for _ in range(2)]
+        return await fleet._wait(runs, bound_s=2.0)
+
+    async def run() -> tuple[set[int], float]:
+        began = time.monotonic()
+        hung = await asyncio.wait_for(wait(), 10.0)
+        return hung, time.monotonic() - began
+
+    hung, took_s = asyncio.run(run())
+    assert hung == {1} and killed == [1]
+    assert took_s >= 1.9  # the answering one was waited for to the bound, not stopped
