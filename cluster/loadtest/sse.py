@@ -22,6 +22,7 @@ class SseError(ValueError):
 class Event:
     type: str
     data: dict[str, Any]
+    id: str | None = None  # the ``id:`` field: the event's sequence number in its session
 
 
 class SseParser:
@@ -51,6 +52,7 @@ class SseParser:
 
 def _parse(block: bytes) -> Event | None:
     kind = "message"
+    event_id: str | None = None
     data: list[str] = []
     for raw in block.decode("utf-8", errors="replace").split("\n"):
         if not raw or raw.startswith(":"):
@@ -59,6 +61,8 @@ def _parse(block: bytes) -> Event | None:
         value = value.removeprefix(" ")
         if name == "event":
             kind = value
+        elif name == "id":
+            event_id = value
         elif name == "data":
             data.append(value)
     if not data:
@@ -69,4 +73,4 @@ def _parse(block: bytes) -> Event | None:
         raise SseError(f"the data of a {kind!r} event is not JSON") from e
     if not isinstance(parsed, dict):
         raise SseError(f"the data of a {kind!r} event is not a JSON object")
-    return Event(kind, parsed)
+    return Event(kind, parsed, event_id)

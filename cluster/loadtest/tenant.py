@@ -54,16 +54,21 @@ def concurrent_sessions(plan: Plan) -> int:
     return min(MAX_OPEN_SESSIONS, math.ceil(plan.rate * plan.duration_s) + 1)
 
 
-def agent_spec(plan: Plan, anthropic_key: str | None, run_id: str) -> dict[str, Any]:
+def agent_spec(
+    plan: Plan, anthropic_key: str | None, run_id: str, min_replicas: int = 1
+) -> dict[str, Any]:
+    """The test's agent; ``min_replicas`` above 1 spreads the sessions from the start (a chaos
+    run kills one replica while the others go on)."""
     sessions = concurrent_sessions(plan)
     # The pool adds replicas above 80 % of their sessions: room for the load at that mark.
     replicas = min(MAX_REPLICAS, math.ceil(sessions / (SESSIONS_PER_REPLICA * SCALE_UP_AT)))
+    replicas = max(replicas, min_replicas)
     spec: dict[str, Any] = {
         "system": f"You are a load-test agent (hyperfleet loadtest run {run_id}).",
         "tools": ["write_file"] if plan.tools_mix > 0 else [],
         "isolation": "shared",
         "max_sessions": SESSIONS_PER_REPLICA,
-        "replicas": {"min": 1, "max": replicas},
+        "replicas": {"min": max(1, min(min_replicas, replicas)), "max": replicas},
         "resources": {"cores": REPLICA_CORES, "memory_mb": REPLICA_MEMORY_MB},
     }
     if anthropic_key:
@@ -71,9 +76,9 @@ def agent_spec(plan: Plan, anthropic_key: str | None, run_id: str) -> dict[str, 
     return spec
 
 
-def raised_quotas(plan: Plan) -> dict[str, Any]:
+def raised_quotas(plan: Plan, min_replicas: int = 1) -> dict[str, Any]:
     """The created user's quotas: room for the whole test, bounded by the API's ceilings."""
-    spec = agent_spec(plan, None, "")
+    spec = agent_spec(plan, None, "", min_replicas)
     replicas = int(spec["replicas"]["max"])
     return {
         "max_agents": 2,
@@ -133,9 +138,10 @@ async def provision(
     plan: Plan,
     anthropic_key: str | None,
     run_id: str,
+    min_replicas: int = 1,
 ) -> Provisioned:
     """Make what the test runs as: a user and key when ``own_key`` is an administrator's,
-    and an agent.
+    and an agent (with at least ``min_replicas`` replicas).
 
     Raises:
         SetupError: the API cannot be reached or refused a step.
@@ -146,7 +152,7 @@ async def provision(
         own_key,
         "POST",
         "/v1/users",
-        {"name": f"loadtest-{run_id}", "quotas": raised_quotas(plan)},
+        {"name": f"loadtest-{run_id}", "quotas": raised_quotas(plan, min_replicas)},
     )
     provisioned: Provisioned
     if status == 201:
@@ -163,7 +169,12 @@ async def provision(
         raise _refusal("creating the test's user", status, data)
     user_key = provisioned.target.api_key
     status, data = await _call(
-        http, base_url, user_key, "POST", "/v1/agents", agent_spec(plan, anthropic_key, run_id)
+        http,
+        base_url,
+        user_key,
+        "POST",
+        "/v1/agents",
+        agent_spec(plan, anthropic_key, run_id, min_replicas),
     )
     if status != 201:
         await release(http, base_url, own_key, provisioned)

@@ -14,6 +14,10 @@ turn still running or returns the committed one instead of running it twice. A g
 retries 429, 503 and 529 after ``Retry-After`` (else an exponential backoff with jitter), a
 409 ``session_busy``, and a connection lost before an answer; retries are counted apart from
 the requests they belong to.
+
+``Load``'s optional ``observe`` hook sees every attempt as it ends (``Sent``): what was sent,
+when, and what came back, with each streamed event's type and sequence id. The chaos run
+(``benchmarks/chaos``) writes its client history from it; without a hook nothing is collected.
 """
 
 from __future__ import annotations
@@ -124,10 +128,31 @@ class Attempt:
     # False once a stream has shown content: its turn failed after the user saw a part of it.
     resendable: bool = True
     ratelimit_limit: int | None = None  # a 429's ``ratelimit-limit``: which window refused it
+    # Only with an ``observe`` hook: each streamed event's (type, id), and turn_start's turn id.
+    events: tuple[tuple[str, int | None], ...] = ()
+    started_turn_id: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.error_type is None
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One attempt of a request, as ``Load``'s ``observe`` hook sees it once it ended."""
+
+    op: Literal["open_session", "message", "close_session"]
+    session_id: str | None  # None for an open (its answer names the session)
+    idempotency_key: str | None
+    number: int  # 0: the first try; then each resend
+    sent_at: float  # ``Load.clock`` times
+    answered_at: float
+    body: dict[str, Any] | None  # what was sent
+    stream: bool
+    attempt: Attempt
+
+
+Observe = Callable[[Sent], None]
 
 
 def retry_delay_s(attempt: Attempt, retries: int, rng: random.Random) -> float | None:
@@ -183,13 +208,19 @@ class Load:
         run_id: str,
         live: Live,
         clock: Callable[[], float] = time.perf_counter,
+        observe: Observe | None = None,
+        close_sessions: bool = True,
     ) -> None:
+        """``observe`` sees every attempt (``Sent``); ``close_sessions`` False leaves each
+        user's session open at its end (a chaos run reads and resumes them afterwards)."""
         self.http = http
         self.target = target
         self.plan = plan
         self.run_id = run_id
         self.live = live
         self.clock = clock
+        self.observe = observe
+        self.close_sessions = close_sessions
         self.t0 = clock()
         self.deadline = None if plan.duration_s is None else self.t0 + plan.duration_s
         self.headers = {"Authorization": f"Bearer {target.api_key}"}
@@ -284,24 +315,40 @@ class Load:
                 body = {"content": text, "stream": self.plan.stream}
                 key = f"lt-{self.run_id}-{name}-{i}"
                 await self._request(
-                    "message", f"/v1/sessions/{session['id']}/messages", body, rng, key, tool
+                    "message",
+                    f"/v1/sessions/{session['id']}/messages",
+                    body,
+                    rng,
+                    key,
+                    tool,
+                    session["id"],
                 )
         finally:
             self.live.sessions_open -= 1
-            await self._close(session["id"])
+            if self.close_sessions:
+                await self._close(session["id"])
         return True
 
     async def _close(self, session_id: str) -> None:
         # Closing frees the user's max_sessions; it is the tester's housekeeping, not load.
+        sent_at = self.clock()
+        attempt = Attempt(None, "connection")
         try:
             async with self.http.delete(
                 f"{self.target.base_url}/v1/sessions/{session_id}",
                 headers=self.headers,
                 timeout=aiohttp.ClientTimeout(total=CLOSE_TIMEOUT_S),
             ) as response:
-                await response.read()
+                raw = await response.read()
+                if self.observe is not None:
+                    attempt = attempt_of_json(response.status, response.headers, raw)
         except (aiohttp.ClientError, TimeoutError):
             pass  # the session idles out on the server (session_idle_ttl_s)
+        if self.observe is not None:
+            ended = self.clock()
+            self.observe(
+                Sent("close_session", session_id, None, 0, sent_at, ended, None, False, attempt)
+            )
 
     async def _request(
         self,
@@ -311,6 +358,7 @@ class Load:
         rng: random.Random,
         idempotency_key: str | None = None,
         tool: bool = False,
+        session_id: str | None = None,
     ) -> tuple[Outcome, dict[str, Any] | None]:
         """Send with retries; record and return its outcome and, on success, its answer."""
         started = self.clock()
@@ -322,11 +370,26 @@ class Load:
         try:
             while True:
                 streamed = op == "message" and self.plan.stream
+                sent_at = self.clock()
                 attempt = await (
                     self._attempt_stream(path, body, headers)
                     if streamed
                     else self._attempt_json(path, body, headers)
                 )
+                if self.observe is not None:
+                    self.observe(
+                        Sent(
+                            op,
+                            session_id,
+                            idempotency_key,
+                            len(retries),
+                            sent_at,
+                            self.clock(),
+                            body,
+                            streamed,
+                            attempt,
+                        )
+                    )
                 if attempt.status == 429:
                     self.live.rate_limited += 1
                     if attempt.ratelimit_limit is not None:
@@ -380,7 +443,7 @@ class Load:
                 self.target.base_url + path, json=body, headers=headers, timeout=self._timeout()
             ) as response:
                 raw = await response.read()
-                return _json_attempt(response.status, response.headers, raw)
+                return attempt_of_json(response.status, response.headers, raw)
         except TimeoutError:
             return Attempt(None, "timeout")
         except aiohttp.ClientError:
@@ -391,20 +454,36 @@ class Load:
     ) -> Attempt:
         first: float | None = None
         tool_call = False
+        # What the observe hook gets: each event's (type, id), and the turn id it started.
+        seen: list[tuple[str, int | None]] | None = [] if self.observe is not None else None
+        turn_id: str | None = None
         try:
             async with self.http.post(
                 self.target.base_url + path, json=body, headers=headers, timeout=self._timeout()
             ) as response:
                 if response.status != 200:
-                    return _json_attempt(response.status, response.headers, await response.read())
+                    return attempt_of_json(response.status, response.headers, await response.read())
                 parser = SseParser()
                 async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
                     for event in parser.feed(chunk):
+                        if seen is not None:
+                            seen.append((event.type, _seq(event.id)))
+                            if event.type == "turn_start":
+                                turn_id = str(event.data.get("turn_id") or "") or None
                         if event.type in FIRST_EVENTS and first is None:
                             first = self.clock()
                         tool_call = tool_call or event.type == "tool_use"
                         if event.type == "turn_end":
-                            return Attempt(200, None, None, event.data, first, tool_call)
+                            return Attempt(
+                                200,
+                                None,
+                                None,
+                                event.data,
+                                first,
+                                tool_call,
+                                events=tuple(seen or ()),
+                                started_turn_id=turn_id,
+                            )
                         if event.type == "error":
                             status = event.data.get("status_code")
                             return Attempt(
@@ -413,17 +492,28 @@ class Load:
                                 _retry_after(None, event.data),
                                 first_event_at=first,
                                 resendable=first is None,
+                                events=tuple(seen or ()),
+                                started_turn_id=turn_id,
                             )
-                return Attempt(None, "protocol")  # the stream ended with no turn_end
+                # The stream ended with no turn_end.
+                return Attempt(None, "protocol", events=tuple(seen or ()), started_turn_id=turn_id)
         except TimeoutError:
-            return Attempt(None, "timeout")
+            return Attempt(None, "timeout", events=tuple(seen or ()), started_turn_id=turn_id)
         except SseError:
-            return Attempt(None, "protocol")
+            return Attempt(None, "protocol", events=tuple(seen or ()), started_turn_id=turn_id)
         except aiohttp.ClientError:
-            return Attempt(None, "connection")
+            return Attempt(None, "connection", events=tuple(seen or ()), started_turn_id=turn_id)
 
 
-def _json_attempt(status: int, headers: Any, raw: bytes) -> Attempt:
+def _seq(event_id: str | None) -> int | None:
+    try:
+        return int(event_id) if event_id is not None else None
+    except ValueError:
+        return None
+
+
+def attempt_of_json(status: int, headers: Any, raw: bytes) -> Attempt:
+    """An attempt answered with a JSON body (or none): the turn, or the API's error."""
     try:
         parsed = json.loads(raw) if raw else {}
     except ValueError:

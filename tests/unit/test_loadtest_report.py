@@ -164,6 +164,7 @@ def test_sse_parser_reassembles_events_split_across_chunks() -> None:
     for i in range(0, len(stream), 7):
         events.extend(parser.feed(stream[i : i + 7]))
     assert [e.type for e in events] == ["turn_start", "text_delta", "turn_end"]
+    assert [e.id for e in events] == ["1", "2", "3"]
     assert events[2].data == {"usage": {"output_tokens": 3}}
     with pytest.raises(SseError):
         SseParser().feed(b"event: error\ndata: not json\n\n")
@@ -203,6 +204,10 @@ def test_the_agent_and_quotas_are_sized_for_the_load() -> None:
     quotas = raised_quotas(Plan(users=1000, requests=2))
     assert quotas["max_sessions"] >= 1000 and quotas["max_replicas"] >= 13
     assert quotas["max_cores"] >= 13 * 0.5
+    spread = agent_spec(Plan(users=5, requests=2), None, "run", min_replicas=3)
+    assert spread["replicas"] == {"min": 3, "max": 3}
+    quotas = raised_quotas(Plan(users=5, requests=2), min_replicas=3)
+    assert quotas["max_replicas"] >= 3 and quotas["max_cores"] >= 3 * 0.5
 
 
 @pytest.mark.parametrize(
