@@ -450,7 +450,7 @@ class Api:
         for attempt in range(2):
             # The second pass may evict an idle session from a full replica: the pool could
             # not grow in time (at its max, or the cluster has no room yet).
-            for index, _ in await self.control.placement(agent.id):
+            for index, _ in await self.control.placement(agent.id, claim=True):
                 try:
                     session = await self.replicas.open_session(
                         agent.id, index, user.id, evict=attempt == 1

@@ -177,8 +177,8 @@ class ControlStoreActor:
     def record_pool(self, agent_id: str, desired: int, reason: str, state_json: str) -> None:
         self._store.pools.record(agent_id, desired, reason, state_json)
 
-    def placement(self, agent_id: str) -> list[tuple[int, int]]:
-        return self._store.pools.placement(agent_id)
+    def placement(self, agent_id: str, claim: bool = False) -> list[tuple[int, int]]:
+        return self._store.pools.placement(agent_id, claim)
 
     def rehome(self, session_id: str, source: int) -> Route | None:
         return self._store.rehome(session_id, source)
@@ -384,8 +384,10 @@ class Control:
     async def record_pool(self, agent_id: str, desired: int, reason: str, state_json: str) -> None:
         await self._call("record_pool", agent_id, desired, reason, state_json)
 
-    async def placement(self, agent_id: str) -> list[tuple[int, int]]:
-        ready: list[tuple[int, int]] = await self._call("placement", agent_id)
+    async def placement(self, agent_id: str, claim: bool = False) -> list[tuple[int, int]]:
+        """The agent's ready replicas, least loaded first; ``claim`` (a session open) claims
+        a slot on the first until the open records its route (``PoolTable.placement``)."""
+        ready: list[tuple[int, int]] = await self._call("placement", agent_id, claim)
         return ready
 
     async def rehome(self, session_id: str, source: int) -> Route | None:

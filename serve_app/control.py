@@ -375,6 +375,8 @@ class ControlStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        finally:
+            self.pools.settle(agent_id, replica)
         db.execute("COMMIT")
 
     def get_route(self, session_id: str) -> Route | None:

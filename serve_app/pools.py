@@ -31,6 +31,10 @@ CREATE TABLE IF NOT EXISTS pools (
 """
 REPLICA_STATES = ("starting", "ready", "draining")
 POOL_AGENTS_MAX = 10_000
+# A session open claims its replica's slot until its route is recorded (``settle``); one that
+# never records it (the open failed, the ingress died) gives the slot back after this long.
+CLAIM_TTL_S = 30.0
+CLAIMS_MAX = 10_000  # claims kept per agent; past it the oldest go first
 LIVE_AGENT = ("starting", "ready", "pending")  # agent statuses whose pools scale
 
 
@@ -46,6 +50,9 @@ class PoolTable:
         self._db = db
         self._clock = clock
         self._room = room
+        # In memory, not in SQLite: a claim lives for one open, and a restarted store starts
+        # from the routes alone (at worst one burst of opens leans on one replica again).
+        self._claims: dict[str, list[tuple[int, float]]] = {}
         db.executescript(POOL_SCHEMA)
         self._adopt_fixed_agents()
 
@@ -176,6 +183,7 @@ class PoolTable:
 
     def drop(self, agent_id: str) -> None:
         """A deleted agent's pool: its rows go (its replicas were stopped)."""
+        self._claims.pop(agent_id, None)
         self._db.execute("DELETE FROM replicas WHERE agent_id = ?", (agent_id,))
         self._count(agent_id)
 
@@ -195,16 +203,56 @@ class PoolTable:
 
     # Placement and moves --------------------------------------------------------------------
 
-    def placement(self, agent_id: str) -> list[tuple[int, int]]:
-        """The agent's ready replicas with their open sessions, least loaded first."""
+    def placement(self, agent_id: str, claim: bool = False) -> list[tuple[int, int]]:
+        """The agent's ready replicas with their open sessions (and the slots claimed by opens
+        in flight), least loaded first. ``claim`` claims a slot on the first: concurrent opens
+        each see the others' claims, so a burst spreads over the replicas instead of every
+        open reading the same counts and landing on the same one."""
         rows = self._db.execute(
             "SELECT p.idx, COALESCE(r.n, 0) AS n FROM replicas p LEFT JOIN ("
             "SELECT replica, COUNT(*) AS n FROM routes WHERE agent_id = ? AND closed = 0 "
             "GROUP BY replica) r ON r.replica = p.idx "
-            "WHERE p.agent_id = ? AND p.state = 'ready' ORDER BY n, p.idx",
+            "WHERE p.agent_id = ? AND p.state = 'ready'",
             (agent_id, agent_id),
         ).fetchall()
-        return [(int(i), int(n)) for i, n in rows]
+        claimed: dict[int, int] = {}
+        for index, _ in self._live_claims(agent_id):
+            claimed[index] = claimed.get(index, 0) + 1
+        load = sorted(
+            ((int(i), int(n) + claimed.get(int(i), 0)) for i, n in rows),
+            key=lambda row: (row[1], row[0]),
+        )
+        if claim and load:
+            claims = self._claims.setdefault(agent_id, [])
+            claims.append((load[0][0], self._clock()))
+            del claims[:-CLAIMS_MAX]
+        return load
+
+    def settle(self, agent_id: str, index: int) -> None:
+        """An open recorded its route on replica ``index`` (or gave up): its claim ends."""
+        claims = self._claims.get(agent_id)
+        if not claims:
+            return
+        for n, (claimed, _) in enumerate(claims):
+            if claimed == index:
+                del claims[n]
+                break
+        else:
+            del claims[0]  # it claimed another replica, then opened here: its claim ends
+        if not claims:
+            del self._claims[agent_id]
+
+    def _live_claims(self, agent_id: str) -> list[tuple[int, float]]:
+        claims = self._claims.get(agent_id)
+        if not claims:
+            return []
+        horizon = self._clock() - CLAIM_TTL_S
+        live = [c for c in claims if c[1] > horizon]
+        if live:
+            self._claims[agent_id] = live
+        else:
+            del self._claims[agent_id]
+        return live
 
     def move_off(self, agent_id: str, source: int, session_ids: list[str] | None) -> int:
         """Moves open routes off replica ``source`` (``session_ids``, or all of them) to the

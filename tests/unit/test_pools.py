@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from serve_app.control import ControlStore
+from serve_app.pools import CLAIM_TTL_S
 
 pytestmark = pytest.mark.unit
 
@@ -87,6 +88,32 @@ def test_placement_is_least_loaded_among_ready_replicas(store: ControlStore) -> 
     for n, replica in enumerate([0, 0, 1]):
         store.add_route(f"ses_{n}", "agt_1", "usr_a", replica)
     assert store.pools.placement("agt_1") == [(1, 1), (0, 2)]  # 2 is still starting
+
+
+def test_concurrent_opens_spread_by_their_claims_until_their_routes_are_recorded(
+    tmp_path: Path,
+) -> None:
+    """Twelve opens that all ask for placement before any records its route land 6/6 (each
+    sees the others' claims), not 12/0; a recorded route ends its claim, so it counts once;
+    a claim never settled (an open that failed) stops counting after ``CLAIM_TTL_S``."""
+    now = [1_000.0]
+    store = ControlStore(tmp_path / "control.db", clock=lambda: now[0])
+    try:
+        store.create_user("usr_a", "a", {"max_replicas": 5, "max_cores": 10.0})
+        _agent(store, "agt_1", replicas=2)
+        _ready(store, "agt_1", 0, 1)
+        chosen = [store.pools.placement("agt_1", claim=True)[0][0] for _ in range(12)]
+        assert sorted(chosen.count(i) for i in (0, 1)) == [6, 6]
+        assert dict(store.pools.placement("agt_1")) == {0: 6, 1: 6}  # claims count as load
+        for n, index in enumerate(chosen):
+            store.add_route(f"ses_{n}", "agt_1", "usr_a", index)
+        assert dict(store.pools.placement("agt_1")) == {0: 6, 1: 6}  # routes, not also claims
+        store.pools.placement("agt_1", claim=True)  # an open that never records its route
+        assert sorted(dict(store.pools.placement("agt_1")).values()) == [6, 7]
+        now[0] += CLAIM_TTL_S + 1
+        assert dict(store.pools.placement("agt_1")) == {0: 6, 1: 6}
+    finally:
+        store.close()
 
 
 def test_routes_move_only_off_a_replica_that_is_not_ready(store: ControlStore) -> None:
