@@ -1,8 +1,11 @@
 """A circuit breaker per upstream credential.
 
 Closed: calls pass; ``failure_threshold`` consecutive failures open it. Open: calls fail fast with
-``CircuitOpenError`` carrying how long until it half-opens. Half-open after ``cooldown_s``: one
-trial call passes; its success closes the breaker, its failure opens it again.
+``CircuitOpenError`` carrying how long until it half-opens. Half-open after a cool-down: one
+trial call passes; its success closes the breaker, its failure opens it again for twice as long
+(``cooldown_s``, 5 s, doubling to ``max_cooldown_s``, 30 s). A short outage is over within about
+one cool-down of the API's return, and a long one is probed once every 30 s per process: a fixed
+30 s cool-down kept every turn refused for up to 30 s after the API was back.
 
 A call goes through ``attempt()``, a context manager that records an outcome on every exit: the
 call says ``succeeded()`` or ``failed()``, and a call that leaves any other way (the API refused
@@ -31,7 +34,8 @@ from hyperfleet.errors import CircuitOpenError
 from . import metrics
 
 FAILURE_THRESHOLD = 5
-COOLDOWN_S = 30.0
+COOLDOWN_S = 5.0  # the first cool-down after the breaker opens
+MAX_COOLDOWN_S = 30.0  # each failed trial doubles it, up to this
 MAX_CREDENTIALS = 1_024  # breakers kept per process; the least recently used goes first
 
 
@@ -54,9 +58,12 @@ class CircuitBreaker:
         failure_threshold: int = FAILURE_THRESHOLD,
         cooldown_s: float = COOLDOWN_S,
         clock: Callable[[], float] = time.monotonic,
+        max_cooldown_s: float = MAX_COOLDOWN_S,
     ) -> None:
         self.failure_threshold = failure_threshold
         self.cooldown_s = cooldown_s
+        self.max_cooldown_s = max(cooldown_s, max_cooldown_s)
+        self._cooldown_s = cooldown_s  # the present one: doubled by each failed trial
         self._clock = clock
         self._failures = 0
         self._opened_at: float | None = None
@@ -66,7 +73,7 @@ class CircuitBreaker:
     def state(self) -> Literal["closed", "open", "half_open"]:
         if self._opened_at is None:
             return "closed"
-        if self._clock() - self._opened_at >= self.cooldown_s:
+        if self._clock() - self._opened_at >= self._cooldown_s:
             return "half_open"
         return "open"
 
@@ -97,7 +104,7 @@ class CircuitBreaker:
             self._trial_running = True
             return True
         assert self._opened_at is not None
-        wait_s = max(0.0, self.cooldown_s - (self._clock() - self._opened_at))
+        wait_s = max(0.0, self._cooldown_s - (self._clock() - self._opened_at))
         raise CircuitOpenError(
             f"the model API failed {self._failures} times in a row; retrying after a cool-down",
             retry_after_s=round(wait_s if state == "open" else 1.0, 3),
@@ -107,6 +114,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = None
         self._trial_running = False
+        self._cooldown_s = self.cooldown_s
 
     def record_failure(self, trial: bool | None = None) -> None:
         """Counts a failure; ``trial`` says whether it was the half-open trial's (None: whether
@@ -115,6 +123,7 @@ class CircuitBreaker:
         was_trial = self._trial_running if trial is None else trial
         if was_trial:
             self._trial_running = False
+            self._cooldown_s = min(self.max_cooldown_s, self._cooldown_s * 2)
         if was_trial or self._failures >= self.failure_threshold:
             if self._opened_at is None or was_trial:  # not a call in flight when it opened
                 metrics.circuit_opened()

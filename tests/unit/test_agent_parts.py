@@ -38,11 +38,25 @@ def test_breaker_opens_fails_fast_and_half_opens() -> None:
         breaker.check()  # only one trial at a time
     breaker.record_failure()
     assert breaker.state == "open"
-    now[0] = 20.0
+    now[0] = 29.0  # a failed trial doubles the cool-down: 20 s from the trial
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.check()
+    assert info.value.retry_after_s == pytest.approx(1.0)
+    now[0] = 30.0
+    breaker.check()
+    breaker.record_failure()
+    now[0] = 59.0  # doubled again, but never past max_cooldown_s (30 s)
+    with pytest.raises(CircuitOpenError):
+        breaker.check()
+    now[0] = 60.0
     breaker.check()
     breaker.record_success()
     assert breaker.state == "closed"
     breaker.check()
+    for _ in range(3):  # a success starts over: the next opening cools down for 10 s again
+        breaker.record_failure()
+    now[0] = 70.0
+    assert breaker.state == "half_open"
 
 
 def test_breaker_counts_consecutive_failures_only() -> None:
