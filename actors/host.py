@@ -255,7 +255,7 @@ class SessionHost:
             except Exception:
                 # The stream is a supervisory boundary: a bug ends it with an error event.
                 logger.exception("turn in session %s failed", session_id)
-                error = {"type": "internal_error", "message": "the turn failed"}
+                error = {"type": "internal_error", "message": "the turn failed", "retryable": False}
                 await emit("error", {"status_code": 500, **error})
             finally:
                 self._entered -= 1

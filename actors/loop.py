@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hyperfleet import logs
-from hyperfleet.errors import CircuitOpenError, UpstreamError
+from hyperfleet.errors import CircuitOpenError, UpstreamError, UpstreamRefusedError
 
 from . import metrics
 from .breaker import CircuitBreaker
@@ -251,7 +251,7 @@ class AgentLoop:
                         )
                         metrics.model_called(model, outcome, time.monotonic() - began)
                         if e.status_code in _CLIENT_ERRORS:  # neutral: the API answered
-                            raise UpstreamError(
+                            raise UpstreamRefusedError(
                                 f"the model API refused the request: {e.message}"
                             ) from e
                         call.failed()

@@ -10,7 +10,9 @@
     ├── BudgetExceededError            403: the day's token budget cannot cover a turn's next call
     ├── CapacityError                  503 + retry_after_s: the replica is full or draining
     │   └── SessionMovedError          the replica is draining: the session is re-homed, resend
-    ├── UpstreamError                  502: the model API failed the turn
+    ├── UpstreamError                  502: the model API failed the turn (resend: it may pass)
+    │   ├── UpstreamRefusedError       502: the model API refused the request (a 4xx; resending
+    │   │                              the same request fails the same way)
     │   └── CircuitOpenError           503 + retry_after_s: the credential's breaker is open
     └── StoreError                     503: the session store could not be reached
 
@@ -39,7 +41,13 @@ class HyperfleetError(Exception):
         return (_rebuild, (type(self), self.message, self.retry_after_s, self.session_id))
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"type": self.error_type, "message": self.message}
+        """A stream's ``error`` event data: type, message, whether a resend may pass, and how
+        soon."""
+        body: dict[str, Any] = {
+            "type": self.error_type,
+            "message": self.message,
+            "retryable": self.retryable,
+        }
         if self.retry_after_s is not None:
             body["retry_after_s"] = self.retry_after_s
         return body
@@ -98,6 +106,13 @@ class UpstreamError(HyperfleetError):
     status_code = 502
     error_type = "upstream_error"
     retryable = True
+
+
+class UpstreamRefusedError(UpstreamError):
+    """The model API answered the turn's request with a 4xx (too long, malformed, a bad key):
+    the same request would be refused again, so it is not retryable."""
+
+    retryable = False
 
 
 class CircuitOpenError(UpstreamError):

@@ -1,5 +1,10 @@
 """HTTP errors: the platform's errors (``hyperfleet.errors.HyperfleetError``) plus the API's own,
-and the one JSON shape every error answer has: ``{"error": {"type": ..., "message": ...}}``."""
+and the one JSON shape every error answer has: ``{"error": {"type": ..., "message": ...}}``.
+
+Every error answer says whether resending the same request may succeed: the ``x-should-retry``
+header (``true``/``false``, the header the Anthropic API sends and its SDKs obey), and a stream's
+``error`` event its ``retryable`` field. With its idempotency key a resent message joins its turn
+if it is still running, gets it if it committed, and runs it otherwise: never a second turn."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from hyperfleet.errors import HyperfleetError
 
 # How soon to retry when the control store, a replica or Redis cannot be reached (restarting).
 RESTARTING_RETRY_S = 2.0
+RETRYABLE_STATUSES = frozenset({429, 503})  # an ``ApiError`` of these is retryable
 
 
 class ApiError(HyperfleetError):
@@ -29,6 +35,8 @@ class ApiError(HyperfleetError):
         self.status_code = status_code
         self.error_type = error_type
         self.headers = headers or {}
+        # Too many requests, or a backend restarting: later, the same request may pass.
+        self.retryable = status_code in RETRYABLE_STATUSES
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
@@ -73,6 +81,7 @@ def error_response(error: HyperfleetError) -> JSONResponse:
     headers = dict(getattr(error, "headers", {}) or {})
     if error.retry_after_s is not None:
         headers.setdefault("Retry-After", str(max(1, int(-(-error.retry_after_s // 1)))))
+    headers["x-should-retry"] = "true" if error.retryable else "false"
     body = {"error": {"type": error.error_type, "message": error.message}}
     return JSONResponse(body, status_code=error.status_code, headers=headers)
 

@@ -11,9 +11,10 @@ Two ways to apply load:
 
 Every message carries an idempotency key, so a resend after a dropped connection joins the
 turn still running or returns the committed one instead of running it twice. A good client
-retries 429, 503 and 529 after ``Retry-After`` (else an exponential backoff with jitter), a
-409 ``session_busy``, and a connection lost before an answer; retries are counted apart from
-the requests they belong to.
+resends what the server says may pass (``x-should-retry``, a stream error's ``retryable``),
+after ``Retry-After`` (else an exponential backoff with jitter), and a connection lost before
+an answer; from a server that does not say, 429, 503, 529 and a 409 ``session_busy``. Retries
+are counted apart from the requests they belong to.
 
 ``Load``'s optional ``observe`` hook sees every attempt as it ends (``Sent``): what was sent,
 when, and what came back, with each streamed event's type and sequence id. The chaos run
@@ -125,8 +126,8 @@ class Attempt:
     body: dict[str, Any] | None = None
     first_event_at: float | None = None  # perf_counter time of the first text or tool event
     tool_call: bool = False
-    # False once a stream has shown content: its turn failed after the user saw a part of it.
-    resendable: bool = True
+    # The server's word on resending (``x-should-retry``, a stream error's ``retryable``).
+    should_retry: bool | None = None
     ratelimit_limit: int | None = None  # a 429's ``ratelimit-limit``: which window refused it
     # Only with an ``observe`` hook: each streamed event's (type, id), and turn_start's turn id.
     events: tuple[tuple[str, int | None], ...] = ()
@@ -159,11 +160,14 @@ def retry_delay_s(attempt: Attempt, retries: int, rng: random.Random) -> float |
     """How long to wait before resending after ``attempt`` failed (``retries`` already made),
     or None when a good client would not resend: the server's ``Retry-After`` (capped), else
     an exponential backoff with full jitter."""
-    retryable = attempt.resendable and (
-        attempt.status in RETRYABLE_STATUSES
-        or (attempt.status == 409 and attempt.error_type == "session_busy")
-        or (attempt.status is None and attempt.error_type in ("connection", "protocol"))
-    )
+    if attempt.status is None:  # no answer: a lost connection, a stream cut short
+        retryable = attempt.error_type in ("connection", "protocol")
+    elif attempt.should_retry is not None:  # the server said
+        retryable = attempt.should_retry
+    else:
+        retryable = attempt.status in RETRYABLE_STATUSES or (
+            attempt.status == 409 and attempt.error_type == "session_busy"
+        )
     if not retryable:
         return None
     if attempt.retry_after_s is not None:
@@ -491,7 +495,7 @@ class Load:
                                 str(event.data.get("type") or "api_error"),
                                 _retry_after(None, event.data),
                                 first_event_at=first,
-                                resendable=first is None,
+                                should_retry=_flag(event.data.get("retryable")),
                                 events=tuple(seen or ()),
                                 started_turn_id=turn_id,
                             )
@@ -530,4 +534,14 @@ def attempt_of_json(status: int, headers: Any, raw: bytes) -> Attempt:
         str(error.get("type") or "http_error"),
         _retry_after(headers, error),
         ratelimit_limit=int(limit) if limit.isdigit() else None,
+        should_retry=_flag(headers.get("x-should-retry")),
     )
+
+
+def _flag(value: object) -> bool | None:
+    """``x-should-retry``'s ``true``/``false`` (or a JSON boolean); None when absent or odd."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return None

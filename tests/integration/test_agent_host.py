@@ -253,6 +253,7 @@ async def test_stream_fault_after_content_ends_turn_uncommitted(
     assert kinds[0] == "turn_start" and kinds[-1] == "error"
     assert "text_delta" in kinds and "turn_end" not in kinds
     assert events[-1]["data"]["type"] == "upstream_error"
+    assert events[-1]["data"]["retryable"] is True  # the client may resend it (same key)
     # Nothing of it was committed; the same message goes through on a healthy connection.
     assert (await broken.transcript(sid))["version"] == 1
     again = await host.send(sid, "second")

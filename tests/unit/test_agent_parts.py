@@ -65,3 +65,22 @@ def test_breaker_counts_consecutive_failures_only() -> None:
     breaker.record_success()
     breaker.record_failure()
     assert breaker.state == "closed"
+
+
+def test_errors_say_whether_a_resend_may_pass_and_keep_it_across_processes() -> None:
+    """A stream's error event carries ``retryable``: a failed model call may pass on a resend,
+    a request the model API refused (4xx) would be refused again."""
+    import pickle
+
+    from hyperfleet.errors import UpstreamError, UpstreamRefusedError
+
+    failed = pickle.loads(pickle.dumps(UpstreamError("failed")))  # noqa: S301 - our own bytes
+    refused = pickle.loads(pickle.dumps(UpstreamRefusedError("no")))  # noqa: S301 - our own bytes
+    assert failed.to_json()["retryable"] is True and failed.status_code == 502
+    assert type(refused) is UpstreamRefusedError and refused.to_json()["retryable"] is False
+    assert CircuitOpenError("open", retry_after_s=2.0).to_json() == {
+        "type": "circuit_open",
+        "message": "open",
+        "retryable": True,
+        "retry_after_s": 2.0,
+    }

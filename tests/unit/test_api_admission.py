@@ -73,6 +73,17 @@ def test_every_answer_to_an_admitted_request_carries_its_rate_limit_headers(
     assert answers[-1].json() == {
         "error": {"type": "rate_limited", "message": "too many requests; slow down"}
     }
+    # Every error says whether the same request may pass later: a 429 may, a 404 or 403 not.
+    assert [a.headers.get("x-should-retry") for a in answers] == [
+        None,
+        "false",
+        "false",
+        None,
+        "false",
+        "false",
+        None,
+        "true",
+    ]
 
 
 def test_a_request_without_a_valid_key_is_told_so_with_its_address_window(

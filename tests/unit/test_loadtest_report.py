@@ -176,11 +176,15 @@ def test_retries_follow_a_good_clients_rules() -> None:
     assert retry_delay_s(Attempt(503, "unavailable", 3600.0), 0, rng) == 30.0
     assert retry_delay_s(Attempt(409, "session_busy"), 0, rng) is not None
     assert retry_delay_s(Attempt(None, "connection"), 0, rng) is not None
+    # The server's word decides: a 502 it calls retryable is resent (the key keeps it from
+    # running twice), a 503 it does not is not.
+    assert retry_delay_s(Attempt(502, "upstream_error", should_retry=True), 0, rng) is not None
     for refused in (
         Attempt(409, "idempotency_conflict"),
         Attempt(502, "upstream_error"),
         Attempt(None, "timeout"),
-        Attempt(503, "unavailable", 1.0, resendable=False),
+        Attempt(503, "unavailable", 1.0, should_retry=False),
+        Attempt(502, "upstream_error", should_retry=False),
     ):
         assert retry_delay_s(refused, 0, rng) is None
     backoffs = [retry_delay_s(Attempt(503, "unavailable"), n, rng) for n in range(10)]
