@@ -21,6 +21,14 @@ Acting:
   resent (``serve_app/app.py``): no error reaches it.
 - A session open that found every ready replica full asks ``request_capacity``: a refusal for the
   policy (aggressive, and past the up cooldown), then a wait for a replica to become ready.
+- Liveness: every tick probes each ready replica (its ``stats``). One that has answered no probe
+  for ``replica_unresponsive_s`` (a process paused or hung, a node cut off, a restart that does
+  not come back) is replaced: its row turns ``draining`` (no new session goes there), its routes
+  move to the other ready replicas, and it is killed (Ray ends even a SIGSTOPped process, within
+  about 5 s) and its row removed; the policy then starts another if the pool needs one. A turn
+  it was running fails to its client as retryable and the resend runs on the session's new
+  replica. Should the old process still reach the store (a partition), its commit is refused: the
+  session's version moved on (the store's fence).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.spec import AgentSpec, placement_options
 from hyperfleet.errors import HyperfleetError
-from serve_app.backend import Control
+from serve_app.backend import CONTROL_TIMEOUT_S, Control
 from serve_app.records import PoolAgent, ReplicaRow
 from serve_app.replicas import Replicas
 
@@ -99,6 +107,8 @@ class PoolController:
         self._slots: list[dict[str, float]] | None = None
         self._recorded: dict[str, tuple[tuple[Any, ...], float]] = {}
         self._backoff: dict[str, tuple[float, float]] = {}  # agent -> (until, last wait)
+        # (agent, index) -> when the first of the probes it has left unanswered in a row began.
+        self._silent: dict[tuple[str, int], float] = {}
         self.status: dict[str, PoolStatus] = {}
 
     # The loop -------------------------------------------------------------------------------
@@ -130,6 +140,8 @@ class PoolController:
         for table in (self.status, self._locks, self._ready, self._recorded, self._backoff):
             for gone in set(table) - live:
                 table.pop(gone, None)
+        for key in [k for k in self._silent if k[0] not in live]:
+            del self._silent[key]
         for agent_id, status in self.status.items():
             metrics.pool(agent_id, status.counts())
         await self._keep_warm(agents)
@@ -177,7 +189,18 @@ class PoolController:
             self._resume(agent.id, spec, rows)
             by_state = {s: [r for r in rows if r.state == s] for s in ("starting", "ready")}
             draining = [r for r in rows if r.state == "draining"]
-            stats = await self.replicas.stats(agent.id, [r.index for r in by_state["ready"]])
+            probed_at = self._clock()
+            stats = await self.replicas.stats(
+                agent.id, [r.index for r in by_state["ready"]], self._probe_timeout_s()
+            )
+            hung = self._unresponsive(agent.id, by_state["ready"], stats, probed_at)
+            for row in hung:
+                await self._replace(agent.id, row.index, spec.replicas.min)
+            if hung:
+                alive = [(r, s) for r, s in zip(by_state["ready"], stats, strict=True)]
+                alive = [(r, s) for r, s in alive if r not in hung]
+                by_state["ready"] = [r for r, _ in alive]
+                stats = [s for _, s in alive]
             sessions = {
                 r.index: int(s.get("sessions") or 0)
                 for r, s in zip(by_state["ready"], stats, strict=True)
@@ -212,6 +235,56 @@ class PoolController:
             logger.debug(
                 "pool %s: %s -> %s (%s)", agent.id, seen, decision.desired, decision.reason
             )
+
+    def _probe_timeout_s(self) -> float:
+        """A probe's wait: a third of the unresponsive limit (so that several probes go
+        unanswered before a replica is replaced), at most the control calls' timeout."""
+        return min(CONTROL_TIMEOUT_S, max(1.0, self.config.replica_unresponsive_s / 3))
+
+    def _unresponsive(
+        self,
+        agent_id: str,
+        ready: list[ReplicaRow],
+        stats: list[dict[str, Any]],
+        probed_at: float,
+    ) -> list[ReplicaRow]:
+        """The ready replicas that have left every probe unanswered for
+        ``replica_unresponsive_s``; a replica that answered starts its count over."""
+        hung = []
+        for row, answer in zip(ready, stats, strict=True):
+            key = (agent_id, row.index)
+            if answer.get("state") != "unavailable":
+                self._silent.pop(key, None)
+                continue
+            since = self._silent.setdefault(key, probed_at)
+            if self._clock() - since >= self.config.replica_unresponsive_s:
+                hung.append(row)
+        return hung
+
+    async def _replace(self, agent_id: str, index: int, base: int) -> None:
+        """Takes an unresponsive replica out: no new sessions, its routes moved, killed. One
+        of replicas 0..``base``-1 (which a batch job may address by name) is restarted by Ray
+        under its name instead, and is ready again, empty, once it answers."""
+        self._silent.pop((agent_id, index), None)
+        task = self._tasks.pop((agent_id, index), None)
+        if task is not None:
+            task.cancel()
+        await self.control.set_replica_state(agent_id, index, "draining", self._clock())
+        moved = await self.control.rehome_all(agent_id, index)
+        if index < base:
+            self.replicas.kill(agent_id, index, restart=True)
+            await self.control.set_replica_state(agent_id, index, "ready")
+        else:
+            self.replicas.kill(agent_id, index)
+            await self.control.remove_replica(agent_id, index)
+        metrics.replaced(moved)
+        logger.warning(
+            "pool %s: replica %d answered no probe for %.0f s: replaced (%d routes moved)",
+            agent_id,
+            index,
+            self.config.replica_unresponsive_s,
+            moved,
+        )
 
     async def _record(self, agent_id: str, decision: Decision, now: float) -> None:
         """Stores the decision and the policy's state: at once when the decision or a cooldown

@@ -59,6 +59,14 @@ class PoolConfig(BaseModel):
     start_timeout_s: float = Field(
         default=900.0, ge=1, le=86_400, description="the longest a replica may take to start"
     )
+    replica_unresponsive_s: float = Field(
+        default=30.0,
+        ge=3,
+        le=3_600,
+        description="how long a ready replica may leave the controller's probes unanswered "
+        "(hung, paused, cut off, or restarting too slowly) before it is replaced: its sessions "
+        "move to the other ready replicas and it is killed",
+    )
     capacity_wait_s: float = Field(
         default=20.0,
         ge=0,

@@ -27,6 +27,7 @@ class _Pool:
     drain_seconds: Any
     sessions_moved: Any
     capped: Any
+    replaced: Any
 
 
 def _make() -> _Pool:
@@ -62,6 +63,10 @@ def _make() -> _Pool:
         capped=Counter(
             "hyperfleet_pool_capped_replicas",
             "Replicas a decision wanted that the fleet's cap or an owner's quota refused",
+        ),
+        replaced=Counter(
+            "hyperfleet_pool_replicas_replaced",
+            "Ready replicas killed and replaced because they stopped answering the controller",
         ),
     )
 
@@ -100,6 +105,15 @@ def drained(seconds: float, moved: int) -> None:
         return
     m.drain_seconds.observe(seconds)
     if moved > 0:  # Counter.inc(0) raises in Ray 2.60
+        m.sessions_moved.inc(moved)
+
+
+def replaced(moved: int) -> None:
+    m = _POOL.get()
+    if m is None:
+        return
+    m.replaced.inc(1)
+    if moved > 0:
         m.sessions_moved.inc(moved)
 
 

@@ -174,13 +174,16 @@ class Replicas:
             route.agent_id, route.replica, "close_session", REPLICA_CALL_TIMEOUT_S, route.id, owner
         )
 
-    async def stats(self, agent_id: str, indices: list[int]) -> list[dict[str, Any]]:
-        """Each replica's ``stats``; one that does not answer in time is ``unavailable``."""
+    async def stats(
+        self, agent_id: str, indices: list[int], timeout_s: float = CONTROL_TIMEOUT_S
+    ) -> list[dict[str, Any]]:
+        """Each replica's ``stats``; one that does not answer within ``timeout_s`` is
+        ``unavailable``."""
 
         async def one(index: int) -> dict[str, Any]:
             try:
                 stats: dict[str, Any] = await asyncio.wait_for(
-                    self.handle(agent_id, index).stats.remote(), CONTROL_TIMEOUT_S
+                    self.handle(agent_id, index).stats.remote(), timeout_s
                 )
                 return stats
             except (ApiError, RayActorError, TimeoutError, GetTimeoutError):
@@ -201,12 +204,13 @@ class Replicas:
         handed: list[str] = await self._call(agent_id, index, "drain", deadline_s + 10, deadline_s)
         return handed
 
-    def kill(self, agent_id: str, index: int) -> None:
-        """Stops a replica for good (Ray does not restart it); one already gone is fine."""
+    def kill(self, agent_id: str, index: int, restart: bool = False) -> None:
+        """Stops a replica for good (Ray does not restart it), or with ``restart`` ends its
+        process for Ray to start again under the same name; one already gone is fine."""
         name = replica_name(agent_id, index)
         self._handles.pop(name, None)
         with contextlib.suppress(ValueError):  # already gone
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=not restart)
 
     async def remove(self, agent_id: str, indices: list[int], drain_s: float) -> None:
         """Drains every replica at once (finishing turns, up to ``drain_s``), removes the

@@ -340,11 +340,12 @@ SECTIONS: tuple[Section, ...] = (
                 ),
             ),
             PanelSpec(
-                "Pool replica starts and capped replicas",
+                "Pool replica starts, capped and replaced replicas",
                 "short",
                 f"Replicas the pool controller started in the last {RATE_WINDOW} by outcome "
-                "(ready, failed), and replicas a scale-up wanted that the fleet's cap or an "
-                "owner's quota refused (zero when none).",
+                "(ready, failed), replicas a scale-up wanted that the fleet's cap or an "
+                "owner's quota refused, and ready replicas replaced because they stopped "
+                "answering (zero when none).",
                 (
                     Query(
                         # Zero lines, not "No data", before the first start or refusal.
@@ -355,6 +356,10 @@ SECTIONS: tuple[Section, ...] = (
                     Query(
                         f"sum({_increase('hyperfleet_pool_capped_replicas_total')}) or vector(0)",
                         "capped",
+                    ),
+                    Query(
+                        f"sum({_increase('hyperfleet_pool_replicas_replaced_total')}) or vector(0)",
+                        "replaced (unresponsive)",
                     ),
                 ),
             ),

@@ -180,6 +180,9 @@ def api_server(
             "warm_spare": 0,
             "tick_s": 0.5,
             "min_scale_down_cooldown_s": 1,
+            # A paused replica is replaced after seconds (test_pool_scaling.py), not half a
+            # minute; a killed one restarts well within it.
+            "replica_unresponsive_s": 8,
         },
     }
     serve.run(build(config, num_replicas=2), name=APP_NAME, route_prefix="/")

@@ -8,17 +8,22 @@ replicas drain: each message must succeed, on whichever replica the session live
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import pytest
 import ray
 
+from actors import replica_name
 from hyperfleet.names import CONTROL_ACTOR_NAME, NAMESPACE
 
-from .api_client import Client, new_user
+from .api_client import Client, new_session, new_user
 from .conftest import ApiServer
 from .waiting import wait_until
 
@@ -191,3 +196,96 @@ def test_bad_scaling_fields_are_refused(admin: Client, api_server: ApiServer) ->
     assert answer.status_code == 422 and "scale_down_at" in answer.text
     too_big = _spec(max=1001)
     assert alice.request("POST", "/v1/agents", json=too_big).status_code == 422
+
+
+def _replica_pid(agent_id: str, index: int) -> int:
+    handle = ray.get_actor(replica_name(agent_id, index), namespace=NAMESPACE)
+    return int(ray.get(handle.stats.remote(), timeout=30)["pid"])
+
+
+def _resend_until_ok(user: Client, session_id: str, content: str) -> dict[str, Any]:
+    """Sends one message as a good client does: the same idempotency key, resent while the
+    answer says a resend may pass (``x-should-retry``), for at most ``SCALE_WAIT_S``."""
+    key = uuid.uuid4().hex
+
+    def attempt() -> dict[str, Any] | None:
+        answer = user.request(
+            "POST",
+            f"/v1/sessions/{session_id}/messages",
+            json={"content": content},
+            headers={"Idempotency-Key": key},
+        )
+        if answer.status_code == 200:
+            turn: dict[str, Any] = answer.json()
+            return turn
+        assert answer.headers.get("x-should-retry") == "true", answer.text
+        return None
+
+    return wait_until(attempt, f"a turn in {session_id}", SCALE_WAIT_S, interval_s=0.5)
+
+
+def _stopped(pid: int) -> bool:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    return False
+
+
+def test_a_replica_that_stops_answering_is_replaced_and_its_sessions_go_on(
+    admin: Client, api_server: ApiServer
+) -> None:
+    """SIGSTOP (a hung process, a VM frozen) of a scaled-up replica and then of replica 0:
+    within ``replica_unresponsive_s`` each one's sessions move to a ready replica and answer
+    with their earlier turns; the scaled-up one is gone for good, replica 0 comes back under
+    its name with a new process (a batch job may address it by name)."""
+    user = new_user(admin, api_server, requests_per_minute=100_000)
+    # One session out of ten (10 %) is past scale_up_at: a second replica starts at once.
+    spec = _spec(max=2, scale_up_at=0.1, scale_down_at=0.05, scale_down_cooldown_s=600)
+    agent_id = user.ok("POST", "/v1/agents", 201, json=spec)["id"]
+    first = new_session(user, agent_id)
+    user.ok("POST", f"/v1/sessions/{first}/messages", json={"content": "one"})
+    wait_until(
+        _when(user, agent_id, lambda states: states == ["ready", "ready"]),
+        "two ready replicas",
+        SCALE_WAIT_S,
+        interval_s=0.5,
+    )
+    second = new_session(user, agent_id)  # the least-loaded replica: the new one
+    scaled = _route_replica(second)
+    assert scaled >= 1
+    user.ok("POST", f"/v1/sessions/{second}/messages", json={"content": "two"})
+
+    paused: list[int] = []
+    try:
+        pid = _replica_pid(agent_id, scaled)
+        os.kill(pid, signal.SIGSTOP)
+        paused.append(pid)
+        turn = _resend_until_ok(user, second, "still there?")
+        assert turn["index"] == 2  # its earlier turn came along, from the store
+        assert _route_replica(second) == 0
+        wait_until(lambda: not psutil.pid_exists(pid) or not _stopped(pid), "the paused one ended")
+        detail = wait_until(
+            _when(user, agent_id, lambda states: states == ["ready", "ready"]),
+            "the pool back at two ready replicas",
+            SCALE_WAIT_S,
+            interval_s=0.5,
+        )
+        indices = [r["index"] for r in detail["replicas"]]
+        assert scaled not in indices and 0 in indices  # a new index, never the old one
+
+        base_pid = _replica_pid(agent_id, 0)
+        os.kill(base_pid, signal.SIGSTOP)
+        paused.append(base_pid)
+        for sid, n in ((first, 2), (second, 3)):
+            assert _resend_until_ok(user, sid, "and now?")["index"] == n
+            assert _route_replica(sid) != 0
+        restarted = wait_until(
+            lambda: (p := _replica_pid(agent_id, 0)) != base_pid and p,
+            "replica 0 restarted under its name",
+            SCALE_WAIT_S,
+        )
+        assert restarted != base_pid
+    finally:
+        for pid in paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    user.ok("DELETE", f"/v1/agents/{agent_id}")
