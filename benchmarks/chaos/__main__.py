@@ -57,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gap", type=float, default=20.0, help="seconds between faults")
     parser.add_argument("--pause", type=float, default=20.0, help="replica-pause, seconds")
     parser.add_argument("--outage", type=float, default=30.0, help="emulator-outage, seconds")
+    parser.add_argument(
+        "--upstream-window", type=float, default=20.0, help="upstream-faults, seconds"
+    )
     parser.add_argument("--think-time", type=float, default=0.5, help="mean, seconds")
     parser.add_argument(
         "--sqlite", action="store_true", help="the stack without Redis (HYPERFLEET_REDIS=off)"
@@ -79,9 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             StackDaemons(home),
             pause_s=args.pause,
             outage_s=args.outage,
+            upstream_window_s=args.upstream_window,
         )
 
-    plan = schedule(seed, kinds, args.duration, args.gap, lasts_s(args.pause, args.outage))
+    lasting = lasts_s(args.pause, args.outage, upstream_window_s=args.upstream_window)
+    plan = schedule(seed, kinds, args.duration, args.gap, lasting)
     print(describe(seed, plan), flush=True)
     history_path = home / "history.jsonl"
     if args.sqlite:
@@ -106,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     finally:
         history.close()
-    table = render(report, history.faults())
+    table = render(report, history.faults(), history.requests())
     print(table)
     print(f"history: {history_path}")
     if args.results:

@@ -38,6 +38,7 @@ import os
 import random
 import signal
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ CONTROL = "ray::ControlStoreActor"
 SESSION_STORE = "ray::SessionStoreActor"
 READY_TIMEOUT_S = 60.0
 EXIT_POLL_S = 0.05
+STATS_TIMEOUT_S = 5.0
 STACK_KINDS = ("redis-restart", "emulator-outage", "upstream-faults")
 KINDS = (
     "replica-kill",
@@ -269,18 +271,36 @@ class Injector:
         at = time.time()
         await asyncio.to_thread(stack.kill, "emulator")
         await self._restart(stack, "emulator", faulty)
+        model: dict[str, int] = {}
         try:
             await asyncio.sleep(self.upstream_window_s)
+            # What the faulty API saw, read before it goes: the calls and the faults struck.
+            model = await asyncio.to_thread(emulator_counts, stack.port("emulator"))
         finally:
             await asyncio.to_thread(stack.kill, "emulator")
             await self._restart(stack, "emulator", argv)
         detail = f"{self.upstream_rate:.0%} of calls for {self.upstream_window_s:g} s"
-        return Fault("upstream-faults", "emulator", at, time.time(), detail)
+        return Fault("upstream-faults", "emulator", at, time.time(), detail, model)
 
     async def _restart(self, stack: StackDaemons, name: str, argv: list[str]) -> None:
         await asyncio.to_thread(stack.start, name, argv)
         if not await asyncio.to_thread(stack.ready, name):
             raise InjectionError(f"{name} did not come back; see {stack.home / 'logs'}")
+
+
+def emulator_counts(port: int) -> dict[str, int]:
+    """The emulator's ``/_emulator/stats`` as the model calls it took (``calls``: its
+    ``POST /v1/messages``) and the faults it struck (``faults``); empty when it did not answer."""
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/_emulator/stats", timeout=STATS_TIMEOUT_S
+        ) as answer:
+            stats = json.loads(answer.read())
+    except (OSError, ValueError):
+        return {}
+    calls = int((stats.get("requests") or {}).get("POST /v1/messages") or 0)
+    faults = sum(int(n) for n in (stats.get("faults") or {}).values())
+    return {"calls": calls, "faults": faults}
 
 
 def without_faults(argv: list[str]) -> list[str]:

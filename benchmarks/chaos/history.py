@@ -61,6 +61,8 @@ class Fault:
     started_at: float
     ended_at: float
     detail: str = ""
+    # upstream-faults: what the faulty model API saw in its window (``calls``, ``faults``).
+    model: dict[str, int] = field(default_factory=dict)
 
 
 Record = Request | Fault

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .checker import Report, fault_kind_at
-from .history import Fault
+from .history import Fault, Request
 
 METERING = ("unmetered", "metered_twice", "usage_short")
 HEADER = (
@@ -83,8 +83,47 @@ def rows(report: Report, faults: Sequence[Fault]) -> list[Row]:
     return list(by_kind.values())
 
 
-def render(report: Report, faults: Sequence[Fault]) -> str:
-    """The table in Markdown, then the totals and an example of each kind of finding."""
+def upstream(faults: Sequence[Fault], requests: Sequence[Request]) -> list[str]:
+    """For each ``upstream-faults`` window, what the client got and what the model API paid:
+    of the messages first sent in the window, the share acknowledged in the end (after the
+    client's resends); and the calls the model API took against those it had to take: one per
+    turn acknowledged in the window (the workload's turns make one call each) plus one per
+    fault it struck (each failed call is retried once). Amplification above 1 is calls spent on
+    nothing: a turn run again after its call had succeeded."""
+    first_sent: dict[str, float] = {}
+    acked_keys: set[str] = set()
+    acked_at: list[float] = []
+    for r in requests:
+        if r.op != "message" or r.key is None or r.probe:
+            continue
+        first_sent[r.key] = min(first_sent.get(r.key, r.sent_at), r.sent_at)
+        if r.acked:
+            acked_keys.add(r.key)
+            acked_at.append(r.answered_at)
+    lines = []
+    for fault in faults:
+        if fault.kind != "upstream-faults" or not fault.model:
+            continue
+        start, end = fault.started_at, fault.ended_at
+        sent = [k for k, at in first_sent.items() if start <= at <= end]
+        acked = sum(1 for k in sent if k in acked_keys)
+        turns = sum(1 for at in acked_at if start <= at <= end)
+        calls, struck = fault.model.get("calls", 0), fault.model.get("faults", 0)
+        needed = turns + struck
+        share = f"{acked / len(sent):.2%}" if sent else "-"
+        ratio = f"{calls / needed:.3f}" if needed else "-"
+        lines.append(
+            f"- upstream-faults ({fault.detail}): {acked} of {len(sent)} messages sent in the "
+            f"window acknowledged ({share}, after resends); the model API took {calls} calls "
+            f"and struck {struck} faults for {turns} turns acknowledged in the window: "
+            f"amplification {ratio} (calls / (turns + faults))."
+        )
+    return lines
+
+
+def render(report: Report, faults: Sequence[Fault], requests: Sequence[Request] = ()) -> str:
+    """The table in Markdown, then the totals, the upstream-fault windows' success and
+    amplification (given the ``requests``), and an example of each kind of finding."""
     lines = [HEADER, "|" + "---|" * 11]
     lines += ["| " + " | ".join(row.cells()) + " |" for row in rows(report, faults)]
     resumable = report.sessions - report.count("unresumable")
@@ -93,6 +132,7 @@ def render(report: Report, faults: Sequence[Fault]) -> str:
         f"{report.sessions} sessions, {report.messages} messages ({report.attempts} requests "
         f"with resends and read-back), {report.acked} turns acknowledged, {report.failed} "
         f"messages never acknowledged; {resumable} of {report.sessions} sessions resumable.",
+        *upstream(faults, requests),
     ]
     checks = sorted({f.check for f in report.findings})
     for name in checks:

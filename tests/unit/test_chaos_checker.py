@@ -306,3 +306,28 @@ def test_faults_that_overlapped_get_rows_of_their_own() -> None:
     report = check(CLEAN, [alone, pause, outage], final(CLEAN_STATE))
     names = [row.kind for row in rows(report, [alone, pause, outage])]
     assert names == ["replica-pause", "replica-pause (mixed)", "emulator-outage (mixed)"]
+
+
+def test_an_upstream_fault_window_reports_success_after_resends_and_amplification() -> None:
+    """Four messages first sent in the window: three acknowledged (one after a resend), one
+    never; the model API took 5 calls and struck 1 fault for the 3 turns acked in the window:
+    5 / (3 + 1) = 1.25, a call spent on nothing. A message sent before the window is not
+    counted, and a window without the API's counts has no line."""
+    window = Fault("upstream-faults", "emulator", 10.0, 20.0, "10% of calls for 10 s")
+    window = Fault(**{**window.__dict__, "model": {"calls": 5, "faults": 1}})
+    history = [
+        msg("early", 5.0, "t0", 1),
+        msg("a", 11.0, "t1", 2),
+        msg("b", 12.0, error="upstream_error"),
+        msg("b", 13.0, "t2", 3, attempt=1),
+        msg("c", 14.0, "t3", 4),
+        msg("d", 15.0, error="upstream_error"),
+    ]
+    report = check(history, [window], final(state()))
+    text = render(report, [window], history)
+    assert "3 of 4 messages sent in the window acknowledged (75.00%, after resends)" in text
+    assert "took 5 calls and struck 1 faults for 3 turns" in text
+    assert "amplification 1.250" in text
+    silent = Fault("upstream-faults", "emulator", 10.0, 20.0)
+    quiet = check(history, [silent], final(state()))
+    assert "amplification" not in render(quiet, [silent], history)
