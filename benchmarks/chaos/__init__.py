@@ -5,7 +5,9 @@ seeded schedule of faults injected meanwhile, and a checker over the history and
 state read back (``readback``), ``faults`` the injectors, ``schedule`` the seeded fault plan,
 ``run`` one run against an API, ``table`` its report as a table; ``python -m benchmarks.chaos``
 runs it on a local stack of its own. Node-level faults (a worker VM's SIGTERM or SIGKILL
-through the Hypercore stand-in, a network partition) are not built yet.
+through the Hypercore stand-in, a network partition) are ``node_faults``, run on the stand-in
+cluster by ``python -m benchmarks.chaos.cluster_run``. ``docs/chaos.md`` says how to run and read
+them.
 """
 
 from .checker import FinalState, Report, check

@@ -8,10 +8,10 @@ another stack or the test session's cluster on the machine is never touched.
 
 - ``replica-kill``: SIGKILL to one agent replica's process; Ray restarts it in place
   (``max_restarts=-1``) and its sessions reload from the store.
-- ``replica-pause``: SIGSTOP to one replica for ``pause_s``, then SIGCONT: meant as a stale
-  owner that wakes up and tries to commit. Nothing moves a paused replica's sessions today (it
-  still counts as ready, and turn calls wait for it), so its requests stall for the pause and
-  the fence is not exercised; a move during the pause (a drain, a node loss) would.
+- ``replica-pause``: SIGSTOP to one replica for ``pause_s``, then SIGCONT. A pause longer than
+  the pool's ``replica_unresponsive_s`` (30 s) has the pool controller replace it: its sessions
+  move to the other ready replica and Ray kills it (a stopped process too), so it never wakes
+  to commit; a shorter one is a stall its requests wait out.
 - ``control-kill`` / ``session-store-kill``: SIGKILL to the control store's (or the SQLite session
   store's) actor process; Ray restarts it over the same SQLite file.
 - ``redis-restart`` (the local stack only): SIGKILL to ``redis-server``, ``redis_down_s`` down,
@@ -24,9 +24,9 @@ another stack or the test session's cluster on the machine is never touched.
   rates, so each restart is a second or so without it, enough to open the model API's circuit
   under load: this kind's recovery includes that.
 
-Not built yet (issue 17): a worker VM's SIGTERM (a drain) and SIGKILL (node loss) through the
-Hypercore stand-in, and a network partition between a worker VM and the head; the local stack
-runs every replica on its head, so none of those has a target here.
+The local stack runs every replica on its head, so a worker VM's SIGTERM (a drain) and SIGKILL
+(node loss) through the Hypercore stand-in, and a partition between a worker VM and the head,
+have no target here: they are ``node_faults``, on the stand-in cluster (``cluster_run``).
 """
 
 from __future__ import annotations
