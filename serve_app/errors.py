@@ -16,6 +16,9 @@ from hyperfleet.errors import HyperfleetError
 
 # How soon to retry when the control store, a replica or Redis cannot be reached (restarting).
 RESTARTING_RETRY_S = 2.0
+# A replica whose process died: Ray restarts it in place in about a second, and a resend sent
+# while it starts waits for it (a chaos run's replica kill, benchmarks/RESULTS.md).
+REPLICA_DIED_RETRY_S = 1.0
 RETRYABLE_STATUSES = frozenset({429, 503})  # an ``ApiError`` of these is retryable
 
 
@@ -67,13 +70,15 @@ class OverBudgetError(QuotaExceededError):
         return (OverBudgetError, (self.message,))
 
 
-def unavailable(what: str, error: BaseException) -> ApiError:
+def unavailable(
+    what: str, error: BaseException, retry_after_s: float = RESTARTING_RETRY_S
+) -> ApiError:
     """A backend that cannot be reached right now: 503, retry soon."""
     return ApiError(
         503,
         "unavailable",
         f"{what} is not reachable right now ({type(error).__name__})",
-        retry_after_s=RESTARTING_RETRY_S,
+        retry_after_s=retry_after_s,
     )
 
 

@@ -25,7 +25,7 @@ from hyperfleet.names import NAMESPACE, POOL_ACTOR_NAME
 
 from . import metrics
 from .backend import CONTROL_TIMEOUT_S, HEAD_RESOURCE, cause_of
-from .errors import ApiError, unavailable
+from .errors import REPLICA_DIED_RETRY_S, RESTARTING_RETRY_S, ApiError, unavailable
 from .records import Route
 
 logger = logging.getLogger(__name__)
@@ -105,9 +105,11 @@ class Replicas:
         except RayTaskError as e:
             raise cause_of(e) from None
         except (RayActorError, TimeoutError, GetTimeoutError) as e:
+            wait_s = RESTARTING_RETRY_S
             if isinstance(e, RayActorError):  # gone (scaled down), or restarting: look again
                 self._handles.pop(replica_name(agent_id, index), None)
-            raise unavailable(f"replica {replica_name(agent_id, index)}", e) from e
+                wait_s = REPLICA_DIED_RETRY_S
+            raise unavailable(f"replica {replica_name(agent_id, index)}", e, wait_s) from e
 
     async def open_session(
         self, agent_id: str, index: int, owner: str, evict: bool = True
@@ -154,7 +156,8 @@ class Replicas:
         except RayTaskError as e:
             raise cause_of(e) from None
         except RayActorError as e:
-            raise unavailable(f"replica {replica_name(route.agent_id, route.replica)}", e) from e
+            name = replica_name(route.agent_id, route.replica)
+            raise unavailable(f"replica {name}", e, REPLICA_DIED_RETRY_S) from e
 
     async def transcript(self, route: Route, owner: str, after: int, limit: int) -> dict[str, Any]:
         page: dict[str, Any] = await self._call(
