@@ -40,6 +40,7 @@ from typing import Any
 
 import aiohttp
 
+from benchmarks.results_file import commit, machine, write_section
 from cluster.cli.servers import start_emulator
 from cluster.hypercore_standin import start_standin
 from cluster.loadtest.tenant import Provisioned, release
@@ -86,6 +87,7 @@ READY_TIMEOUT_S = 300.0  # the agent's two replicas, each on a VM the autoscaler
 READY_POLL_S = 2.0
 SETUP_TIMEOUT_S = 60.0
 REPLICAS = 2
+SECTION = "### Chaos run on the Hypercore stand-in cluster: worker VM faults under load"
 
 
 def catalog(root: Path, tag: str) -> dict[str, Any]:
@@ -300,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sigterm-via", choices=("stop", "signal"), default="stop")
     parser.add_argument("--think-time", type=float, default=0.5, help="mean, seconds")
     parser.add_argument("--mixed", action="store_true", help="after each kind once, mixed faults")
+    parser.add_argument("--results", action="store_true", help="write into RESULTS.md")
     args = parser.parse_args(argv)
     if not 0 < args.partition <= PARTITION_MAX_S:
         parser.error(f"--partition: 0 to {PARTITION_MAX_S:g} s")
@@ -415,8 +418,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"chaos: iptables cleanup: {problem}", file=sys.stderr)
         remove_cgroups(tag, cgroup2_root())
         stop(emulator)
-    print(render(report, history.faults()))
+    table = render(report, history.faults(), history.requests())
+    print(table)
     print(f"history: {history.path}")
+    if args.results:
+        command = " ".join(sys.argv[1:] if argv is None else argv)
+        write_section(
+            f"{SECTION}\n\n`python -m benchmarks.chaos.cluster_run {command}`, seed {seed}, at "
+            f"{commit('benchmarks/chaos')}, on {machine()}; the Hypercore stand-in cluster "
+            f"(a head running autoscaler v2 with the Hypercore provider, worker VMs as stand-in "
+            f"workloads, the agent's {REPLICAS} replicas on their own VMs, SQLite stores), "
+            f"{args.users} sessions (half streamed) for {args.duration:g} s; "
+            f"{describe(seed, planned)}.\n\n{table}\n"
+        )
     return 0 if report.ok() else 1
 
 
