@@ -64,6 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--sqlite", action="store_true", help="the stack without Redis (HYPERFLEET_REDIS=off)"
     )
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="the run's user's tokens_per_day, to run out during the run: the checker measures "
+        "the overshoot against its bound (lifted before the read-back)",
+    )
     parser.add_argument("--results", action="store_true", help="write into RESULTS.md")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else secrets.randbelow(1_000_000)
@@ -92,7 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sqlite:
         os.environ["HYPERFLEET_REDIS"] = "off"
     chaos = ChaosPlan(
-        seed=seed, users=args.users, duration_s=args.duration, think_time_s=args.think_time
+        seed=seed,
+        users=args.users,
+        duration_s=args.duration,
+        think_time_s=args.think_time,
+        budget_tokens=args.budget,
     )
     history = History(history_path)
     try:

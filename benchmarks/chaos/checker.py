@@ -18,6 +18,10 @@ What it counts, and from what:
   in the usage table than the committed turns' own usage adds up to;
 - unresumable: a session whose transcript could not be read, or that took no new message, after
   the run;
+- budget_overshoot (a run with a day's token budget that runs out during it): the tokens the
+  control store metered for the user past the budget, against the documented bound
+  (``docs/admission.md``): one model call's worth per turn running at once, that is the
+  sessions times the largest turn seen (the workload's turns make one call each);
 - per fault, the recovery time: from its start (and from its end: a pause's resume, an outage's
   restart) to the first acknowledged turn of each session it disturbed (a request that failed,
   or one that stalled past ``STALL_S``, in the fault's window, which runs to the next fault's
@@ -44,6 +48,7 @@ CHECKS = (
     "metered_twice",
     "usage_short",
     "unresumable",
+    "budget_overshoot",
 )
 EXAMPLES_MAX = 5
 
@@ -79,9 +84,31 @@ class MeterState:
 
 
 @dataclass(frozen=True)
+class BudgetState:
+    """A run under a day's token budget: the budget, the tokens metered for the run's user once
+    its turns had settled (read before the budget was lifted for the read-back), and how many
+    turns could run at once (its sessions)."""
+
+    budget: int
+    used: int
+    concurrent: int
+
+
+@dataclass(frozen=True)
+class BudgetSummary:
+    """What the table says of the budget: was it reached, by how much it was passed, the bound."""
+
+    budget: int
+    used: int
+    bound: int
+    refused: int  # messages the budget refused (403 quota_exceeded)
+
+
+@dataclass(frozen=True)
 class FinalState:
     sessions: dict[str, SessionState]
     meter: MeterState | None = None
+    budget: BudgetState | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +138,7 @@ class Report:
     failed: int = 0  # keys never acknowledged
     findings: list[Finding] = field(default_factory=list)
     recoveries: list[Recovery] = field(default_factory=list)
+    budget: BudgetSummary | None = None
 
     def count(self, check: str) -> int:
         return sum(f.check == check for f in self.findings)
@@ -148,6 +176,9 @@ def check(requests: Sequence[Request], faults: Sequence[Fault], final: FinalStat
     report.findings += unresumable(final.sessions.values())
     if final.meter is not None:
         report.findings += metering(final, messages)
+    if final.budget is not None:
+        report.budget, overshoot = budget(final, messages)
+        report.findings += overshoot
     report.recoveries = recoveries(requests, faults)
     return report
 
@@ -294,6 +325,25 @@ def unresumable(sessions: Iterable[SessionState]) -> list[Finding]:
                 Finding("unresumable", s.session_id, None, f"new message: {s.resume_error}")
             )
     return findings
+
+
+def budget(final: FinalState, messages: Sequence[Request]) -> tuple[BudgetSummary, list[Finding]]:
+    """The budget's summary, and a finding if the tokens used passed it by more than the
+    bound (a budget never reached passes trivially: the summary's ``refused`` is 0)."""
+    state = final.budget
+    assert state is not None
+    largest = max((t.tokens for s in final.sessions.values() for t in s.turns or ()), default=0)
+    bound = state.concurrent * largest
+    refused = len({r.key for r in messages if r.error == "quota_exceeded"})
+    summary = BudgetSummary(state.budget, state.used, bound, refused)
+    over = state.used - state.budget
+    if over <= bound:
+        return summary, []
+    detail = (
+        f"{state.used} tokens used of a {state.budget} budget: {over} over, past the bound "
+        f"of {bound} ({state.concurrent} turns at once x {largest}, the largest turn)"
+    )
+    return summary, [Finding("budget_overshoot", None, None, detail)]
 
 
 def metering(final: FinalState, messages: Sequence[Request]) -> list[Finding]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import aiohttp
 from cluster.loadtest.tenant import provision, release
 from cluster.loadtest.users import Live, Load, Plan, Target
 
-from .checker import FinalState, MeterState, Report, SessionState, check
+from .checker import BudgetState, FinalState, MeterState, Report, SessionState, check
 from .faults import InjectionError, Injector
 from .history import Fault, History
 from .readback import Reader, read_meter
@@ -34,6 +34,8 @@ READ_CONCURRENCY = 16
 REQUESTS_PER_SESSION = 1_000_000  # a session lasts the whole run
 READY_WAIT_S = 60.0
 READY_POLL_S = 0.5
+SETTLED_S = 3.0  # the metered tokens unchanged this long: the run's turns have all been metered
+QUOTA_CACHE_S = 2.5  # ingress replicas re-read a user's quotas within 2 s (AUTH_CACHE_TTL_S)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class ChaosPlan:
     max_retries: int = 10
     min_replicas: int = 2
     meter_wait_s: float = 100.0  # the stack sweeps its outbox every 30 s after a 60 s grace
+    # A day's token budget for the run's user, to run out during the run (None: no budget).
+    # It is lifted before the read-back, so that every session can take its new message.
+    budget_tokens: int | None = None
 
     def load_plans(self) -> list[Plan]:
         streamed = max(1, self.users // 2)
@@ -108,13 +113,46 @@ async def run_chaos(
             await _replicas_ready(http, tenant.target, plan.min_replicas)
             injector = make_injector(history, tenant.target)
             user_id = tenant.created_user_id
+
+            async def set_budget(tokens: int | None) -> None:
+                if user_id is None:
+                    raise RuntimeError("a budget needs the run to make its own user (an admin key)")
+                await _set_budget(http, base_url, admin_key, user_id, tokens)
+
+            if plan.budget_tokens is not None:
+                await set_budget(plan.budget_tokens)
             return await _run(
-                http, tenant.target, user_id, plan, schedule, injector, history, control, run_id
+                http,
+                tenant.target,
+                user_id,
+                plan,
+                schedule,
+                injector,
+                history,
+                control,
+                run_id,
+                set_budget,
             )
         finally:
             problems = await release(http, base_url, admin_key, tenant)
             for problem in problems:
                 print(f"chaos: cleanup: {problem}", file=sys.stderr)
+
+
+async def _set_budget(
+    http: aiohttp.ClientSession, base_url: str, admin_key: str, user_id: str, tokens: int | None
+) -> None:
+    """Sets (or with None lifts) the user's ``tokens_per_day``, and waits out the ingress
+    replicas' quota caches."""
+    async with http.patch(
+        f"{base_url}/v1/users/{user_id}",
+        json={"quotas": {"tokens_per_day": tokens}},
+        headers={"Authorization": f"Bearer {admin_key}"},
+        timeout=aiohttp.ClientTimeout(30),
+    ) as response:
+        if response.status != 200:
+            raise RuntimeError(f"setting the budget: {response.status} {await response.text()}")
+    await asyncio.sleep(QUOTA_CACHE_S)
 
 
 async def _replicas_ready(http: aiohttp.ClientSession, target: Target, count: int) -> None:
@@ -143,6 +181,7 @@ async def _run(
     history: History,
     control: Control | None,
     run_id: str,
+    set_budget: Callable[[int | None], Awaitable[None]] | None = None,
 ) -> Report:
     observe = history.observer(time.perf_counter)  # the loads' clock
     loads = [
@@ -160,6 +199,16 @@ async def _run(
     finally:
         for task in faults:
             task.cancel()
+    spent: BudgetState | None = None
+    if plan.budget_tokens is not None and set_budget is not None:
+        if control is None or user_id is None:
+            raise RuntimeError("a budget check reads the control store's metering")
+        acked = {str(r.turn_id) for r in history.requests() if r.acked}
+        used = await asyncio.to_thread(
+            _settled_usage, control.db, user_id, target.agent_id, since, acked, plan.meter_wait_s
+        )
+        spent = BudgetState(plan.budget_tokens, used, plan.users)
+        await set_budget(None)
     sessions = sorted(
         {str(r.session_id) for r in history.requests() if r.op == "open" and r.session_id}
     )
@@ -177,4 +226,21 @@ async def _run(
         meter = await asyncio.to_thread(
             read_meter, control.db, user_id, target.agent_id, since, committed, plan.meter_wait_s
         )
-    return check(history.requests(), history.faults(), FinalState(states, meter))
+    return check(history.requests(), history.faults(), FinalState(states, meter, spent))
+
+
+def _settled_usage(
+    db: Path, user_id: str, agent_id: str, since: float, acked: set[str], wait_s: float
+) -> int:
+    """The user's metered tokens once every acknowledged turn's final record is in and the
+    total has stopped moving for ``SETTLED_S`` (the failed turns' records come too), or after
+    ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    state = read_meter(db, user_id, agent_id, since, acked, wait_s)
+    last, still_since = state.usage_tokens, time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - still_since < SETTLED_S:
+        time.sleep(0.5)
+        now = read_meter(db, user_id, agent_id, since, set(), 0).usage_tokens
+        if now != last:
+            last, still_since = now, time.monotonic()
+    return last

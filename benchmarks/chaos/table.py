@@ -134,6 +134,18 @@ def render(report: Report, faults: Sequence[Fault], requests: Sequence[Request] 
         f"messages never acknowledged; {resumable} of {report.sessions} sessions resumable.",
         *upstream(faults, requests),
     ]
+    if report.budget is not None:
+        b = report.budget
+        reached = (
+            f"{b.refused} messages refused with quota_exceeded"
+            if b.refused
+            else "never reached (the check is empty)"
+        )
+        lines.append(
+            f"- budget: {b.used} tokens used of a {b.budget} tokens_per_day budget "
+            f"({b.used - b.budget:+d}; bound {b.bound}: one call's worth per turn at once); "
+            f"{reached}."
+        )
     checks = sorted({f.check for f in report.findings})
     for name in checks:
         example = report.examples(name)[0]

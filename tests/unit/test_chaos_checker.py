@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.chaos.checker import (
+    BudgetState,
+    BudgetSummary,
     FinalState,
     MeterState,
     SessionState,
@@ -331,3 +333,21 @@ def test_an_upstream_fault_window_reports_success_after_resends_and_amplificatio
     silent = Fault("upstream-faults", "emulator", 10.0, 20.0)
     quiet = check(history, [silent], final(state()))
     assert "amplification" not in render(quiet, [silent], history)
+
+
+def test_a_budget_overshoot_is_measured_against_one_call_per_turn_at_once() -> None:
+    """Two sessions, the largest turn 300 tokens: the bound is 600. Passing a 1,000 budget by
+    500 is within it; by 700 is a finding. The table says whether the budget was reached."""
+    refused = Request("message", S, "k9", 0, 3.0, 3.1, 403, "quota_exceeded", content="message k9")
+    history = [*CLEAN, refused]
+    sessions = final(state(turn(1, "t1", "k1", tokens=300), turn(2, "t2", "k2", tokens=100)))
+    within = FinalState(sessions.sessions, None, BudgetState(1_000, 1_500, 2))
+    report = check(history, [], within)
+    assert report.count("budget_overshoot") == 0
+    assert report.budget == BudgetSummary(1_000, 1_500, 600, 1)
+    assert "1500 tokens used of a 1000 tokens_per_day budget (+500; bound 600" in render(report, [])
+    over = check(history, [], FinalState(sessions.sessions, None, BudgetState(1_000, 1_700, 2)))
+    (finding,) = over.examples("budget_overshoot")
+    assert "700 over, past the bound of 600 (2 turns at once x 300" in finding.detail
+    unreached = check(CLEAN, [], within)
+    assert "never reached" in render(unreached, [])
