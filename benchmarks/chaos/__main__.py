@@ -128,8 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.results:
         command = " ".join(sys.argv[1:] if argv is None else argv)
         store = "SQLite session store" if args.sqlite else "Redis session store"
+        # A run of another kind keeps its own section: the store, or a budget.
+        title = SECTION + (" (SQLite session store)" if args.sqlite else "")
+        title += ", under a token budget" if args.budget is not None else ""
         write_section(
-            f"{SECTION}\n\n`python -m benchmarks.chaos {command}`, seed {seed}, at "
+            f"{title}\n\n`python -m benchmarks.chaos {command}`, seed {seed}, at "
             f"{commit('benchmarks/chaos')}, on {machine()}; the local stack ({store}), "
             f"{args.users} sessions (half streamed) for {args.duration:g} s, think time "
             f"{args.think_time:g} s, emulator TTFT 200 ms at 100 tokens/s; "
