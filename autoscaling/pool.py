@@ -23,12 +23,15 @@ Acting:
   policy (aggressive, and past the up cooldown), then a wait for a replica to become ready.
 - Liveness: every tick probes each ready replica (its ``stats``). One that has answered no probe
   for ``replica_unresponsive_s`` (a process paused or hung, a node cut off, a restart that does
-  not come back) is replaced: its row turns ``draining`` (no new session goes there), its routes
-  move to the other ready replicas, and it is killed (Ray ends even a SIGSTOPped process, within
-  about 5 s) and its row removed; the policy then starts another if the pool needs one. A turn
-  it was running fails to its client as retryable and the resend runs on the session's new
-  replica. Should the old process still reach the store (a partition), its commit is refused: the
-  session's version moved on (the store's fence).
+  not come back) is replaced: above the pool's min, its row turns ``draining`` (no new session
+  goes there), its routes move to the other ready replicas, and it is killed (Ray ends even a
+  SIGSTOPped process, within about 5 s) and its row removed; the policy then starts another if
+  the pool needs one. One of ``0..min-1`` is killed for Ray to restart under its name and keeps
+  its sessions, as after a crash. A turn it was running fails to its client as retryable and the
+  resend runs on the session's replica. Should the old process still reach the store (a
+  partition), its commit is refused: the session's version moved on (the store's fence). When
+  every one of two or more replicas is silent at once, none is replaced (the trouble is likelier
+  on the prober's side), and at most one is replaced per step.
 """
 
 from __future__ import annotations
@@ -107,8 +110,9 @@ class PoolController:
         self._slots: list[dict[str, float]] | None = None
         self._recorded: dict[str, tuple[tuple[Any, ...], float]] = {}
         self._backoff: dict[str, tuple[float, float]] = {}  # agent -> (until, last wait)
-        # (agent, index) -> when the first of the probes it has left unanswered in a row began.
-        self._silent: dict[tuple[str, int], float] = {}
+        # (agent, index) -> (when the first of the probes it has left unanswered in a row began,
+        # when the last one did), in monotonic seconds.
+        self._silent: dict[tuple[str, int], tuple[float, float]] = {}
         self.status: dict[str, PoolStatus] = {}
 
     # The loop -------------------------------------------------------------------------------
@@ -189,7 +193,7 @@ class PoolController:
             self._resume(agent.id, spec, rows)
             by_state = {s: [r for r in rows if r.state == s] for s in ("starting", "ready")}
             draining = [r for r in rows if r.state == "draining"]
-            probed_at = self._clock()
+            probed_at = time.monotonic()
             stats = await self.replicas.stats(
                 agent.id, [r.index for r in by_state["ready"]], self._probe_timeout_s()
             )
@@ -248,41 +252,61 @@ class PoolController:
         stats: list[dict[str, Any]],
         probed_at: float,
     ) -> list[ReplicaRow]:
-        """The ready replicas that have left every probe unanswered for
-        ``replica_unresponsive_s``; a replica that answered starts its count over."""
-        hung = []
+        """The ready replica to replace: one that has left every probe unanswered, probe after
+        probe, for ``replica_unresponsive_s`` (monotonic time). Guards against the prober's own
+        trouble: a gap between probes (a failed step, a control-store outage) starts the count
+        over; when every one of two or more ready replicas is silent at once, the likelier cause
+        is on this side (the head, the GCS), and none is replaced; and at most one is replaced
+        per step."""
+        limit_s = self.config.replica_unresponsive_s
+        gap_s = 2 * (self.config.tick_s + self._probe_timeout_s())
+        silent = []
         for row, answer in zip(ready, stats, strict=True):
             key = (agent_id, row.index)
             if answer.get("state") != "unavailable":
                 self._silent.pop(key, None)
                 continue
-            since = self._silent.setdefault(key, probed_at)
-            if self._clock() - since >= self.config.replica_unresponsive_s:
-                hung.append(row)
-        return hung
+            since, last = self._silent.get(key, (probed_at, probed_at))
+            if probed_at - last > gap_s:
+                since = probed_at  # not probed for a while: this miss starts a new count
+            self._silent[key] = (since, probed_at)
+            silent.append((row, since))
+        # Forget what no longer is a ready replica of this agent (drained, removed).
+        indices = {row.index for row in ready}
+        for key in [k for k in self._silent if k[0] == agent_id and k[1] not in indices]:
+            del self._silent[key]
+        if len(ready) >= 2 and len(silent) == len(ready):
+            return []
+        overdue = [(row, since) for row, since in silent if probed_at - since >= limit_s]
+        return [min(overdue, key=lambda pair: pair[1])[0]] if overdue else []
 
     async def _replace(self, agent_id: str, index: int, base: int) -> None:
-        """Takes an unresponsive replica out: no new sessions, its routes moved, killed. One
-        of replicas 0..``base``-1 (which a batch job may address by name) is restarted by Ray
-        under its name instead, and is ready again, empty, once it answers."""
+        """Takes an unresponsive replica out. One above ``base`` (the pool's min) is gone for
+        good: no new sessions, its routes moved to the ready replicas, killed, its row removed.
+        One of 0..``base``-1 (which a batch job may address by name) is killed for Ray to
+        restart under its name, keeping its sessions as after a crash (they reload from the
+        store); its routes are not moved, so no ingress that cached one reaches a second home."""
         self._silent.pop((agent_id, index), None)
-        task = self._tasks.pop((agent_id, index), None)
-        if task is not None:
-            task.cancel()
-        await self.control.set_replica_state(agent_id, index, "draining", self._clock())
-        moved = await self.control.rehome_all(agent_id, index)
+        moved = 0
         if index < base:
-            self.replicas.kill(agent_id, index, restart=True)
-            await self.control.set_replica_state(agent_id, index, "ready")
+            if not self.replicas.kill(agent_id, index, restart=True):
+                # No such actor any more: the row goes back to starting, which starts it.
+                await self.control.set_replica_state(agent_id, index, "starting")
         else:
+            task = self._tasks.pop((agent_id, index), None)
+            if task is not None:
+                task.cancel()
+            await self.control.set_replica_state(agent_id, index, "draining", self._clock())
+            moved = await self.control.rehome_all(agent_id, index)
             self.replicas.kill(agent_id, index)
             await self.control.remove_replica(agent_id, index)
         metrics.replaced(moved)
         logger.warning(
-            "pool %s: replica %d answered no probe for %.0f s: replaced (%d routes moved)",
+            "pool %s: replica %d answered no probe for %.0f s: %s (%d routes moved)",
             agent_id,
             index,
             self.config.replica_unresponsive_s,
+            "restarted" if index < base else "replaced",
             moved,
         )
 

@@ -9,14 +9,13 @@ store's). Every call to a replica is bounded by a timeout; a replica that cannot
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
 from actors import AgentSpec, RuntimeConfig, replica_name, spawn_replica
 from hyperfleet import logs
@@ -105,11 +104,9 @@ class Replicas:
         except RayTaskError as e:
             raise cause_of(e) from None
         except (RayActorError, TimeoutError, GetTimeoutError) as e:
-            wait_s = RESTARTING_RETRY_S
             if isinstance(e, RayActorError):  # gone (scaled down), or restarting: look again
                 self._handles.pop(replica_name(agent_id, index), None)
-                wait_s = REPLICA_DIED_RETRY_S
-            raise unavailable(f"replica {replica_name(agent_id, index)}", e, wait_s) from e
+            raise unavailable(f"replica {replica_name(agent_id, index)}", e, _retry_s(e)) from e
 
     async def open_session(
         self, agent_id: str, index: int, owner: str, evict: bool = True
@@ -157,7 +154,7 @@ class Replicas:
             raise cause_of(e) from None
         except RayActorError as e:
             name = replica_name(route.agent_id, route.replica)
-            raise unavailable(f"replica {name}", e, REPLICA_DIED_RETRY_S) from e
+            raise unavailable(f"replica {name}", e, _retry_s(e)) from e
 
     async def transcript(self, route: Route, owner: str, after: int, limit: int) -> dict[str, Any]:
         page: dict[str, Any] = await self._call(
@@ -207,13 +204,17 @@ class Replicas:
         handed: list[str] = await self._call(agent_id, index, "drain", deadline_s + 10, deadline_s)
         return handed
 
-    def kill(self, agent_id: str, index: int, restart: bool = False) -> None:
+    def kill(self, agent_id: str, index: int, restart: bool = False) -> bool:
         """Stops a replica for good (Ray does not restart it), or with ``restart`` ends its
-        process for Ray to start again under the same name; one already gone is fine."""
+        process for Ray to start again under the same name; False when there was no such
+        actor (already gone, which is fine)."""
         name = replica_name(agent_id, index)
         self._handles.pop(name, None)
-        with contextlib.suppress(ValueError):  # already gone
+        try:
             ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=not restart)
+        except ValueError:
+            return False
+        return True
 
     async def remove(self, agent_id: str, indices: list[int], drain_s: float) -> None:
         """Drains every replica at once (finishing turns, up to ``drain_s``), removes the
@@ -252,3 +253,10 @@ class Pool:
             self._handle = None
             logger.warning("the pool controller did not answer for %s: %r", agent_id, e)
             return False
+
+
+def _retry_s(error: BaseException) -> float:
+    """How soon a resend may reach the replica: a process that died restarts in about a second
+    (``ActorDiedError``); one Ray cannot reach (its node lost or cut off, which Ray takes many
+    seconds to decide) or a call that timed out, later."""
+    return REPLICA_DIED_RETRY_S if isinstance(error, ActorDiedError) else RESTARTING_RETRY_S

@@ -9,9 +9,10 @@ another stack or the test session's cluster on the machine is never touched.
 - ``replica-kill``: SIGKILL to one agent replica's process; Ray restarts it in place
   (``max_restarts=-1``) and its sessions reload from the store.
 - ``replica-pause``: SIGSTOP to one replica for ``pause_s``, then SIGCONT. A pause longer than
-  the pool's ``replica_unresponsive_s`` (30 s) has the pool controller replace it: its sessions
-  move to the other ready replica and Ray kills it (a stopped process too), so it never wakes
-  to commit; a shorter one is a stall its requests wait out.
+  the pool's ``replica_unresponsive_s`` (30 s) has the pool controller kill it (Ray ends a
+  stopped process too), so it never wakes to commit: one of the pool's min is restarted by Ray
+  and keeps its sessions, one above it is gone and its sessions move to the other replicas; a
+  shorter pause is a stall its requests wait out.
 - ``control-kill`` / ``session-store-kill``: SIGKILL to the control store's (or the SQLite session
   store's) actor process; Ray restarts it over the same SQLite file.
 - ``redis-restart`` (the local stack only): SIGKILL to ``redis-server``, ``redis_down_s`` down,

@@ -234,9 +234,10 @@ def test_a_replica_that_stops_answering_is_replaced_and_its_sessions_go_on(
     admin: Client, api_server: ApiServer
 ) -> None:
     """SIGSTOP (a hung process, a VM frozen) of a scaled-up replica and then of replica 0:
-    within ``replica_unresponsive_s`` each one's sessions move to a ready replica and answer
-    with their earlier turns; the scaled-up one is gone for good, replica 0 comes back under
-    its name with a new process (a batch job may address it by name)."""
+    within ``replica_unresponsive_s`` the scaled-up one's session moves to a ready replica and
+    answers with its earlier turns, and the replica is gone for good; replica 0 is restarted by
+    Ray under its name (a batch job may address it) with a new process, and its sessions, which
+    stay routed to it as after a crash, answer with their earlier turns."""
     user = new_user(admin, api_server, requests_per_minute=100_000)
     # One session out of ten (10 %) is past scale_up_at: a second replica starts at once.
     spec = _spec(max=2, scale_up_at=0.1, scale_down_at=0.05, scale_down_cooldown_s=600)
@@ -277,7 +278,7 @@ def test_a_replica_that_stops_answering_is_replaced_and_its_sessions_go_on(
         paused.append(base_pid)
         for sid, n in ((first, 2), (second, 3)):
             assert _resend_until_ok(user, sid, "and now?")["index"] == n
-            assert _route_replica(sid) != 0
+            assert _route_replica(sid) == 0
         restarted = wait_until(
             lambda: (p := _replica_pid(agent_id, 0)) != base_pid and p,
             "replica 0 restarted under its name",
