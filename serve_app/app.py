@@ -450,12 +450,17 @@ class Api:
         for attempt in range(2):
             # The second pass may evict an idle session from a full replica: the pool could
             # not grow in time (at its max, or the cluster has no room yet).
+            claimed = True  # placement claimed the first replica it lists for this open
             for index, _ in await self.control.placement(agent.id, claim=True):
                 try:
                     session = await self.replicas.open_session(
                         agent.id, index, user.id, evict=attempt == 1
                     )
                 except HyperfleetError as e:
+                    if claimed:
+                        claimed = False
+                        with contextlib.suppress(HyperfleetError):
+                            await self.control.release_claim(agent.id, index)
                     if e.status_code != 503:
                         raise
                     last = e

@@ -51,7 +51,8 @@ HEAD_RESOURCE = "node:__internal_head__"  # what Ray's node table gives the head
 # 2026-12 (from one string-dispatched ``call``; 3: ``charge``, and usage records' ``turns``; An
 # ingress or a stack that finds an actor with another protocol refuses it with a message rather
 # than failing every call.
-CONTROL_PROTOCOL = 4  # 4: agent pools (replica rows, placement, moving routes)
+# 4: agent pools (replica rows, placement, moving routes); 5: placement claims
+CONTROL_PROTOCOL = 5
 CONTROL_START_TIMEOUT_S = 60.0  # a new actor's first answer: its process starts first
 
 
@@ -179,6 +180,9 @@ class ControlStoreActor:
 
     def placement(self, agent_id: str, claim: bool = False) -> list[tuple[int, int]]:
         return self._store.pools.placement(agent_id, claim)
+
+    def release_claim(self, agent_id: str, index: int) -> None:
+        self._store.pools.settle(agent_id, index)
 
     def rehome(self, session_id: str, source: int) -> Route | None:
         return self._store.rehome(session_id, source)
@@ -389,6 +393,10 @@ class Control:
         a slot on the first until the open records its route (``PoolTable.placement``)."""
         ready: list[tuple[int, int]] = await self._call("placement", agent_id, claim)
         return ready
+
+    async def release_claim(self, agent_id: str, index: int) -> None:
+        """A session open's claimed replica refused it: the claim ends now, not in 30 s."""
+        await self._call("release_claim", agent_id, index)
 
     async def rehome(self, session_id: str, source: int) -> Route | None:
         route: Route | None = await self._call("rehome", session_id, source)

@@ -229,7 +229,9 @@ class PoolTable:
         return load
 
     def settle(self, agent_id: str, index: int) -> None:
-        """An open recorded its route on replica ``index`` (or gave up): its claim ends."""
+        """An open recorded its route on replica ``index``, or the replica it claimed refused
+        it: a claim on ``index`` ends (claims are counts, so the oldest goes). An open that
+        landed on a replica it did not claim has no claim there, and ends none."""
         claims = self._claims.get(agent_id)
         if not claims:
             return
@@ -237,8 +239,6 @@ class PoolTable:
             if claimed == index:
                 del claims[n]
                 break
-        else:
-            del claims[0]  # it claimed another replica, then opened here: its claim ends
         if not claims:
             del self._claims[agent_id]
 

@@ -112,6 +112,14 @@ def test_concurrent_opens_spread_by_their_claims_until_their_routes_are_recorded
         assert sorted(dict(store.pools.placement("agt_1")).values()) == [6, 7]
         now[0] += CLAIM_TTL_S + 1
         assert dict(store.pools.placement("agt_1")) == {0: 6, 1: 6}
+        # A claimed replica that refuses the open gives the claim back at once; an open that
+        # lands on a replica it did not claim ends no one else's claim.
+        refused = store.pools.placement("agt_1", claim=True)[0][0]
+        other = store.pools.placement("agt_1", claim=True)[0][0]
+        assert {refused, other} == {0, 1}
+        store.pools.settle("agt_1", refused)
+        store.add_route("ses_x", "agt_1", "usr_a", refused)  # claimed nothing there now
+        assert dict(store.pools.placement("agt_1")) == {refused: 7, other: 7}
     finally:
         store.close()
 
