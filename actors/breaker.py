@@ -124,10 +124,11 @@ class CircuitBreaker:
         if was_trial:
             self._trial_running = False
             self._cooldown_s = min(self.max_cooldown_s, self._cooldown_s * 2)
-        if was_trial or self._failures >= self.failure_threshold:
-            if self._opened_at is None or was_trial:  # not a call in flight when it opened
-                metrics.circuit_opened()
+        if was_trial or (self._opened_at is None and self._failures >= self.failure_threshold):
+            metrics.circuit_opened()
             self._opened_at = self._clock()
+        # A call that was in flight when the breaker opened and fails late moves nothing: it
+        # would push the half-open trial back by a whole cool-down after the API came back.
 
 
 class BreakerRegistry:

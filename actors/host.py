@@ -35,7 +35,7 @@ from hyperfleet.errors import (
     NotFoundError,
     SessionBusyError,
     SessionMovedError,
-    UpstreamError,
+    TurnTimeoutError,
 )
 from hyperfleet.metering import Reservation
 
@@ -422,7 +422,7 @@ class SessionHost:
                 self.turns_failed += 1
                 metrics.turn_finished(self.spec.model, "timeout")
                 await self._meter(meter, in_outbox=False)
-                raise UpstreamError(
+                raise TurnTimeoutError(
                     f"the turn ran past its {self.spec.turn_timeout_s:g} s limit",
                     session_id=session_id,
                 ) from e

@@ -13,6 +13,8 @@
     ├── UpstreamError                  502: the model API failed the turn (resend: it may pass)
     │   ├── UpstreamRefusedError       502: the model API refused the request (a 4xx; resending
     │   │                              the same request fails the same way)
+    │   ├── TurnTimeoutError           502: the turn ran past its turn_timeout_s (a resend would
+    │   │                              run the whole turn again, likely as long)
     │   └── CircuitOpenError           503 + retry_after_s: the credential's breaker is open
     └── StoreError                     503: the session store could not be reached
 
@@ -111,6 +113,13 @@ class UpstreamError(HyperfleetError):
 class UpstreamRefusedError(UpstreamError):
     """The model API answered the turn's request with a 4xx (too long, malformed, a bad key):
     the same request would be refused again, so it is not retryable."""
+
+    retryable = False
+
+
+class TurnTimeoutError(UpstreamError):
+    """The turn ran past the agent's ``turn_timeout_s``: not retryable, since a resend runs the
+    whole turn (its tools and model calls) again and likely runs as long."""
 
     retryable = False
 

@@ -72,15 +72,30 @@ def test_errors_say_whether_a_resend_may_pass_and_keep_it_across_processes() -> 
     a request the model API refused (4xx) would be refused again."""
     import pickle
 
-    from hyperfleet.errors import UpstreamError, UpstreamRefusedError
+    from hyperfleet.errors import TurnTimeoutError, UpstreamError, UpstreamRefusedError
 
     failed = pickle.loads(pickle.dumps(UpstreamError("failed")))  # noqa: S301 - our own bytes
     refused = pickle.loads(pickle.dumps(UpstreamRefusedError("no")))  # noqa: S301 - our own bytes
     assert failed.to_json()["retryable"] is True and failed.status_code == 502
     assert type(refused) is UpstreamRefusedError and refused.to_json()["retryable"] is False
+    assert TurnTimeoutError("too long").to_json()["retryable"] is False
     assert CircuitOpenError("open", retry_after_s=2.0).to_json() == {
         "type": "circuit_open",
         "message": "open",
         "retryable": True,
         "retry_after_s": 2.0,
     }
+
+
+def test_a_late_failure_of_a_call_in_flight_does_not_push_the_trial_back() -> None:
+    """Calls already running when the breaker opened may fail afterwards: they move neither
+    the opening time nor the cool-down, so the half-open trial comes when it was due."""
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=2, cooldown_s=10, clock=lambda: now[0])
+    breaker.record_failure(trial=False)
+    breaker.record_failure(trial=False)  # opens at 0
+    now[0] = 8.0
+    breaker.record_failure(trial=False)  # a call sent before it opened, failing late
+    now[0] = 10.0
+    assert breaker.state == "half_open"
+    assert breaker.check() is True  # the trial, on time
