@@ -41,7 +41,7 @@ from .errors import ApiError, OverBudgetError, QuotaExceededError, error_respons
 from .homes import MOVES_MAX, Homes
 from .inputs import int_param, json_body, key_of, peer_of, validate
 from .models import MessageIn, Quotas, SpawnRequest, UserCreate, UserPatch
-from .readiness import Readiness
+from .readiness import Readiness, ping_session_store
 from .records import Admission, Agent, ReplicaRow, Route, User
 from .replicas import Pool, Replicas
 from .sealing import REDACTED
@@ -50,7 +50,6 @@ from .tenancy import TenantPolicy, TenantSpecError, check_not_the_head, check_te
 logger = logging.getLogger(__name__)
 
 DRAIN_S = 30.0
-READY_CHECK_TIMEOUT_S = 5.0
 TRANSCRIPT_LIMIT_MAX = 200
 CAPACITY_RETRY_AFTER_S = 5.0
 STATS_CONCURRENCY = 16  # agents asked at once for GET /v1/agents/stats
@@ -123,7 +122,7 @@ class Api:
         self.homes = Homes(control, gate, pool, self.pool_config.capacity_wait_s)
         self._specs: dict[str, AgentSpec] = {}
         self.readiness = readiness or Readiness(
-            {"control_store": control.has_admin, "session_store": _ping_session_store}
+            {"control_store": control.has_admin, "session_store": ping_session_store}
         )
 
     # Admission: applied to every route (``routes.py`` says which kind) ---------------------
@@ -591,13 +590,6 @@ def _redacted(spec: AgentSpec) -> AgentSpec:
     if spec.anthropic_api_key is None:
         return spec
     return spec.model_copy(update={"anthropic_api_key": SecretStr(REDACTED)})
-
-
-async def _ping_session_store() -> None:
-    # Imported here: the store's Ray shell is needed by this check alone.
-    from actors.store.actor import ActorSessionStore
-
-    await ActorSessionStore(timeout_s=READY_CHECK_TIMEOUT_S).ping()
 
 
 def _public_turn(turn: dict[str, Any]) -> dict[str, Any]:

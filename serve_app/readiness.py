@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from hyperfleet.errors import HyperfleetError
 
 READY_CACHE_S = 1.0
+READY_CHECK_TIMEOUT_S = 5.0  # a store that does not answer a ping in this long is not ready
 
 Check = Callable[[], Awaitable[object]]
 
@@ -61,3 +62,11 @@ class Readiness:
             return answer
         finally:
             self._running = None
+
+
+async def ping_session_store() -> None:
+    """The actor session store's check (the SQLite path's store actor answers a ping)."""
+    # Imported here: the store's Ray shell is needed by this check alone.
+    from actors.store.actor import ActorSessionStore
+
+    await ActorSessionStore(timeout_s=READY_CHECK_TIMEOUT_S).ping()
