@@ -58,6 +58,12 @@ class SessionStoreActor:
     async def find_turn(self, session_id: str, key: str) -> TurnRecord | None:
         return await self._store.find_turn(session_id, key)
 
+    async def get_turn(self, session_id: str, turn_id: str) -> TurnRecord | None:
+        return await self._store.get_turn(session_id, turn_id)
+
+    async def reserve_seq(self, session_id: str, count: int) -> int:
+        return await self._store.reserve_seq(session_id, count)
+
     async def list_turns(self, session_id: str, after: int, limit: int | None) -> list[TurnRecord]:
         return await self._store.list_turns(session_id, after, limit)
 
@@ -132,6 +138,14 @@ class ActorSessionStore:
     async def find_turn(self, session_id: str, idempotency_key: str) -> TurnRecord | None:
         result: TurnRecord | None = await self._call("find_turn", session_id, idempotency_key)
         return result
+
+    async def get_turn(self, session_id: str, turn_id: str) -> TurnRecord | None:
+        result: TurnRecord | None = await self._call("get_turn", session_id, turn_id)
+        return result
+
+    async def reserve_seq(self, session_id: str, count: int) -> int:
+        top: int = await self._call("reserve_seq", session_id, count)
+        return top
 
     async def list_turns(
         self, session_id: str, after: int = 0, limit: int | None = None

@@ -11,7 +11,12 @@ Contract of every ``SessionStore`` (checked by one conformance suite against eac
   committed in the session raises ``IdempotencyConflictError``. A closed or unknown session raises
   ``NotFoundError``. A commit that returned is durable: it survives a crash of the store process.
 - ``find_turn(session_id, key)`` returns the committed turn with that idempotency key, or None.
+- ``get_turn(session_id, turn_id)`` returns the committed turn with that id, or None.
 - ``list_turns`` returns committed turns in order, ``index > after``, at most ``limit``.
+- ``reserve_seq(session_id, count)`` atomically adds ``count`` to the session's reserved event
+  ids and returns the new top: two callers never get overlapping ranges, so a replica that takes
+  a session over numbers its events after every id a dead owner could have sent. A closed or
+  unknown session raises ``NotFoundError``. ``create_session`` stores ``seq_reserved`` as given.
 - ``commit_turn(turn, expected_version, usage)`` writes ``usage`` (the turn's final metering
   record) to the usage outbox in the same transaction as the turn, so a committed turn is never
   unmetered, even when its replica dies before its meter sent the record.
@@ -46,6 +51,7 @@ class SessionRecord:
     created_at: float
     version: int = 0
     closed: bool = False
+    seq_reserved: int = 0  # event ids up to here are taken (``reserve_seq``)
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,9 @@ class TurnRecord:
     last_seq: int
     idempotency_key: str | None = None
     content: list[dict[str, Any]] = field(default_factory=list)
+    # The turn's events as they were streamed (ids and all), so that a client resuming a stream
+    # after the replica that ran the turn is gone gets the same events (``GET .../events``).
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         # vars(), not asdict(): every field is JSON data already, and asdict deep-copies every
@@ -118,6 +127,10 @@ class SessionStore(Protocol):
     async def ack_usage(self, ids: list[str]) -> None: ...
 
     async def find_turn(self, session_id: str, idempotency_key: str) -> TurnRecord | None: ...
+
+    async def get_turn(self, session_id: str, turn_id: str) -> TurnRecord | None: ...
+
+    async def reserve_seq(self, session_id: str, count: int) -> int: ...
 
     async def list_turns(
         self, session_id: str, after: int = 0, limit: int | None = None

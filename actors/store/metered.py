@@ -73,6 +73,12 @@ class MeteredStore:
     async def find_turn(self, session_id: str, idempotency_key: str) -> TurnRecord | None:
         return await self._counted(self.inner.find_turn(session_id, idempotency_key))
 
+    async def get_turn(self, session_id: str, turn_id: str) -> TurnRecord | None:
+        return await self._counted(self.inner.get_turn(session_id, turn_id))
+
+    async def reserve_seq(self, session_id: str, count: int) -> int:
+        return await self._counted(self.inner.reserve_seq(session_id, count))
+
     async def list_turns(
         self, session_id: str, after: int = 0, limit: int | None = None
     ) -> list[TurnRecord]:

@@ -5,7 +5,8 @@ atomically in Redis. Durability is the server's: run it with ``appendonly yes`` 
 ``appendfsync always`` for a commit to survive a crash of Redis itself (the test server does).
 
 Keys, per session: ``hf:s:{id}`` (hash: agent, owner, created_at, version, closed),
-``hf:t:{id}`` (list of turn JSON, in order), ``hf:k:{id}`` (hash: idempotency key -> index).
+``hf:t:{id}`` (list of turn JSON, in order), ``hf:k:{id}`` (hash: idempotency key -> index),
+``hf:i:{id}`` (hash: turn id -> index; turns committed before it existed are not found by id).
 The usage outbox, for every session: ``hf:usage`` (hash: record id -> record JSON) and
 ``hf:usage:at`` (sorted set: record id scored by when it was written).
 """
@@ -35,8 +36,9 @@ MAX_LIST = 1_000
 OUTBOX_KEY = "hf:usage"
 OUTBOX_AT_KEY = "hf:usage:at"
 
-# KEYS: the session, its turns, its keys, then (with a usage record) the outbox and its index.
-# ARGV: expected version, turn JSON, idempotency key or '', then record id, JSON, written at.
+# KEYS: the session, its turns, its keys, its turn ids, then (with a usage record) the outbox and
+# its index. ARGV: expected version, turn JSON, idempotency key or '', turn id, then record id,
+# JSON, written at.
 _COMMIT = """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version or redis.call('HGET', KEYS[1], 'closed') == '1' then
@@ -51,12 +53,22 @@ end
 local index = tonumber(version) + 1
 redis.call('RPUSH', KEYS[2], ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[3], index) end
+redis.call('HSET', KEYS[4], ARGV[4], index)
 redis.call('HSET', KEYS[1], 'version', index)
-if #KEYS == 5 then
-  redis.call('HSET', KEYS[4], ARGV[4], ARGV[5])
-  redis.call('ZADD', KEYS[5], ARGV[6], ARGV[4])
+if #KEYS == 6 then
+  redis.call('HSET', KEYS[5], ARGV[5], ARGV[6])
+  redis.call('ZADD', KEYS[6], ARGV[7], ARGV[5])
 end
 return index
+"""
+
+# KEYS: the session. ARGV: how many event ids to add. A closed or unknown session is refused.
+_RESERVE = """
+if redis.call('HGET', KEYS[1], 'version') == false or redis.call('HGET', KEYS[1], 'closed') == '1'
+then
+  return redis.error_reply('NOTFOUND')
+end
+return redis.call('HINCRBY', KEYS[1], 'seq', ARGV[1])
 """
 
 
@@ -65,7 +77,12 @@ def _text(value: bytes | str) -> str:
 
 
 def _keys(session_id: str) -> list[str]:
-    return [f"hf:s:{session_id}", f"hf:t:{session_id}", f"hf:k:{session_id}"]
+    return [
+        f"hf:s:{session_id}",
+        f"hf:t:{session_id}",
+        f"hf:k:{session_id}",
+        f"hf:i:{session_id}",
+    ]
 
 
 POOL_CONNECTIONS = 64  # per process; callers past it wait for one (up to their timeout)
@@ -99,6 +116,7 @@ class RedisSessionStore:
         self._clock = clock  # when an outbox record was written
         self._redis = pooled_client(url, timeout_s)
         self._commit = self._redis.register_script(_COMMIT)
+        self._reserve = self._redis.register_script(_RESERVE)
 
     async def aclose(self) -> None:
         await self._redis.aclose()
@@ -111,6 +129,7 @@ class RedisSessionStore:
             "created_at": repr(record.created_at),
             "version": record.version,
             "closed": int(record.closed),
+            "seq": record.seq_reserved,
         }
         try:
             created = await self._redis.hsetnx(key, "agent_id", record.agent_id)
@@ -134,7 +153,17 @@ class RedisSessionStore:
             created_at=float(data[b"created_at"]),
             version=int(data[b"version"]),
             closed=data.get(b"closed") == b"1",
+            seq_reserved=int(data.get(b"seq", 0)),
         )
+
+    async def reserve_seq(self, session_id: str, count: int) -> int:
+        try:
+            top = await self._reserve(keys=[_keys(session_id)[0]], args=[count])
+        except ResponseError as e:
+            raise NotFoundError(f"session {session_id} is closed or unknown") from e
+        except RedisError as e:
+            raise StoreError(f"redis: {e}") from e
+        return int(top)
 
     async def commit_turn(
         self, turn: TurnRecord, expected_version: int, usage: UsageRecord | None = None
@@ -149,6 +178,7 @@ class RedisSessionStore:
             expected_version,
             turn.to_json(),
             turn.idempotency_key or "",
+            turn.turn_id,
         ]
         if usage is not None:
             keys += [OUTBOX_KEY, OUTBOX_AT_KEY]
@@ -174,9 +204,20 @@ class RedisSessionStore:
             raise StoreError(f"redis: {e}") from e
 
     async def find_turn(self, session_id: str, idempotency_key: str) -> TurnRecord | None:
-        _, turns, keys = _keys(session_id)
+        _, turns, keys, _ = _keys(session_id)
         try:
             index = await self._redis.hget(keys, idempotency_key)
+            if index is None:
+                return None
+            body = await self._redis.lindex(turns, int(index) - 1)
+        except RedisError as e:
+            raise StoreError(f"redis: {e}") from e
+        return None if body is None else TurnRecord.from_json(body)
+
+    async def get_turn(self, session_id: str, turn_id: str) -> TurnRecord | None:
+        _, turns, _, ids = _keys(session_id)
+        try:
+            index = await self._redis.hget(ids, turn_id)
             if index is None:
                 return None
             body = await self._redis.lindex(turns, int(index) - 1)

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     owner TEXT NOT NULL,
     created_at REAL NOT NULL,
     version INTEGER NOT NULL DEFAULT 0,
-    closed INTEGER NOT NULL DEFAULT 0
+    closed INTEGER NOT NULL DEFAULT 0,
+    seq_reserved INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS turns (
     session_id TEXT NOT NULL REFERENCES sessions(session_id),
@@ -68,6 +69,11 @@ class SqliteSessionStore:
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
+        if "seq_reserved" not in columns:  # a file written before event ids were reserved
+            self._db.execute(
+                "ALTER TABLE sessions ADD COLUMN seq_reserved INTEGER NOT NULL DEFAULT 0"
+            )
 
     def close(self) -> None:
         self._db.close()
@@ -75,7 +81,8 @@ class SqliteSessionStore:
     async def create_session(self, record: SessionRecord) -> None:
         try:
             self._db.execute(
-                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO sessions (session_id, agent_id, owner, created_at, version, closed, "
+                "seq_reserved) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.session_id,
                     record.agent_id,
@@ -83,6 +90,7 @@ class SqliteSessionStore:
                     record.created_at,
                     record.version,
                     int(record.closed),
+                    record.seq_reserved,
                 ),
             )
         except sqlite3.IntegrityError as e:
@@ -92,13 +100,26 @@ class SqliteSessionStore:
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         row = self._db.execute(
-            "SELECT session_id, agent_id, owner, created_at, version, closed "
+            "SELECT session_id, agent_id, owner, created_at, version, closed, seq_reserved "
             "FROM sessions WHERE session_id = ?",
             (session_id,),
         ).fetchone()
         if row is None:
             return None
-        return SessionRecord(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
+        return SessionRecord(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6])
+
+    async def reserve_seq(self, session_id: str, count: int) -> int:
+        try:
+            row = self._db.execute(
+                "UPDATE sessions SET seq_reserved = seq_reserved + ? "
+                "WHERE session_id = ? AND closed = 0 RETURNING seq_reserved",
+                (count, session_id),
+            ).fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(f"sqlite: {e}") from e
+        if row is None:
+            raise NotFoundError(f"session {session_id} is closed or unknown")
+        return int(row[0])
 
     async def commit_turn(
         self, turn: TurnRecord, expected_version: int, usage: UsageRecord | None = None
@@ -148,6 +169,14 @@ class SqliteSessionStore:
         row = self._db.execute(
             "SELECT body FROM turns WHERE session_id = ? AND idempotency_key = ?",
             (session_id, idempotency_key),
+        ).fetchone()
+        return None if row is None else TurnRecord.from_json(row[0])
+
+    async def get_turn(self, session_id: str, turn_id: str) -> TurnRecord | None:
+        # No index on the id: a session's turns are found by their session's key first.
+        row = self._db.execute(
+            "SELECT body FROM turns WHERE session_id = ? AND json_extract(body, '$.turn_id') = ?",
+            (session_id, turn_id),
         ).fetchone()
         return None if row is None else TurnRecord.from_json(row[0])
 

@@ -4,6 +4,7 @@ store actor (real Ray), and Redis (a real redis-server)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -70,6 +71,7 @@ def _turn(session_id: str, index: int, key: str | None = None, text: str = "hi")
         last_seq=index * 3,
         idempotency_key=key,
         content=[{"type": "text", "text": f"re: {text}"}],
+        events=[{"type": "turn_end", "seq": index * 3, "data": {"index": index}}],
     )
 
 
@@ -106,6 +108,26 @@ async def test_a_committed_turn_round_trips_whole(store: SessionStore) -> None:
     assert (await store.list_turns(record.session_id)) == [turn]
     assert await store.find_turn(record.session_id, "k") == turn
     assert await store.find_turn(record.session_id, "other") is None
+    assert await store.get_turn(record.session_id, turn.turn_id) == turn
+    assert await store.get_turn(record.session_id, "turn_missing") is None
+    assert await store.get_turn("ses_missing", turn.turn_id) is None
+
+
+async def test_event_id_reservations_never_overlap(store: SessionStore) -> None:
+    record = replace(_session(), seq_reserved=100)
+    await store.create_session(record)
+    sid = record.session_id
+    assert (await store.get_session(sid)) == record
+    tops = await asyncio.gather(*(store.reserve_seq(sid, 50) for _ in range(8)))
+    # Eight concurrent owners got eight disjoint ranges above the one the opener took.
+    assert sorted(tops) == [100 + 50 * i for i in range(1, 9)]
+    stored = await store.get_session(sid)
+    assert stored is not None and stored.seq_reserved == 500
+    with pytest.raises(NotFoundError):
+        await store.reserve_seq("ses_missing", 1)
+    await store.close_session(sid)
+    with pytest.raises(NotFoundError):
+        await store.reserve_seq(sid, 1)
 
 
 async def test_concurrent_commits_from_one_version_admit_one(store: SessionStore) -> None:
@@ -202,3 +224,20 @@ async def test_sqlite_commits_survive_reopening(tmp_path: Path) -> None:
     again = SqliteSessionStore(path)
     assert [t.index for t in await again.list_turns(record.session_id)] == [1]
     again.close()
+
+
+async def test_a_sqlite_file_from_before_event_ids_were_reserved_opens(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE sessions (session_id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, "
+        "owner TEXT NOT NULL, created_at REAL NOT NULL, version INTEGER NOT NULL DEFAULT 0, "
+        "closed INTEGER NOT NULL DEFAULT 0);"
+        "INSERT INTO sessions VALUES ('ses_old', 'agent-1', 'alice', 1.0, 0, 0);"
+    )
+    old.close()
+    store = SqliteSessionStore(path)
+    assert await store.reserve_seq("ses_old", 10) == 10
+    record = await store.get_session("ses_old")
+    assert record is not None and record.seq_reserved == 10
+    store.close()
