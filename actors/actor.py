@@ -41,6 +41,7 @@ from .store import SessionStore, open_store
 from .store.metered import MeteredStore
 from .tools import EgressFirewall, EgressUnavailable, Sandbox, SandboxLimits, build_tools
 from .tools.workspace import MIB
+from .turns import IF_BUSY, IfBusy
 
 if TYPE_CHECKING:
     import anthropic
@@ -397,13 +398,18 @@ class AgentActor:
         owner: str | None = None,
         reservation: Reservation | None = None,
         trace: Mapping[str, str] | None = None,
+        if_busy: str = "reject",
     ) -> dict[str, Any]:
         """Runs a turn. ``reservation`` (the API's token reservation) is this replica's from now
         on: its metering ends it however the turn ends. ``trace`` (the request's id and
-        ``traceparent``, ``hyperfleet.logs``) is on every log line of the turn."""
+        ``traceparent``, ``hyperfleet.logs``) is on every log line of the turn. ``if_busy``
+        (``reject``, ``enqueue``, ``interrupt``) says what happens when a turn is running."""
         self._ensure_sweeper()
+        mode = _if_busy(if_busy)
         with logs.traced(**{**(trace or {}), "session_id": session_id, "agent_id": self.agent_id}):
-            return await self.host.send(session_id, content, idempotency_key, owner, reservation)
+            return await self.host.send(
+                session_id, content, idempotency_key, owner, reservation, mode
+            )
 
     async def stream(
         self,
@@ -413,11 +419,46 @@ class AgentActor:
         owner: str | None = None,
         reservation: Reservation | None = None,
         trace: Mapping[str, str] | None = None,
+        if_busy: str = "reject",
     ) -> AsyncIterator[dict[str, Any]]:
         self._ensure_sweeper()
+        mode = _if_busy(if_busy)
         context = {**(trace or {}), "session_id": session_id, "agent_id": self.agent_id}
-        stream = self.host.stream(session_id, content, idempotency_key, owner, reservation, context)
+        stream = self.host.stream(
+            session_id, content, idempotency_key, owner, reservation, context, mode
+        )
         async for item in stream:
+            yield item
+
+    async def start(
+        self,
+        session_id: str,
+        content: str | list[dict[str, Any]],
+        idempotency_key: str | None = None,
+        owner: str | None = None,
+        reservation: Reservation | None = None,
+        trace: Mapping[str, str] | None = None,
+        if_busy: str = "reject",
+    ) -> dict[str, Any]:
+        """Starts a background turn; answers ``{turn_id, session_id, status}`` once it is
+        admitted. Follow it with ``events`` or ``turn_status``."""
+        self._ensure_sweeper()
+        mode = _if_busy(if_busy)
+        context = {**(trace or {}), "session_id": session_id, "agent_id": self.agent_id}
+        return await self.host.start(
+            session_id, content, idempotency_key, owner, reservation, context, mode
+        )
+
+    async def turn_status(
+        self, session_id: str, turn_id: str, owner: str | None = None
+    ) -> dict[str, Any]:
+        return await self.host.turn_status(session_id, turn_id, owner)
+
+    async def events(
+        self, session_id: str, owner: str | None = None, after: int = 0
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The session's events after id ``after``, then live while a turn runs or waits."""
+        async for item in self.host.events(session_id, owner, after):
             yield item
 
     async def transcript(
@@ -468,6 +509,13 @@ class AgentActor:
                     await task
         await self._flush_usage()
         await self._client.close()
+
+
+def _if_busy(value: str) -> IfBusy:
+    for mode in IF_BUSY:
+        if value == mode:
+            return mode
+    raise InvalidRequestError(f"if_busy must be one of {', '.join(IF_BUSY)}, not {value!r}")
 
 
 def spawn_replica(agent_id: str, index: int, spec: AgentSpec, runtime: RuntimeConfig) -> Any:

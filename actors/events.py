@@ -26,8 +26,9 @@ COALESCE_INTERVAL_S = 0.1
 COALESCE_MAX_CHARS = 512
 
 
-def event(seq: int, kind: EventType, data: dict[str, Any]) -> dict[str, Any]:
-    """The wire form of an event: ``{"type", "seq", "data"}``."""
+def event(seq: int | None, kind: EventType, data: dict[str, Any]) -> dict[str, Any]:
+    """The wire form of an event: ``{"type", "seq", "data"}``. ``seq`` None: an event of one
+    request only (a refusal before its turn began), outside the session's numbered events."""
     return {"type": kind, "seq": seq, "data": data}
 
 

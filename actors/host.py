@@ -5,14 +5,10 @@ Ray. Sessions live in memory while used; every committed turn is in the store, s
 was evicted (idle past its TTL, or pushed out by a fuller replica), or whose replica restarted,
 is reloaded from the store on its next access, transparently.
 
-Idempotency: a send with a key that is running joins that run; one that was committed returns the
-committed turn; either with a different message is ``IdempotencyConflictError``. So 50 concurrent
-duplicates make one model call.
-
-Metering: every request that carries the API's token reservation hands it to a ``TurnMeter``,
-which ends it whatever happens: with the turn's final usage record (committed with the turn, or
-on its own when the turn fails, times out or is cancelled), or, for a request that made no model
-call (a replay, a busy session, a bad message), with a record that only ends it.
+How a message becomes a committed turn (double-texting, idempotency, interruption, metering,
+event numbering) is ``turns.py``; how a session's events are replayed and followed,
+``replay.py``. This class holds the sessions and is what a replica's callers see: a turn sent
+and answered (``send``), streamed (``stream``) or left to run in the background (``start``).
 """
 
 from __future__ import annotations
@@ -27,38 +23,33 @@ from typing import Any
 
 from hyperfleet import logs
 from hyperfleet.errors import (
-    BudgetExceededError,
     CapacityError,
     HyperfleetError,
-    IdempotencyConflictError,
-    InvalidRequestError,
     NotFoundError,
     SessionBusyError,
-    SessionMovedError,
-    TurnTimeoutError,
 )
 from hyperfleet.metering import Reservation
 
-from . import metrics
-from .events import Emit, EventType, event
+from . import replay
+from .events import event
 from .loop import AgentLoop
-from .meter import Metering, TurnMeter
-from .session import Session, digest
+from .meter import Metering
+from .session import SEQ_BLOCK, Session
 from .spec import AgentSpec
-from .store import SessionRecord, SessionStore, TurnRecord
+from .store import SessionRecord, SessionStore
 from .tools import Workspace
 from .tools.workspace import MIB, remove_tree, sandbox_uid
+from .turns import INTERNAL, IfBusy, InFlight, Sink, TurnRunner
 
 logger = logging.getLogger(__name__)
 
 CAPACITY_RETRY_AFTER_S = 5.0
 DRAIN_POLL_S = 0.05
 STREAM_QUEUE_EVENTS = 1_024
-MAX_MESSAGE_CHARS = 1_000_000
 TRANSCRIPT_PAGE = 100
 
 
-class SessionHost:
+class SessionHost(TurnRunner):
     def __init__(
         self,
         agent_id: str,
@@ -81,7 +72,7 @@ class SessionHost:
         self._metering = metering
         self._sessions: dict[str, Session] = {}
         self._loading: dict[str, asyncio.Future[Session]] = {}
-        self._inflight: dict[tuple[str, str], tuple[str, asyncio.Future[TurnRecord]]] = {}
+        self._inflight: dict[tuple[str, str], InFlight] = {}
         self.draining = False
         # Turns past the draining check, from then to their end (some wait on the store before
         # their session is busy): a drain waits for every one of them.
@@ -112,9 +103,11 @@ class SessionHost:
             agent_id=self.agent_id,
             owner=owner,
             created_at=self._wall(),
+            seq_reserved=SEQ_BLOCK,  # its opener's ids, reserved with it
         )
         await self.store.create_session(record)
         session = self._new_session(record)
+        session.seq_limit = SEQ_BLOCK
         self._sessions[record.session_id] = session
         return {"id": record.session_id, "agent_id": self.agent_id, "created_at": record.created_at}
 
@@ -160,6 +153,10 @@ class SessionHost:
                 if len(page) < TRANSCRIPT_PAGE:
                     break
                 after = page[-1].index
+            # Every id a previous owner could have sent is below this owner's range.
+            top = await self.store.reserve_seq(session_id, SEQ_BLOCK)
+            session.seq = max(session.seq, top - SEQ_BLOCK)
+            session.seq_limit = top
             self._sessions[session_id] = session
             future.set_result(session)
             return session
@@ -217,12 +214,10 @@ class SessionHost:
         idempotency_key: str | None = None,
         owner: str | None = None,
         reservation: Reservation | None = None,
+        if_busy: IfBusy = "reject",
     ) -> dict[str, Any]:
-        async def ignore(kind: EventType, data: dict[str, Any]) -> None:
-            return None
-
         turn, replayed = await self._turn(
-            session_id, content, idempotency_key, owner, ignore, reservation
+            session_id, content, idempotency_key, owner, Sink(), reservation, if_busy
         )
         return {**turn.public(), "replayed": replayed}
 
@@ -234,29 +229,28 @@ class SessionHost:
         owner: str | None = None,
         reservation: Reservation | None = None,
         trace: Mapping[str, str] | None = None,
+        if_busy: IfBusy = "reject",
     ) -> AsyncIterator[dict[str, Any]]:
         """Yields the turn's events. If the consumer goes away the turn still completes and is
-        committed, so a resend with the same idempotency key gets it. ``trace`` (the request's,
-        ``hyperfleet.logs``) is the log context of the turn's task."""
+        committed, so a resend with the same idempotency key gets it, and ``events`` replays
+        what the consumer missed. ``trace`` (the request's, ``hyperfleet.logs``) is the log
+        context of the turn's task."""
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(STREAM_QUEUE_EVENTS)
-
-        async def emit(kind: EventType, data: dict[str, Any]) -> None:
-            session = self._sessions.get(session_id)
-            number = session.next_seq() if session is not None else 0
-            await queue.put(event(number, kind, data))
+        sink = Sink(queue)
 
         async def run() -> None:
             try:
                 await self._metered_turn(
-                    session_id, content, idempotency_key, owner, emit, reservation
+                    session_id, content, idempotency_key, owner, sink, reservation, if_busy
                 )
             except HyperfleetError as e:
-                await emit("error", {"status_code": e.status_code, **e.to_json()})
+                if not sink.ended:  # refused before it started: an event of this request only
+                    await sink(event(None, "error", {"status_code": e.status_code, **e.to_json()}))
             except Exception:
                 # The stream is a supervisory boundary: a bug ends it with an error event.
                 logger.exception("turn in session %s failed", session_id)
-                error = {"type": "internal_error", "message": "the turn failed", "retryable": False}
-                await emit("error", {"status_code": 500, **error})
+                if not sink.ended:
+                    await sink(event(None, "error", {"status_code": 500, **INTERNAL}))
             finally:
                 self._entered -= 1
                 await queue.put(None)
@@ -279,217 +273,88 @@ class SessionHost:
                 _drain_in_background(queue)
             await asyncio.sleep(0)
 
-    async def _turn(
+    async def start(
         self,
         session_id: str,
         content: str | list[dict[str, Any]],
-        key: str | None,
-        owner: str | None,
-        emit: Any,
+        idempotency_key: str | None = None,
+        owner: str | None = None,
         reservation: Reservation | None = None,
-    ) -> tuple[TurnRecord, bool]:
-        """Runs (or replays) one turn; the flag says it was replayed, not run."""
+        trace: Mapping[str, str] | None = None,
+        if_busy: IfBusy = "reject",
+    ) -> dict[str, Any]:
+        """Starts a background turn: answers as soon as the turn is admitted (``queued`` or
+        ``running``; ``completed`` for a key already committed) and runs it to its commit with
+        no one attached. A refusal (busy, queue full, conflict) is raised here."""
         self._check_not_moved(session_id)
+        admitted: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
+
+        def on_admit(turn_id: str, status: str) -> None:
+            if not admitted.done():
+                admitted.set_result((turn_id, status))
+
+        async def run() -> None:
+            try:
+                await self._metered_turn(
+                    session_id,
+                    content,
+                    idempotency_key,
+                    owner,
+                    Sink(),
+                    reservation,
+                    if_busy,
+                    on_admit,
+                )
+            finally:
+                self._entered -= 1
+
+        def finished(task: asyncio.Task[None]) -> None:
+            _BACKGROUND.discard(task)
+            error = None if task.cancelled() else task.exception()
+            if error is not None and admitted.done():  # its status says so; the log too
+                logger.warning("background turn in session %s failed: %r", session_id, error)
+
         self._entered += 1
-        try:
-            return await self._metered_turn(session_id, content, key, owner, emit, reservation)
-        finally:
-            self._entered -= 1
+        with logs.traced(**(trace or {})):
+            task = asyncio.create_task(run())
+        _BACKGROUND.add(task)
+        task.add_done_callback(finished)
+        waits: set[asyncio.Future[Any]] = {admitted, task}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if not admitted.done():
+            admitted.cancel()
+            task.result()  # refused before admission: its error is the answer
+        turn_id, status = admitted.result()
+        return {"turn_id": turn_id, "session_id": session_id, "status": status}
 
-    def _check_not_moved(self, session_id: str) -> None:
-        """Raises ``SessionMovedError`` on a draining replica, unless the session's turn is
-        running here (it finishes here; a resend with its key joins it). Before the meter: the
-        caller keeps the turn's reservation and resends to the session's new home."""
-        if self.draining and not self._busy(session_id):
-            raise SessionMovedError(
-                "this replica is draining; the session moves to another replica",
-                retry_after_s=0.0,
-                session_id=session_id,
-            )
-
-    async def _metered_turn(
-        self,
-        session_id: str,
-        content: str | list[dict[str, Any]],
-        key: str | None,
-        owner: str | None,
-        emit: Any,
-        reservation: Reservation | None,
-    ) -> tuple[TurnRecord, bool]:
-        meter = TurnMeter(
-            "turn_" + uuid.uuid4().hex,
-            owner or "",
-            self.agent_id,
-            self.spec.model,
-            reservation,
-            self._metering,
-        )
-        try:
-            return await self._join_or_run(session_id, content, key, owner, emit, meter)
-        finally:
-            if not meter.finalized:  # no model call: the reservation ends here
-                await self._meter(meter, in_outbox=False)
-
-    async def _meter(self, meter: TurnMeter, in_outbox: bool) -> None:
-        if self._metering is None:
-            return
-        for charge in meter.unsettled():
-            await self._metering.record(charge, in_outbox=False)
-        record = meter.final()
-        if record is not None:
-            await self._metering.record(record, in_outbox)
-
-    async def _join_or_run(
-        self,
-        session_id: str,
-        content: str | list[dict[str, Any]],
-        key: str | None,
-        owner: str | None,
-        emit: Any,
-        meter: TurnMeter,
-    ) -> tuple[TurnRecord, bool]:
-        _check_content(content)
-        request_digest = digest(content)
-        if key is not None:
-            running = self._inflight.get((session_id, key))
-            if running is not None:
-                if running[0] != request_digest:
-                    raise IdempotencyConflictError(
-                        f"idempotency key {key!r} is in use with a different message"
-                    )
-                turn = await asyncio.shield(running[1])
-                metrics.turn_finished(self.spec.model, "replayed")
-                await emit("turn_end", _turn_end(turn, replayed=True))
-                return turn, True
-        future: asyncio.Future[TurnRecord] | None = None
-        if key is not None:
-            future = asyncio.get_running_loop().create_future()
-            self._inflight[(session_id, key)] = (request_digest, future)
-        try:
-            turn, replayed = await self._run_once(
-                session_id, content, key, request_digest, owner, emit, meter
-            )
-            if future is not None:
-                future.set_result(turn)
-            return turn, replayed
-        except BaseException as e:
-            if future is not None:
-                future.set_exception(e)
-                future.exception()
-            raise
-        finally:
-            if key is not None:
-                self._inflight.pop((session_id, key), None)
-
-    async def _run_once(
-        self,
-        session_id: str,
-        content: str | list[dict[str, Any]],
-        key: str | None,
-        request_digest: str,
-        owner: str | None,
-        emit: Any,
-        meter: TurnMeter,
-    ) -> tuple[TurnRecord, bool]:
+    async def turn_status(
+        self, session_id: str, turn_id: str, owner: str | None = None
+    ) -> dict[str, Any]:
+        """A turn's status: ``queued``, ``running``, ``failed`` (with its error) from this
+        replica's memory, or ``completed`` / ``interrupted`` with the turn, from the store."""
         session = await self._get(session_id, owner)
-        if key is not None:
-            committed = await self.store.find_turn(session_id, key)
-            if committed is not None:
-                if committed.request_digest != request_digest:
-                    raise IdempotencyConflictError(
-                        f"idempotency key {key!r} was used for a different message"
-                    )
-                metrics.turn_finished(self.spec.model, "replayed")
-                await emit("turn_end", _turn_end(committed, replayed=True))
-                return committed, True
-        if session.busy:
-            raise SessionBusyError("a turn is running in this session", session_id=session_id)
-        async with session.turn_lock:
-            turn_id = meter.turn_id
-            meter.owner = session.record.owner
-            await emit("turn_start", {"turn_id": turn_id, "session_id": session_id})
-            started = self._clock()
-            try:
-                async with asyncio.timeout(self.spec.turn_timeout_s):
-                    outcome = await self.loop.run(
-                        session.messages,
-                        content,
-                        session.workspace,
-                        self._first_event_timed(emit, started),
-                        meter,
-                    )
-            except TimeoutError as e:
-                self.turns_failed += 1
-                metrics.turn_finished(self.spec.model, "timeout")
-                await self._meter(meter, in_outbox=False)
-                raise TurnTimeoutError(
-                    f"the turn ran past its {self.spec.turn_timeout_s:g} s limit",
-                    session_id=session_id,
-                ) from e
-            except BaseException as e:
-                # Failed, refused by the budget, or cancelled: its calls are metered all the same.
-                self.turns_failed += 1
-                metrics.turn_finished(self.spec.model, _failure(e))
-                await self._meter(meter, in_outbox=False)
-                raise
-            turn = TurnRecord(
-                session_id=session_id,
-                index=session.version + 1,
-                turn_id=turn_id,
-                request_digest=request_digest,
-                messages=outcome.messages,
-                stop_reason=outcome.stop_reason,
-                usage=outcome.usage.to_json(),
-                cost_usd=outcome.usage.cost_usd(self.spec.model),
-                model=self.spec.model,
-                created_at=self._wall(),
-                last_seq=session.seq + 1,
-                idempotency_key=key,
-                content=outcome.content,
-            )
-            usage = meter.final()
-            try:
-                await self.store.commit_turn(turn, session.version, usage)
-            except BaseException as e:
-                # Stale (someone else owns it now) or unknown (the reply was lost, the commit may
-                # have happened): forget our copy either way; it reloads from the store next time.
-                # Its calls are metered with the same record the commit carried: once, either way.
-                self._sessions.pop(session_id, None)
-                self.turns_failed += 1
-                metrics.turn_finished(self.spec.model, _failure(e))
-                await self._meter(meter, in_outbox=False)
-                raise
-            metrics.turn_finished(self.spec.model, "committed", self._clock() - started)
-            session.apply(turn, restore_seq=False)
-            self.turns_completed += 1
-            await self._meter(meter, in_outbox=True)
-            await emit("turn_end", _turn_end(turn, replayed=False))
-            return turn, False
+        return await replay.turn_status(self.store, session, turn_id)
 
-    def _first_event_timed(self, emit: Emit, started: float) -> Emit:
-        """``emit``, observing the time to the turn's first text or tool event."""
-        seen = False
-
-        async def timed(kind: EventType, data: dict[str, Any]) -> None:
-            nonlocal seen
-            if not seen and kind in _FIRST_EVENTS:
-                seen = True
-                metrics.turn_first_event(self.spec.model, self._clock() - started)
-            await emit(kind, data)
-
-        return timed
+    async def events(
+        self, session_id: str, owner: str | None = None, after: int = 0
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The session's events with ids above ``after``, then, while a turn runs or waits,
+        its events live until the session is idle. Committed turns' events come from the
+        store when this replica no longer holds them. A client whose last event belongs to a
+        turn that ended without a commit, and that this replica does not hold (it ran on a
+        replica that stopped), gets a ``turn_lost`` error: never a silent end."""
+        session = await self._get(session_id, owner)
+        async for item in replay.follow(self.store, session, after):
+            yield item
 
     # Operations ---------------------------------------------------------------------------
-
-    def _busy(self, session_id: str) -> bool:
-        session = self._sessions.get(session_id)
-        return session is not None and session.busy
 
     def stats(self) -> dict[str, Any]:
         return {
             "agent_id": self.agent_id,
             "sessions": len(self._sessions),
             "busy_sessions": sum(1 for s in self._sessions.values() if s.busy),
+            "queued_turns": sum(s.gate.waiting for s in self._sessions.values()),
             "capacity": self.spec.max_sessions,
             "draining": self.draining,
             "turns_completed": self.turns_completed,
@@ -518,36 +383,6 @@ class SessionHost:
         writes them back. Call after ``drain``."""
         self.retired = True
         await asyncio.to_thread(remove_tree, self.workspaces / self.agent_id)
-
-
-_FIRST_EVENTS = ("text_delta", "tool_use")
-
-
-def _failure(error: BaseException) -> metrics.TurnOutcome:
-    """How a turn that raised ``error`` ended, for ``hyperfleet_turns_total``."""
-    if isinstance(error, asyncio.CancelledError):
-        return "cancelled"
-    if isinstance(error, BudgetExceededError):
-        return "budget"
-    return "failed"
-
-
-def _turn_end(turn: TurnRecord, replayed: bool) -> dict[str, Any]:
-    return {**turn.public(), "replayed": replayed}
-
-
-def _check_content(content: str | list[dict[str, Any]]) -> None:
-    if isinstance(content, str):
-        if not content.strip():
-            raise_invalid("the message is empty")
-        if len(content) > MAX_MESSAGE_CHARS:
-            raise_invalid(f"the message is over {MAX_MESSAGE_CHARS} characters")
-    elif not isinstance(content, list) or not content:
-        raise_invalid("the message must be text or a non-empty list of content blocks")
-
-
-def raise_invalid(message: str) -> None:
-    raise InvalidRequestError(message)
 
 
 def _drain_in_background(queue: asyncio.Queue[dict[str, Any] | None]) -> None:

@@ -16,6 +16,11 @@ call that broke included (what its stream reported). Before the tools of a call 
 stream attempt is retried, the meter meters what is new and checks the day's budget for the next
 call (``hyperfleet.metering``).
 
+Interruption: ``run`` keeps what the turn has done so far in a ``TurnProgress`` the caller holds;
+a caller that cancels the run to interrupt it builds the interrupted turn from it
+(``interrupted_outcome``): the messages so far, the text the model had streamed, and an error
+``tool_result`` for every tool that was cut off, so the transcript stays a valid conversation.
+
 Prompt caching: ``cache_control`` marks the tools, the system prompt and the end of the
 conversation so far, so each call of a long tool loop reads the previous call's prefix.
 """
@@ -28,11 +33,12 @@ import copy
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hyperfleet import logs
 from hyperfleet.errors import CircuitOpenError, UpstreamError, UpstreamRefusedError
+from hyperfleet.metering import CHARS_PER_TOKEN
 
 from . import metrics
 from .breaker import CircuitBreaker
@@ -52,6 +58,8 @@ STREAM_BACKOFF_S = 0.25
 _CACHE = {"type": "ephemeral"}
 # Answered before the stream started, after the SDK's own retries: not the loop's to retry.
 _CLIENT_ERRORS = (400, 401, 403, 404, 413, 422)
+INTERRUPTED = "interrupted"
+INTERRUPTED_TOOL = "[interrupted: the user sent a new message before this tool finished]"
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,40 @@ class TurnOutcome:
     stop_reason: str
     usage: Usage
     model_calls: int
+
+
+@dataclass
+class TurnProgress:
+    """What a running turn has done: its messages so far and the model call in progress."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    reply: ReplyAccumulator | None = None
+    calls: int = 0
+
+
+def interrupted_outcome(progress: TurnProgress, meter: TurnMeter) -> TurnOutcome:
+    """The turn as it stood when it was interrupted, ``stop_reason: "interrupted"``."""
+    messages = list(progress.messages)
+    content: list[dict[str, Any]] = []
+    if progress.reply is not None:
+        content = progress.reply.shown_text()
+        if content:
+            messages.append({"role": "assistant", "content": content})
+    last = messages[-1] if messages else None
+    if last is not None and last["role"] == "assistant":
+        uses = [b for b in last["content"] if b.get("type") == "tool_use"]
+        if uses:  # cut off while its tools ran: each gets an error result
+            results = [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": use["id"],
+                    "content": INTERRUPTED_TOOL,
+                    "is_error": True,
+                }
+                for use in uses
+            ]
+            messages.append({"role": "user", "content": results})
+    return TurnOutcome(messages, content, INTERRUPTED, sum(meter.calls, Usage()), progress.calls)
 
 
 class AgentLoop:
@@ -104,22 +146,29 @@ class AgentLoop:
         workspace: Workspace,
         emit: Emit,
         meter: TurnMeter | None = None,
+        progress: TurnProgress | None = None,
     ) -> TurnOutcome:
         """Runs one turn. Raises ``UpstreamError`` (or ``CircuitOpenError``) if the model fails,
         ``BudgetExceededError`` if ``meter`` refuses a call. The outcome's usage is every call's
-        that ``meter`` counted, broken attempts included."""
+        that ``meter`` counted, broken attempts included. ``progress`` (if given) follows the
+        turn as it runs."""
         if meter is None:
             meter = TurnMeter("", "", "", self.config.model, None, None)
-        added: list[dict[str, Any]] = [{"role": "user", "content": user_content}]
+        if progress is None:
+            progress = TurnProgress()
+        added = progress.messages
+        added[:] = [{"role": "user", "content": user_content}]
         calls = 0
         stop_reason = "max_turns"
         content: list[dict[str, Any]] = []
         meter.start()
         while calls < self.config.max_turns:
             calls += 1
-            message = await self._call([*history, *added], emit, meter)
+            progress.calls = calls
+            message = await self._call([*history, *added], emit, meter, progress)
             content = message.content
             added.append({"role": "assistant", "content": content})
+            progress.reply = None
             if message.stop_reason != "tool_use":
                 stop_reason = message.stop_reason or "end_turn"
                 break
@@ -195,7 +244,11 @@ class AgentLoop:
         return params
 
     async def _call(
-        self, messages: list[dict[str, Any]], emit: Emit, meter: TurnMeter
+        self,
+        messages: list[dict[str, Any]],
+        emit: Emit,
+        meter: TurnMeter,
+        progress: TurnProgress,
     ) -> ModelReply:
         if isinstance(self.client, PendingClient):
             self.client = await self.client.get()
@@ -214,6 +267,7 @@ class AgentLoop:
                 await meter.checkpoint(self.config.max_tokens)
             coalescer = TextCoalescer(emit)
             reply = ReplyAccumulator()
+            progress.reply = reply
             began = time.monotonic()
             # Every way out of this block records an outcome (``CircuitBreaker.attempt``): a 4xx
             # or a cancellation during a half-open trial must not leave the breaker refusing.
@@ -328,6 +382,12 @@ def _metered(reply: ReplyAccumulator, meter: TurnMeter, model: str) -> Iterator[
     none and is not a call."""
     try:
         yield
+    except asyncio.CancelledError:
+        # Cut off (interrupted, or the turn's time limit): the stream's last count of output
+        # tokens comes at its end, so what was streamed is estimated from its size instead.
+        if reply.usage().output_tokens == 0 and reply.shown_chars():
+            reply.estimate_output(-(-reply.shown_chars() // CHARS_PER_TOKEN))
+        raise
     finally:
         usage = reply.usage()
         if usage != Usage():

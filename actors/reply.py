@@ -92,6 +92,31 @@ class ReplyAccumulator:
             except ValueError as e:
                 raise UpstreamError(f"the model sent tool input that is not JSON: {e}") from e
 
+    def shown_text(self) -> list[dict[str, Any]]:
+        """The text blocks streamed so far, the one in progress included: what an interrupted
+        call had said. Thinking and unfinished tool calls are left out (neither can be sent back
+        to the model as they stand)."""
+        blocks = []
+        for index, block in enumerate(self.content):
+            if block.get("type") != "text":
+                continue
+            text = block.get("text", "") + "".join(self._text.get(index, ()))
+            if text.strip():
+                blocks.append({"type": "text", "text": text})
+        return blocks
+
+    def shown_chars(self) -> int:
+        """How many characters of text and tool input the stream has sent."""
+        done = sum(len(b.get("text", "")) for b in self.content)
+        pending = sum(
+            len(p) for parts in (*self._text.values(), *self._json.values()) for p in parts
+        )
+        return done + pending
+
+    def estimate_output(self, tokens: int) -> None:
+        """Counts ``tokens`` of output for a stream cut off before it reported its own."""
+        self._usage["output_tokens"] = tokens
+
     def result(self) -> ModelReply:
         """The reply; raises ``IncompleteReplyError`` if the stream stopped short."""
         if not self._stopped:

@@ -111,6 +111,12 @@ class AgentSpec(BaseModel):
     max_sessions: int = Field(default=100, ge=1, le=10_000, description="per replica")
     session_idle_ttl_s: float = Field(default=900.0, ge=1, le=86_400)
     turn_timeout_s: float = Field(default=600.0, ge=1, le=3_600, description="wall clock per turn")
+    max_queued_turns: int = Field(
+        default=10,
+        ge=0,
+        le=100,
+        description='turns a session holds waiting behind the running one (if_busy: "enqueue")',
+    )
     tool_timeout_s: float = Field(default=60.0, ge=1, le=3_600)
     tool_limits: ToolLimits = Field(default_factory=ToolLimits)
     resources: Resources = Field(default_factory=Resources)

@@ -7,6 +7,12 @@
     │   ├── SessionBusyError           a turn is already running in the session
     │   └── IdempotencyConflictError   the key was used for a different message
     ├── StaleSessionError              409: a commit's session version is behind the store's
+    ├── TurnQueueFullError             429 + retry_after_s: the session's queue of waiting turns
+    │                                  is full (``if_busy: "enqueue"``)
+    ├── TurnLostError                  503: a resumed stream's turn ended without a commit (its
+    │                                  replica stopped mid-turn); send the message again
+    ├── StreamLaggedError              503: a follower fell too far behind the live events;
+    │                                  resume from the last event id
     ├── BudgetExceededError            403: the day's token budget cannot cover a turn's next call
     ├── CapacityError                  503 + retry_after_s: the replica is full or draining
     │   └── SessionMovedError          the replica is draining: the session is re-homed, resend
@@ -88,6 +94,24 @@ class IdempotencyConflictError(ConflictError):
 class StaleSessionError(HyperfleetError):
     status_code = 409
     error_type = "stale_session"
+    retryable = True
+
+
+class TurnQueueFullError(HyperfleetError):
+    status_code = 429
+    error_type = "turn_queue_full"
+    retryable = True
+
+
+class TurnLostError(HyperfleetError):
+    status_code = 503
+    error_type = "turn_lost"
+    retryable = True
+
+
+class StreamLaggedError(HyperfleetError):
+    status_code = 503
+    error_type = "stream_lagged"
     retryable = True
 
 

@@ -19,13 +19,13 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pydantic import SecretStr, ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from actors import AgentSpec, replica_name
 from actors.tools import CustomToolError, check_custom_tools
@@ -33,17 +33,17 @@ from autoscaling.pool_config import PoolConfig, complete_spec
 from hyperfleet.errors import CapacityError, HyperfleetError, SessionMovedError
 from hyperfleet.metering import Reservation, estimate_tokens
 
-from . import metrics
+from . import live, metrics
 from .admission import Gate
 from .backend import Control
 from .client_address import ClientAddresses
 from .errors import ApiError, OverBudgetError, QuotaExceededError, error_response, not_found
-from .homes import MOVES_MAX, Homes
+from .homes import Homes
 from .inputs import int_param, json_body, key_of, peer_of, validate
 from .models import MessageIn, Quotas, SpawnRequest, UserCreate, UserPatch
 from .readiness import Readiness, ping_session_store
 from .records import Admission, Agent, ReplicaRow, Route, User
-from .replicas import Pool, Replicas
+from .replicas import Message, Pool, Replicas
 from .sealing import REDACTED
 from .tenancy import TenantPolicy, TenantSpecError, check_not_the_head, check_tenant_spec
 
@@ -53,11 +53,6 @@ DRAIN_S = 30.0
 TRANSCRIPT_LIMIT_MAX = 200
 CAPACITY_RETRY_AFTER_S = 5.0
 STATS_CONCURRENCY = 16  # agents asked at once for GET /v1/agents/stats
-
-
-def _sse(event: dict[str, Any]) -> bytes:
-    data = json.dumps(event["data"], separators=(",", ":"))
-    return f"event: {event['type']}\nid: {event['seq']}\ndata: {data}\n\n".encode()
 
 
 def _with_headers(response: Response, headers: dict[str, str]) -> Response:
@@ -87,6 +82,14 @@ class Turn:
     content: str | list[dict[str, Any]]
     stream: bool
     idempotency_key: str | None
+    if_busy: str = "reject"
+    background: bool = False
+
+    @property
+    def message(self) -> Message:
+        return Message(
+            self.content, self.idempotency_key, self.user.id, self.reservation, self.if_busy
+        )
 
 
 class Api:
@@ -183,7 +186,16 @@ class Api:
                 raise not_found(f"session {session_id}")
             if admitted.over_budget is not None:
                 raise OverBudgetError(admitted.over_budget)
-            turn = Turn(user, admitted.route, admitted.reservation, content, message.stream, key)
+            turn = Turn(
+                user,
+                admitted.route,
+                admitted.reservation,
+                content,
+                message.stream,
+                key,
+                message.if_busy,
+                message.background,
+            )
             return await handler(self, request, turn)
 
         return await _answer(headers, answer())
@@ -208,7 +220,7 @@ class Api:
             self._specs[agent.id] = spec
         return spec
 
-    async def _route(self, session_id: str, user: User) -> Route:
+    async def route_of(self, session_id: str, user: User) -> Route:
         route = await self.control.get_route(session_id)
         if route is None or route.owner != user.id:
             raise not_found(f"session {session_id}")
@@ -489,20 +501,20 @@ class Api:
             raise
 
     async def get_session(self, request: Request, user: User) -> Response:
-        route = await self._route(request.path_params["session_id"], user)
+        route = await self.route_of(request.path_params["session_id"], user)
         return JSONResponse(
             {"id": route.id, "agent_id": route.agent_id, "created_at": route.created_at}
         )
 
     async def delete_session(self, request: Request, user: User) -> Response:
-        route = await self._route(request.path_params["session_id"], user)
+        route = await self.route_of(request.path_params["session_id"], user)
         await self.homes.at_home(route, lambda r: self.replicas.close_session(r, user.id))
         await self.control.close_route(route.id)
         self.gate.forget_routes(session_id=route.id)
         return JSONResponse({"id": route.id, "deleted": True})
 
     async def transcript(self, request: Request, user: User) -> Response:
-        route = await self._route(request.path_params["session_id"], user)
+        route = await self.route_of(request.path_params["session_id"], user)
         after = int_param(request, "after", 0, 0, 10**9)
         limit = int_param(request, "limit", 50, 1, TRANSCRIPT_LIMIT_MAX)
         page = await self.homes.at_home(
@@ -517,20 +529,18 @@ class Api:
         # never because its client went away.
         turn = await self._reach(turn)
         if turn.stream:
-            return StreamingResponse(self._stream(turn), media_type="text/event-stream")
+            return live.stream_turn(self, turn)
+        run = self.replicas.start_turn if turn.background else self.replicas.send
         try:
-            answer = await self.homes.at_home(
-                turn.route,
-                lambda route: self.replicas.send(
-                    route, turn.content, turn.idempotency_key, turn.user.id, turn.reservation
-                ),
-            )
+            answer = await self.homes.at_home(turn.route, lambda route: run(route, turn.message))
         except HyperfleetError as e:
             if isinstance(e, SessionMovedError):
                 self.gate.release(turn.reservation)
-            self._unreachable(e, turn.route.id)
+            self.forget_unreachable(e, turn.route.id)
             raise
-        return JSONResponse(_public_turn(answer))
+        if turn.background:  # ``{turn_id, session_id, status}``: it runs on, unattended
+            return JSONResponse(answer, status_code=202)
+        return JSONResponse(live.public_turn(answer))
 
     async def _reach(self, turn: Turn) -> Turn:
         """Finds the session's replica (following the session if its replica was scaled
@@ -543,36 +553,10 @@ class Api:
             if moved is not None:
                 return replace(turn, route=moved)
             self.gate.release(turn.reservation)
-            self._unreachable(e, turn.route.id)
+            self.forget_unreachable(e, turn.route.id)
             raise
 
-    async def _stream(self, turn: Turn) -> AsyncIterator[bytes]:
-        route = turn.route
-        for attempt in range(MOVES_MAX + 1):
-            started = False
-            try:
-                args = (route, turn.content, turn.idempotency_key, turn.user.id, turn.reservation)
-                async for event in self.replicas.stream(*args):
-                    started = True
-                    yield _sse(event)
-                return
-            except HyperfleetError as e:
-                # Nothing streamed yet and the replica is draining or gone: follow the session.
-                moved = (
-                    None if started or attempt == MOVES_MAX else await self.homes.follow(route, e)
-                )
-                if moved is not None:
-                    route = moved
-                    continue
-                if isinstance(e, SessionMovedError):
-                    self.gate.release(turn.reservation)
-                metrics.refused(e)
-                self._unreachable(e, route.id)
-                error = {"status_code": e.status_code, **e.to_json()}
-                yield _sse({"type": "error", "seq": 0, "data": error})
-                return
-
-    def _unreachable(self, error: BaseException, session_id: str) -> None:
+    def forget_unreachable(self, error: BaseException, session_id: str) -> None:
         """A replica that cannot be reached may be a deleted agent's: the session's next request
         reads its route again (and is a 404 if the agent is gone) instead of a cached one."""
         if isinstance(error, ApiError) and error.error_type == "unavailable":
@@ -590,8 +574,3 @@ def _redacted(spec: AgentSpec) -> AgentSpec:
     if spec.anthropic_api_key is None:
         return spec
     return spec.model_copy(update={"anthropic_api_key": SecretStr(REDACTED)})
-
-
-def _public_turn(turn: dict[str, Any]) -> dict[str, Any]:
-    keys = ("turn_id", "session_id", "index", "content", "stop_reason", "usage", "cost_usd")
-    return {k: turn[k] for k in keys} | {"replayed": bool(turn.get("replayed"))}

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from actors import AgentSpec, Resources
 
@@ -96,6 +96,26 @@ class MessageIn(BaseModel):
 
     content: str | list[dict[str, Any]] = Field(min_length=1)
     stream: bool = False
+    if_busy: Literal["reject", "enqueue", "interrupt"] = Field(
+        default="reject",
+        description="when a turn is running: reject (409 session_busy), enqueue (wait, in "
+        "order, behind at most the agent's max_queued_turns; beyond, 429), or interrupt (the "
+        "running turn stops and commits as interrupted; this one runs next)",
+    )
+    background: bool = Field(
+        default=False,
+        description="202 at once with the turn's id; it runs with no client attached (follow it "
+        "with GET /v1/sessions/{id}/events or /turns/{turn_id})",
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_answer(self) -> MessageIn:
+        if self.background and self.stream:
+            raise ValueError(
+                "a background turn is not streamed here: follow it with "
+                "GET /v1/sessions/{session_id}/events"
+            )
+        return self
 
     def checked_content(self) -> str | list[dict[str, Any]]:
         if isinstance(self.content, str) and len(self.content) > MAX_MESSAGE_CHARS:

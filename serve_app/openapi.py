@@ -22,6 +22,9 @@ class Operation:
     authenticated: bool = True  # takes an API key
     query: tuple[str, ...] = ()  # integer query parameters
     idempotency_key: bool = False  # takes an Idempotency-Key header
+    streams: bool = False  # may answer text/event-stream
+    last_event_id: bool = False  # takes a Last-Event-ID header
+    accepted: str | None = None  # may answer 202: what it then says
     documented: bool = True  # False: served, not listed (this document itself)
 
 
@@ -30,10 +33,10 @@ _ERRORS = {
     "401": "Missing or bad API key",
     "403": "Not allowed, or a quota exceeded",
     "404": "Unknown route, or not yours",
-    "409": "The session is busy",
+    "409": "The session is busy (if_busy: reject)",
     "413": "Body or message too large",
     "422": "Schema violation (the message names the field)",
-    "429": "Rate limited (Retry-After, ratelimit-* headers)",
+    "429": "Rate limited, or the session's queue of waiting turns is full (Retry-After)",
     "503": "Capacity exhausted or circuit open (Retry-After)",
 }
 _ERROR_SCHEMA = {
@@ -49,6 +52,20 @@ _ERROR_SCHEMA = {
 }
 
 
+_EVENTS = {
+    "description": "Server-sent events: turn_start, text_delta, tool_use, tool_result, "
+    "turn_end, error; each event's id is the session's sequence number",
+    "schema": {"type": "string"},
+}
+
+
+def _success(op: Operation) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {}}
+    if op.streams:
+        content["text/event-stream"] = _EVENTS
+    return content
+
+
 @cache
 def openapi_document(operations: tuple[Operation, ...]) -> dict[str, Any]:
     schemas: dict[str, Any] = {"Error": _ERROR_SCHEMA}
@@ -61,7 +78,7 @@ def openapi_document(operations: tuple[Operation, ...]) -> dict[str, Any]:
             "summary": op.summary,
             "operationId": method + "_" + "_".join(p.strip("{}") for p in path.split("/") if p),
             "responses": {
-                str(op.status): {"description": "Success", "content": {"application/json": {}}},
+                str(op.status): {"description": "Success", "content": _success(op)},
                 **{
                     code: {
                         "description": text,
@@ -88,6 +105,21 @@ def openapi_document(operations: tuple[Operation, ...]) -> dict[str, Any]:
             }
             for q in op.query
         ]
+        if op.accepted is not None:
+            operation["responses"]["202"] = {
+                "description": op.accepted,
+                "content": {"application/json": {}},
+            }
+        if op.last_event_id:
+            operation["parameters"].append(
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "description": "the id of the last event received; wins over ?after=",
+                    "schema": {"type": "integer", "minimum": 0},
+                }
+            )
         if op.idempotency_key:
             operation["parameters"].append(
                 {

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -37,6 +38,30 @@ REPLICA_READY_S = 15.0
 async def _answer(ref: Any) -> Any:
     """Awaits an object ref as a coroutine (so that a task can wrap it)."""
     return await ref
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message for a replica: what ``send``, ``stream`` and ``start`` take."""
+
+    content: str | list[dict[str, Any]]
+    idempotency_key: str | None
+    owner: str
+    reservation: Reservation | None
+    if_busy: str = "reject"
+
+    def args(self, route: Route) -> tuple[Any, ...]:
+        """The replica method's arguments, with the request's trace (``hyperfleet.logs``)."""
+        trace = dict(logs.current())
+        return (
+            route.id,
+            self.content,
+            self.idempotency_key,
+            self.owner,
+            self.reservation,
+            trace,
+            self.if_busy,
+        )
 
 
 class Replicas:
@@ -116,37 +141,35 @@ class Replicas:
         )
         return session
 
-    async def send(
-        self,
-        route: Route,
-        content: str | list[dict[str, Any]],
-        idempotency_key: str | None,
-        owner: str,
-        reservation: Reservation | None,
-    ) -> dict[str, Any]:
+    async def send(self, route: Route, message: Message) -> dict[str, Any]:
         """Runs a turn on the session's replica, which from the call on owns its reservation; the
         request's trace (``hyperfleet.logs``) goes with it."""
-        args = (route.id, content, idempotency_key, owner, reservation, dict(logs.current()))
         turn: dict[str, Any] = await self._call(
-            route.agent_id, route.replica, "send", TURN_CALL_TIMEOUT_S, *args
+            route.agent_id, route.replica, "send", TURN_CALL_TIMEOUT_S, *message.args(route)
         )
         return turn
 
-    async def stream(
-        self,
-        route: Route,
-        content: str | list[dict[str, Any]],
-        idempotency_key: str | None,
-        owner: str,
-        reservation: Reservation | None,
-    ) -> AsyncIterator[dict[str, Any]]:
+    async def start_turn(self, route: Route, message: Message) -> dict[str, Any]:
+        """Starts a background turn; the replica answers once the turn has its place."""
+        accepted: dict[str, Any] = await self._call(
+            route.agent_id, route.replica, "start", REPLICA_CALL_TIMEOUT_S, *message.args(route)
+        )
+        return accepted
+
+    async def stream(self, route: Route, message: Message) -> AsyncIterator[dict[str, Any]]:
         """A turn's events, as the replica yields them (``send``, streamed)."""
         handle = self.handle(route.agent_id, route.replica)
+        async for event in self._streamed(route, handle.stream.remote(*message.args(route))):
+            yield event
+
+    async def events(self, route: Route, owner: str, after: int) -> AsyncIterator[dict[str, Any]]:
+        """The session's events after id ``after``, then live while a turn runs."""
+        handle = self.handle(route.agent_id, route.replica)
+        async for event in self._streamed(route, handle.events.remote(route.id, owner, after)):
+            yield event
+
+    async def _streamed(self, route: Route, stream: Any) -> AsyncIterator[dict[str, Any]]:
         try:
-            trace = dict(logs.current())
-            stream = handle.stream.remote(
-                route.id, content, idempotency_key, owner, reservation, trace
-            )
             async for ref in stream:
                 event: dict[str, Any] = await ref
                 yield event
@@ -155,6 +178,18 @@ class Replicas:
         except RayActorError as e:
             name = replica_name(route.agent_id, route.replica)
             raise unavailable(f"replica {name}", e, _retry_s(e)) from e
+
+    async def turn_status(self, route: Route, turn_id: str, owner: str) -> dict[str, Any]:
+        status: dict[str, Any] = await self._call(
+            route.agent_id,
+            route.replica,
+            "turn_status",
+            REPLICA_CALL_TIMEOUT_S,
+            route.id,
+            turn_id,
+            owner,
+        )
+        return status
 
     async def transcript(self, route: Route, owner: str, after: int, limit: int) -> dict[str, Any]:
         page: dict[str, Any] = await self._call(

@@ -23,7 +23,7 @@ from starlette.routing import Route
 from actors import AgentSpec
 from hyperfleet.errors import HyperfleetError
 
-from . import metrics, tracing
+from . import live, metrics, tracing
 from .app import Api, Turn
 from .errors import error_response
 from .models import MessageIn, SpawnRequest, UserCreate, UserPatch
@@ -146,11 +146,35 @@ ROUTES: tuple[Open | Keyed | TurnRoute, ...] = (
         Operation(
             "post",
             "/v1/sessions/{session_id}/messages",
-            "Send a message (JSON or SSE)",
+            "Send a message: the turn as JSON, its events as SSE (stream), or 202 and its id "
+            "(background); if_busy says what happens while a turn runs",
             MessageIn,
             idempotency_key=True,
+            streams=True,
+            accepted="Background turn admitted: {turn_id, session_id, status: queued | running}",
         ),
         Api.send_message,
+    ),
+    Keyed(
+        Operation(
+            "get",
+            "/v1/sessions/{session_id}/events",
+            "The session's events after Last-Event-ID (or ?after=), then live until it is idle "
+            "(SSE; resumes a cut stream)",
+            query=("after",),
+            streams=True,
+            last_event_id=True,
+        ),
+        live.session_events,
+    ),
+    Keyed(
+        Operation(
+            "get",
+            "/v1/sessions/{session_id}/turns/{turn_id}",
+            "A turn's status (queued, running, failed, completed, interrupted) and, once "
+            "committed, the turn",
+        ),
+        live.turn_status,
     ),
     Keyed(Operation("get", "/v1/usage", "Your tokens and cost by agent and day"), Api.usage),
 )

@@ -15,10 +15,10 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -27,6 +27,11 @@ from cluster.cli.servers import start_ray_head, start_redis
 from hyperfleet.names import NAMESPACE, POOL_ACTOR_NAME
 from hyperfleet.processes import free_port, stop, tail
 from tests.conftest import RAY_TOKEN_PATH
+
+if TYPE_CHECKING:
+    import anthropic
+
+    from actors import SessionHost
 
 READY_TIMEOUT_S = 60.0
 
@@ -193,3 +198,45 @@ def api_server(
         with contextlib.suppress(ValueError):  # the ingress started it
             ray.kill(ray.get_actor(POOL_ACTOR_NAME, namespace=NAMESPACE), no_restart=True)
         ray.kill(control, no_restart=True)
+
+
+HostFactory = Callable[..., "SessionHost"]
+
+
+@pytest.fixture
+async def make_host(
+    request: pytest.FixtureRequest,
+    emulator: EmulatorServer,
+    tmp_path: Path,
+    workspaces_root: Path,
+) -> AsyncIterator[HostFactory]:
+    """Builds ``SessionHost``s without Ray, on one SQLite store, talking to the emulator (one
+    host per replica: two on the store are two replicas of an agent)."""
+    from actors import AgentSpec, RuntimeConfig, SqliteSessionStore
+    from actors.actor import build_host, model_client
+
+    transport = getattr(request, "param", "aiohttp")
+    clients: list[anthropic.AsyncAnthropic] = []
+    store = SqliteSessionStore(tmp_path / "sessions.db")
+    runtime = RuntimeConfig(workspaces=str(workspaces_root))
+
+    def make(
+        headers: dict[str, str] | None = None, agent_id: str = "a1", **spec_fields: Any
+    ) -> SessionHost:
+        spec = AgentSpec(
+            **{"tools": ("bash", "read_file", "write_file", "list_files"), **spec_fields}
+        )
+        client = model_client(
+            emulator.api_key,
+            emulator.base_url,
+            transport=transport,
+            max_retries=2,
+            default_headers={"x-emulator-retry-after-ms": "10", **(headers or {})},
+        )
+        clients.append(client)
+        return build_host(agent_id, spec, runtime, client, store=store, stream_backoff_s=0.01)
+
+    yield make
+    for client in clients:
+        await client.close()
+    store.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,54 +24,19 @@ from actors import (
     StaleSessionError,
     UpstreamError,
 )
-from actors.actor import build_host, model_client
+from actors.actor import build_host
 from actors.model_client import PendingClient
 from hyperfleet.processes import stop
 
-from .conftest import EmulatorServer, start_emulator
+from .conftest import EmulatorServer, HostFactory, start_emulator
 from .waiting import processes_with, wait_until_async
 
-HostFactory = Callable[..., SessionHost]
 TURN_START_WAIT_S = 5.0
 
 
 # The fault tests run on both of the model client's transports (``model_transport``);
 # the rest on the default, aiohttp.
 BOTH_TRANSPORTS = pytest.mark.parametrize("make_host", ["aiohttp", "httpx"], indirect=True)
-
-
-@pytest.fixture
-async def make_host(
-    request: pytest.FixtureRequest,
-    emulator: EmulatorServer,
-    tmp_path: Path,
-    workspaces_root: Path,
-) -> AsyncIterator[HostFactory]:
-    transport = getattr(request, "param", "aiohttp")
-    clients: list[anthropic.AsyncAnthropic] = []
-    store = SqliteSessionStore(tmp_path / "sessions.db")
-    runtime = RuntimeConfig(workspaces=str(workspaces_root))
-
-    def make(
-        headers: dict[str, str] | None = None, agent_id: str = "a1", **spec_fields: Any
-    ) -> SessionHost:
-        spec = AgentSpec(
-            **{"tools": ("bash", "read_file", "write_file", "list_files"), **spec_fields}
-        )
-        client = model_client(
-            emulator.api_key,
-            emulator.base_url,
-            transport=transport,
-            max_retries=2,
-            default_headers={"x-emulator-retry-after-ms": "10", **(headers or {})},
-        )
-        clients.append(client)
-        return build_host(agent_id, spec, runtime, client, store=store, stream_backoff_s=0.01)
-
-    yield make
-    for client in clients:
-        await client.close()
-    store.close()
 
 
 async def _turns_running(host: SessionHost, count: int) -> None:
