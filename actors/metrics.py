@@ -47,7 +47,9 @@ GAUGE_REFRESH_MAX_S = 5.0
 GAUGE_REFRESH_MIN_S = 0.5
 OTHER = "other"
 
-TurnOutcome = Literal["committed", "replayed", "failed", "timeout", "budget", "cancelled"]
+TurnOutcome = Literal[
+    "committed", "interrupted", "replayed", "failed", "timeout", "budget", "cancelled"
+]  # fmt: skip
 ModelCallOutcome = Literal[
     "ok", "rate_limit", "overloaded", "api_error", "connection", "stream_broken", "refused",
     "circuit_open", "cancelled",

@@ -421,7 +421,10 @@ class TurnRunner:
             await self._meter(meter, in_outbox=False)
             await fail(_error_data(e))
             raise
-        metrics.turn_finished(self.spec.model, "committed", self._clock() - started)
+        outcome_label: metrics.TurnOutcome = (
+            "interrupted" if turn.stop_reason == INTERRUPTED else "committed"
+        )
+        metrics.turn_finished(self.spec.model, outcome_label, self._clock() - started)
         session.next_seq()
         session.apply(turn, restore_seq=False)
         self.turns_completed += 1

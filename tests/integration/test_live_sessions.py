@@ -15,7 +15,7 @@ import httpx
 import pytest
 import ray
 
-from actors import NAMESPACE, replica_name
+from actors import NAMESPACE, InvalidRequestError, SessionBusyError, replica_name
 from actors.loop import INTERRUPTED_TOOL
 from cluster.loadtest.sse import Event, SseParser
 
@@ -261,3 +261,24 @@ def test_a_background_turn_finishes_with_no_client(bob: Client, agent: dict[str,
     assert both.status_code == 422
     odd = bob.request("POST", path, json={"content": "x", "if_busy": "sometimes"})
     assert odd.status_code == 422 and "if_busy" in odd.text
+
+
+def test_batch_jobs_have_the_same_choices(
+    bob: Client, agent: dict[str, Any], workspaces_root: Path
+) -> None:
+    replica = ray.get_actor(replica_name(agent["id"], 0), namespace=NAMESPACE)
+    sid = ray.get(replica.open_session.remote(owner=bob.user_id), timeout=TIMEOUT_S)["id"]
+    held = ray.get(replica.start.remote(sid, HELD_TURN), timeout=TIMEOUT_S)
+    assert held["status"] == "running"
+    queued = ray.get(replica.start.remote(sid, "after it", if_busy="enqueue"), timeout=TIMEOUT_S)
+    assert queued["status"] == "queued"
+    with pytest.raises(SessionBusyError):
+        ray.get(replica.send.remote(sid, "refused"), timeout=TIMEOUT_S)
+    with pytest.raises(InvalidRequestError, match="if_busy"):
+        ray.get(replica.send.remote(sid, "odd", if_busy="sometimes"), timeout=TIMEOUT_S)
+    release_held_turns(workspaces_root, agent["id"], [sid])
+    followed = [ray.get(ref, timeout=TIMEOUT_S) for ref in replica.events.remote(sid, None, 0)]
+    ends = [e["data"]["turn_id"] for e in followed if e["type"] == "turn_end"]
+    assert ends == [held["turn_id"], queued["turn_id"]]  # followed live until idle
+    status = ray.get(replica.turn_status.remote(sid, queued["turn_id"]), timeout=TIMEOUT_S)
+    assert status["status"] == "completed" and status["turn"]["index"] == 2
