@@ -14,10 +14,11 @@ and answered (``send``), streamed (``stream``) or left to run in the background 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 CAPACITY_RETRY_AFTER_S = 5.0
 DRAIN_POLL_S = 0.05
+DRAINED_RETRY_AFTER_S = 1.0
 STREAM_QUEUE_EVENTS = 1_024
 TRANSCRIPT_PAGE = 100
 
@@ -124,6 +126,9 @@ class SessionHost(TurnRunner):
 
     async def _get(self, session_id: str, owner: str | None) -> Session:
         session = self._sessions.get(session_id)
+        if session is not None and session.stale and not session.busy:
+            del self._sessions[session_id]  # a commit failed: read it again from the store
+            session = None
         if session is None:
             session = await self._load(session_id)
         if owner is not None and session.record.owner != owner:
@@ -145,18 +150,7 @@ class SessionHost(TurnRunner):
             if len(self._sessions) >= self.spec.max_sessions and not self._evict_one():
                 raise CapacityError("this replica is full", retry_after_s=CAPACITY_RETRY_AFTER_S)
             session = self._new_session(record)
-            after = 0
-            while True:
-                page = await self.store.list_turns(session_id, after, TRANSCRIPT_PAGE)
-                for turn in page:
-                    session.apply(turn, restore_seq=True)
-                if len(page) < TRANSCRIPT_PAGE:
-                    break
-                after = page[-1].index
-            # Every id a previous owner could have sent is below this owner's range.
-            top = await self.store.reserve_seq(session_id, SEQ_BLOCK)
-            session.seq = max(session.seq, top - SEQ_BLOCK)
-            session.seq_limit = top
+            await self._read_transcript(session)
             self._sessions[session_id] = session
             future.set_result(session)
             return session
@@ -257,10 +251,9 @@ class SessionHost(TurnRunner):
 
         # Checked here, before the first event, so that a draining replica's refusal is the
         # stream's exception (the caller follows the session), never an error event.
-        self._check_not_moved(session_id)
+        self._check_not_moved(session_id, idempotency_key, if_busy)
         self._entered += 1
-        with logs.traced(**(trace or {})):
-            task = asyncio.create_task(run())  # it keeps the trace: a task copies its context
+        task = _detached(run(), trace)
         try:
             while (item := await queue.get()) is not None:
                 yield item
@@ -286,7 +279,7 @@ class SessionHost(TurnRunner):
         """Starts a background turn: answers as soon as the turn is admitted (``queued`` or
         ``running``; ``completed`` for a key already committed) and runs it to its commit with
         no one attached. A refusal (busy, queue full, conflict) is raised here."""
-        self._check_not_moved(session_id)
+        self._check_not_moved(session_id, idempotency_key, if_busy)
         admitted: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
 
         def on_admit(turn_id: str, status: str) -> None:
@@ -315,8 +308,7 @@ class SessionHost(TurnRunner):
                 logger.warning("background turn in session %s failed: %r", session_id, error)
 
         self._entered += 1
-        with logs.traced(**(trace or {})):
-            task = asyncio.create_task(run())
+        task = _detached(run(), trace)
         _BACKGROUND.add(task)
         task.add_done_callback(finished)
         waits: set[asyncio.Future[Any]] = {admitted, task}
@@ -344,8 +336,15 @@ class SessionHost(TurnRunner):
         turn that ended without a commit, and that this replica does not hold (it ran on a
         replica that stopped), gets a ``turn_lost`` error: never a silent end."""
         session = await self._get(session_id, owner)
-        async for item in replay.follow(self.store, session, after):
-            yield item
+        try:
+            async for item in replay.follow(self.store, session, after):
+                yield item
+        except HyperfleetError:
+            raise  # the API's answer: an error event, with its type
+        except Exception:
+            # A supervisory boundary, as ``stream``: a bug ends the stream with an error event.
+            logger.exception("following session %s failed", session_id)
+            yield event(None, "error", {"status_code": 500, **INTERNAL, "retryable": True})
 
     # Operations ---------------------------------------------------------------------------
 
@@ -372,6 +371,17 @@ class SessionHost(TurnRunner):
             self._clock() < deadline
         ):
             await asyncio.sleep(DRAIN_POLL_S)
+        # Turns still waiting behind a running one would be lost with the replica: they are
+        # refused instead, retryable (a background one's status says so).
+        for session in self._sessions.values():
+            session.gate.fail_waiting(
+                CapacityError(
+                    "this replica stopped before the turn's place in its queue came; send it again",
+                    retry_after_s=DRAINED_RETRY_AFTER_S,
+                    session_id=session.id,
+                )
+            )
+        await asyncio.sleep(0)  # they leave the gate
         handed = [s.id for s in self._sessions.values() if not s.busy]
         for session_id in handed:
             del self._sessions[session_id]
@@ -383,6 +393,22 @@ class SessionHost(TurnRunner):
         writes them back. Call after ``drain``."""
         self.retired = True
         await asyncio.to_thread(remove_tree, self.workspaces / self.agent_id)
+
+
+def _detached(
+    turn: Coroutine[Any, Any, None], trace: Mapping[str, str] | None
+) -> asyncio.Task[None]:
+    """Runs ``turn`` as the replica's own task, not the calling Ray task's. Ray counts every call
+    a task makes, from any asyncio task that copied its context, as that task's child; a caller
+    cancelled recursively (Serve cancels a request whose HTTP client hung up) would cancel the
+    turn's store and control-store calls in flight with it, and fail the turn. In a fresh
+    context it is nobody's child. ``trace`` is its log context (``hyperfleet.logs``)."""
+
+    async def run() -> None:
+        with logs.traced(**(trace or {})):
+            await turn
+
+    return asyncio.get_running_loop().create_task(run(), context=contextvars.Context())
 
 
 def _drain_in_background(queue: asyncio.Queue[dict[str, Any] | None]) -> None:

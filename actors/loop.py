@@ -172,25 +172,17 @@ class AgentLoop:
             if message.stop_reason != "tool_use":
                 stop_reason = message.stop_reason or "end_turn"
                 break
-            # Metered before the tools run (they may run long), and the next call checked
-            # against the day's budget.
-            await meter.checkpoint(self.config.max_tokens, calls < self.config.max_turns)
             uses = [b for b in content if b["type"] == "tool_use"]
             for use in uses:
                 await emit(
                     "tool_use", {"id": use["id"], "name": use["name"], "input": use["input"]}
                 )
+            # Metered before the tools run (they may run long), and the next call checked
+            # against the day's budget.
+            await meter.checkpoint(self.config.max_tokens, calls < self.config.max_turns)
             results = await asyncio.gather(*(self._run_tool(u, workspace) for u in uses))
             blocks = []
             for use, result in zip(uses, results, strict=True):
-                await emit(
-                    "tool_result",
-                    {
-                        "tool_use_id": use["id"],
-                        "content": result.content,
-                        "is_error": result.is_error,
-                    },
-                )
                 block: dict[str, Any] = {
                     "type": "tool_result",
                     "tool_use_id": use["id"],
@@ -199,7 +191,17 @@ class AgentLoop:
                 if result.is_error:
                     block["is_error"] = True
                 blocks.append(block)
+            # In the turn before it is streamed: an interrupt from here on keeps the results.
             added.append({"role": "user", "content": blocks})
+            for block in blocks:
+                await emit(
+                    "tool_result",
+                    {
+                        "tool_use_id": block["tool_use_id"],
+                        "content": block["content"],
+                        "is_error": bool(block.get("is_error")),
+                    },
+                )
         return TurnOutcome(added, content, stop_reason, sum(meter.calls, Usage()), calls)
 
     async def _run_tool(self, use: dict[str, Any], workspace: Workspace) -> ToolResult:

@@ -17,7 +17,7 @@ the turn wait: it resumes from its last id.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from hyperfleet.errors import (
@@ -31,7 +31,7 @@ from hyperfleet.errors import (
 from .events import event
 from .loop import INTERRUPTED
 from .session import Follower, Session
-from .store import SessionStore
+from .store import SessionStore, TurnRecord
 
 FOLLOW_RECHECK_S = 5.0  # a follower looks at the session itself at least this often
 TURNS_PAGE = 100
@@ -43,7 +43,7 @@ async def follow(
     """The session's events with ids above ``after``, then, while a turn runs or waits, its
     events live until the session is idle. A client whose last event belongs to a turn that
     ended without a commit, and that this replica does not hold (it ran on a replica that
-    stopped), gets a ``turn_lost`` error: never a silent end."""
+    stopped), gets a ``turn_lost`` error first: never a silent end."""
     if after > session.seq:
         raise InvalidRequestError(
             f"event {after} is past this session's last event ({session.seq})"
@@ -53,19 +53,18 @@ async def follow(
     try:
         last = after
         held = session.in_memory()
-        if after < session.committed_seq and (not held or held[0]["seq"] > after + 1):
-            async for item in committed_events(store, session, after):
-                if item["seq"] > last:
-                    last = item["seq"]
-                    yield item
-        if after > session.committed_seq and all(e["seq"] != after for e in held):
+        if not await _kept(store, session, held, after):
             error = TurnLostError(
                 f"the turn of event {after} ended without a commit (the replica running "
                 "it stopped); send its message again (with its idempotency key)",
                 session_id=session.id,
             )
             yield event(None, "error", error_data(error))
-            return
+        if after < session.committed_seq and (not held or held[0]["seq"] > after + 1):
+            async for item in committed_events(store, session, after):
+                if item["seq"] > last:
+                    last = item["seq"]
+                    yield item
         for item in session.in_memory():
             if item["seq"] > last:
                 last = item["seq"]
@@ -82,27 +81,57 @@ async def follow(
                 got = await asyncio.wait_for(follower.queue.get(), FOLLOW_RECHECK_S)
             except TimeoutError:
                 continue  # the gate's idle signal is the rule; this bounds a missed one
-            if got is not None and got["seq"] > last:
+            if got is None:
+                continue
+            if got["seq"] is None:  # an error with no id (a commit's outcome unknown)
+                yield got
+            elif got["seq"] > last:
                 last = got["seq"]
                 yield got
     finally:
         session.followers.discard(follower)
 
 
-async def committed_events(
-    store: SessionStore, session: Session, after: int
-) -> AsyncIterator[dict[str, Any]]:
-    """Committed turns' events with ids above ``after``, from the store: the first turn
-    that has one is found by bisection on the turns' last ids (they only grow)."""
+async def _kept(
+    store: SessionStore, session: Session, held: list[dict[str, Any]], after: int
+) -> bool:
+    """Whether ``after`` is the id of an event this session kept: one in this replica's
+    memory, or one of a committed turn. Else its turn never committed (a lost turn)."""
+    if after == 0 or after == session.committed_seq or any(e["seq"] == after for e in held):
+        return True
+    if after > session.committed_seq:
+        return False
+    index = await _first_turn(store, session, lambda turn: turn.last_seq >= after)
+    found = await store.list_turns(session.id, index - 1, 1)
+    if not found or not found[0].events:  # a turn committed before events were kept
+        return True
+    turn = found[0]
+    # A turn's ids go one by one: ``after`` is one of them if it is in the turn's range.
+    return turn.last_seq == after or turn.events[0]["seq"] <= after
+
+
+async def _first_turn(
+    store: SessionStore, session: Session, reaches: Callable[[TurnRecord], bool]
+) -> int:
+    """The index of the first committed turn that ``reaches`` (true from some turn on, as
+    turns' ids only grow), by bisection: a few one-turn reads, whatever the session's
+    length; ``session.version`` when none does."""
     low, high = 1, session.version
     while low < high:
         middle = (low + high) // 2
         probe = await store.list_turns(session.id, middle - 1, 1)
-        if probe and probe[0].last_seq > after:
+        if probe and reaches(probe[0]):
             high = middle
         else:
             low = middle + 1
-    index = low - 1
+    return low
+
+
+async def committed_events(
+    store: SessionStore, session: Session, after: int
+) -> AsyncIterator[dict[str, Any]]:
+    """Committed turns' events with ids above ``after``, from the store."""
+    index = await _first_turn(store, session, lambda turn: turn.last_seq > after) - 1
     while index < session.version:
         page = await store.list_turns(session.id, index, TURNS_PAGE)
         if not page:

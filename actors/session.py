@@ -65,15 +65,30 @@ class TurnGate:
             (self._front if front else self._back).append(ticket)
         return ticket
 
+    @property
+    def waiting_in_front(self) -> int:
+        return sum(1 for w in self._front if not w.done())
+
     def abandon(self, ticket: asyncio.Future[None]) -> None:
         """The ticket's holder gave up: granted already, the gate passes on; else it leaves."""
-        if ticket.done() and not ticket.cancelled():
+        if ticket.done() and not ticket.cancelled() and ticket.exception() is None:
             self.release()
             return
         ticket.cancel()
         for line in (self._front, self._back):
             if ticket in line:
                 line.remove(ticket)
+
+    def fail_waiting(self, error: BaseException) -> int:
+        """Turns every waiting ticket away with ``error``; returns how many."""
+        failed = 0
+        for line in (self._front, self._back):
+            while line:
+                ticket = line.popleft()
+                if not ticket.done():
+                    ticket.set_exception(error)
+                    failed += 1
+        return failed
 
     def release(self) -> None:
         for line in (self._front, self._back):
@@ -118,6 +133,10 @@ class Session:
     running: asyncio.Task[Any] | None = None  # the running turn's loop
     running_id: str | None = None
     interrupted: str | None = None  # the running turn being interrupted
+    # An interrupt that found no turn to cut (the running one was committing): it applies to the
+    # next turn that begins while an interrupting one still waits behind it.
+    pending_interrupt: bool = False
+    stale: bool = False  # a commit failed: the transcript is read again before the next turn
     statuses: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
 
     @property
@@ -146,10 +165,16 @@ class Session:
             self.previous = self.current
         self.current = []
         self.running_id = turn_id
-        self.interrupted = None
+        cut = self.pending_interrupt and self.gate.waiting_in_front > 0
+        self.interrupted = turn_id if cut else None
+        self.pending_interrupt = False
 
     def publish(self, event: dict[str, Any]) -> None:
         self.current.append(event)
+        self.announce(event)
+
+    def announce(self, event: dict[str, Any]) -> None:
+        """Tells the followers only: an event with no id, not replayed."""
         for follower in self.followers:
             follower.put(event)
 
@@ -163,10 +188,15 @@ class Session:
                 follower.put(None)
 
     def interrupt(self) -> None:
-        """Cancels the running turn's loop (a turn already committing finishes as it is)."""
-        self.interrupted = self.running_id
-        if self.running is not None and not self.running.done():
-            self.running.cancel()
+        """Cancels the running turn's loop. A turn already committing finishes as it is, and
+        the interrupt passes to the turn that begins next, if an interrupting one waits behind
+        it (a second "stop" while the first is being handled)."""
+        if self.running_id is not None and (self.running is None or not self.running.done()):
+            self.interrupted = self.running_id  # before its loop began: cut as it begins
+            if self.running is not None:
+                self.running.cancel()
+        else:
+            self.pending_interrupt = True
 
     def note(self, turn_id: str, status: str, **details: Any) -> None:
         self.statuses[turn_id] = {"turn_id": turn_id, "status": status, **details}

@@ -34,9 +34,11 @@ from typing import Any, Literal
 
 from hyperfleet.errors import (
     BudgetExceededError,
+    CapacityError,
     HyperfleetError,
     IdempotencyConflictError,
     InvalidRequestError,
+    NotFoundError,
     SessionBusyError,
     SessionMovedError,
     StaleSessionError,
@@ -63,7 +65,13 @@ from .store import SessionStore, TurnRecord
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 1_000_000
+TRANSCRIPT_PAGE = 100
 QUEUE_RETRY_AFTER_S = 2.0  # a full queue of waiting turns: about one turn's time
+# A caller attached to a queued turn (``send``, ``stream``) waits at most this long for it to
+# start; a background turn waits as long as the turns before it run. With a turn's own limit
+# (an hour at most), the API's call to the replica is bounded (``serve_app.replicas``).
+QUEUE_WAIT_MAX_S = 3_600.0
+INTERRUPTS_WAITING_MAX = 10  # interrupting turns waiting in one session
 SEQ_MARGIN = 64  # event ids kept in hand: a turn's last events never wait on the store
 
 # ``if_busy``: what a message does when its session is running a turn.
@@ -133,7 +141,7 @@ class TurnRunner:
         if_busy: IfBusy = "reject",
     ) -> tuple[TurnRecord, bool]:
         """Runs (or replays) one turn; the flag says it was replayed, not run."""
-        self._check_not_moved(session_id)
+        self._check_not_moved(session_id, key, if_busy)
         self._entered += 1
         try:
             return await self._metered_turn(
@@ -142,11 +150,15 @@ class TurnRunner:
         finally:
             self._entered -= 1
 
-    def _check_not_moved(self, session_id: str) -> None:
-        """Raises ``SessionMovedError`` on a draining replica, unless the session's turn is
-        running here (it finishes here; a resend with its key joins it). Before the meter: the
-        caller keeps the turn's reservation and resends to the session's new home."""
-        if self.draining and not self._busy(session_id):
+    def _check_not_moved(self, session_id: str, key: str | None, if_busy: IfBusy) -> None:
+        """Raises ``SessionMovedError`` on a draining replica, unless the request joins a turn
+        running here by its key, or is refused by the running turn (``reject``): no new turn
+        starts or queues on a replica about to stop. Before the meter: the caller keeps the
+        turn's reservation and resends to the session's new home."""
+        if not self.draining:
+            return
+        joins = key is not None and (session_id, key) in self._inflight
+        if not (joins or (if_busy == "reject" and self._busy(session_id))):
             raise SessionMovedError(
                 "this replica is draining; the session moves to another replica",
                 retry_after_s=0.0,
@@ -164,6 +176,8 @@ class TurnRunner:
         if_busy: IfBusy = "reject",
         on_admit: Admitted | None = None,
     ) -> tuple[TurnRecord, bool]:
+        """``on_admit`` (a background turn's) is told the turn's place; without it, a caller is
+        attached, and the turn waits in the session's queue at most ``QUEUE_WAIT_MAX_S``."""
         meter = TurnMeter(
             "turn_" + uuid.uuid4().hex,
             owner or "",
@@ -173,8 +187,9 @@ class TurnRunner:
             self._metering,
         )
         try:
+            wait_s = QUEUE_WAIT_MAX_S if on_admit is None else None
             return await self._join_or_run(
-                session_id, content, key, owner, sink, meter, if_busy, on_admit or _ignore
+                session_id, content, key, owner, sink, meter, if_busy, on_admit or _ignore, wait_s
             )
         finally:
             if not meter.finalized:  # no model call: the reservation ends here
@@ -199,6 +214,7 @@ class TurnRunner:
         meter: TurnMeter,
         if_busy: IfBusy,
         on_admit: Admitted,
+        wait_s: float | None,
     ) -> tuple[TurnRecord, bool]:
         _check_content(content)
         request_digest = digest(content)
@@ -220,7 +236,16 @@ class TurnRunner:
             self._inflight[(session_id, key)] = InFlight(request_digest, meter.turn_id, future)
         try:
             turn, replayed = await self._run_once(
-                session_id, content, key, request_digest, owner, sink, meter, if_busy, on_admit
+                session_id,
+                content,
+                key,
+                request_digest,
+                owner,
+                sink,
+                meter,
+                if_busy,
+                on_admit,
+                wait_s,
             )
             if future is not None:
                 future.set_result(turn)
@@ -240,9 +265,18 @@ class TurnRunner:
         if session.busy:
             if if_busy == "reject":
                 raise SessionBusyError("a turn is running in this session", session_id=session.id)
-            if session.gate.waiting >= self.spec.max_queued_turns:
+            # Interrupting turns have their own bound: a full queue must not stop a "stop".
+            waiting, most = (
+                (session.gate.waiting_in_front, INTERRUPTS_WAITING_MAX)
+                if if_busy == "interrupt"
+                else (
+                    session.gate.waiting - session.gate.waiting_in_front,
+                    self.spec.max_queued_turns,
+                )
+            )
+            if waiting >= most:
                 raise TurnQueueFullError(
-                    f"{session.gate.waiting} turns are waiting in this session, its most",
+                    f"{waiting} turns are waiting in this session ({if_busy}), its most",
                     retry_after_s=QUEUE_RETRY_AFTER_S,
                     session_id=session.id,
                 )
@@ -261,6 +295,7 @@ class TurnRunner:
         meter: TurnMeter,
         if_busy: IfBusy,
         on_admit: Admitted,
+        wait_s: float | None,
     ) -> tuple[TurnRecord, bool]:
         session = await self._get(session_id, owner)
         if key is not None:
@@ -282,18 +317,31 @@ class TurnRunner:
         session.note(turn_id, status)
         on_admit(turn_id, status)
         try:
-            await ticket
-        except BaseException:
+            async with asyncio.timeout(wait_s):
+                await ticket
+        except TimeoutError as e:
             session.gate.abandon(ticket)
-            session.note(turn_id, "failed", error=_CANCELLED)
+            waited = CapacityError(
+                f"the turn waited {wait_s:g} s in the session's queue; send it again later",
+                retry_after_s=QUEUE_RETRY_AFTER_S,
+                session_id=session_id,
+            )
+            session.note(turn_id, "failed", error=waited.to_json())
+            raise waited from e
+        except BaseException as e:
+            session.gate.abandon(ticket)
+            error = e.to_json() if isinstance(e, HyperfleetError) else _CANCELLED
+            session.note(turn_id, "failed", error=error)
             raise
         try:
             if self._sessions.get(session_id) is not session:
-                # A commit failed while this turn waited: the session reloads, from the store.
+                # Defensive: only idle sessions leave memory, and this one was busy throughout.
                 raise StaleSessionError(
-                    "the session was reloaded while this turn waited; send it again",
+                    "the session left this replica while this turn waited; send it again",
                     session_id=session_id,
                 )
+            if session.stale:  # a commit before this turn failed: read what the store has
+                await self._read_transcript(session)
             session.note(turn_id, "running")
             turn = await self._execute(session, content, key, request_digest, sink, meter)
         except HyperfleetError as e:
@@ -307,6 +355,25 @@ class TurnRunner:
         done = "interrupted" if turn.stop_reason == INTERRUPTED else "completed"
         session.note(turn_id, done, index=turn.index)
         return turn, False
+
+    async def _read_transcript(self, session: Session) -> None:
+        """(Re)reads the session's committed turns from the store, and reserves its event ids:
+        every id a previous owner could have sent is below this owner's range."""
+        session.messages = []
+        session.version = 0
+        session.committed_seq = 0
+        after = 0
+        while True:
+            page = await self.store.list_turns(session.id, after, TRANSCRIPT_PAGE)
+            for turn in page:
+                session.apply(turn, restore_seq=True)
+            if len(page) < TRANSCRIPT_PAGE:
+                break
+            after = page[-1].index
+        top = await self.store.reserve_seq(session.id, SEQ_BLOCK)
+        session.seq = max(session.seq, top - SEQ_BLOCK)
+        session.seq_limit = top
+        session.stale = False
 
     async def _headroom(self, session: Session) -> None:
         """Keeps event ids in hand for the rest of the turn: a range is reserved in the store
@@ -350,7 +417,8 @@ class TurnRunner:
 
         await emit("turn_start", {"turn_id": turn_id, "session_id": session_id})
         started = self._clock()
-        progress = TurnProgress()
+        # Seeded with the message: an interrupt before the loop's first step still commits it.
+        progress = TurnProgress(messages=[{"role": "user", "content": content}])
         try:
             async with asyncio.timeout(self.spec.turn_timeout_s):
                 session.running = asyncio.create_task(
@@ -390,7 +458,7 @@ class TurnRunner:
             await self._meter(meter, in_outbox=False)
             await fail(_error_data(e))
             raise
-        await self._headroom(session)
+        # No reservation here: ``_headroom`` left room for turn_end (or an error).
         turn = TurnRecord(
             session_id=session_id,
             index=session.version + 1,
@@ -412,15 +480,19 @@ class TurnRunner:
         try:
             await self.store.commit_turn(turn, session.version, usage)
         except BaseException as e:
-            # Stale (someone else owns it now) or unknown (the reply was lost, the commit may
-            # have happened): forget our copy either way; it reloads from the store next time.
-            # Its calls are metered with the same record the commit carried: once, either way.
-            self._sessions.pop(session_id, None)
-            self.turns_failed += 1
-            metrics.turn_finished(self.spec.model, _failure(e))
-            await self._meter(meter, in_outbox=False)
-            await fail(_error_data(e))
-            raise
+            if await self._committed_anyway(turn, e) is None:
+                # Stale (someone else owns it now) or unknown (the reply was lost and the turn
+                # could not be found): the session's transcript is read again before its next
+                # turn. Its calls are metered with the record the commit carried: once, either
+                # way. The error has no id: if the turn did commit, a resume finds its turn_end.
+                session.stale = True
+                self.turns_failed += 1
+                metrics.turn_finished(self.spec.model, _failure(e))
+                await self._meter(meter, in_outbox=False)
+                unknown = event(None, "error", _error_data(e))
+                session.announce(unknown)
+                await sink(unknown)
+                raise
         outcome_label: metrics.TurnOutcome = (
             "interrupted" if turn.stop_reason == INTERRUPTED else "committed"
         )
@@ -433,11 +505,21 @@ class TurnRunner:
         await sink(end)
         return turn
 
+    async def _committed_anyway(self, turn: TurnRecord, error: BaseException) -> TurnRecord | None:
+        """The turn, if its commit raised ``error`` but happened (a reply lost on the way)."""
+        if isinstance(error, (StaleSessionError, IdempotencyConflictError, NotFoundError)):
+            return None  # refused: nothing was written
+        try:
+            found = await self.store.get_turn(turn.session_id, turn.turn_id)
+        except HyperfleetError:  # the store is still unreachable: unknown, as before
+            return None
+        return found
+
     @staticmethod
     async def _report_interrupted(outcome: TurnOutcome, emit: Emit) -> None:
         """The tools an interruption cut off end with an error result, on the stream too."""
-        last = outcome.messages[-1]
-        if last["role"] != "user" or isinstance(last["content"], str):
+        last = outcome.messages[-1] if outcome.messages else None
+        if last is None or last["role"] != "user" or isinstance(last["content"], str):
             return
         for block in last["content"]:
             if block.get("type") == "tool_result" and block.get("content") == INTERRUPTED_TOOL:

@@ -17,6 +17,7 @@ outcome or ``turn_lost``. Events of one request only (a refusal before its turn 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -33,6 +34,8 @@ from .homes import MOVES_MAX, Homes
 from .inputs import int_param
 from .records import Route, User
 from .replicas import Message, Replicas
+
+logger = logging.getLogger(__name__)
 
 MAX_EVENT_ID = 2**53 - 1  # what a JavaScript client can hold exactly
 
@@ -104,6 +107,11 @@ async def _followed(
             metrics.refused(e)
             api.forget_unreachable(e, route.id)
             yield _error_event(e)
+            return
+        except Exception:
+            # A supervisory boundary: a stream never ends without saying why.
+            logger.exception("the stream of session %s failed", route.id)
+            yield _error_event(ApiError(500, "internal_error", "the stream failed; resume it"))
             return
 
 

@@ -30,7 +30,10 @@ from .records import Route
 
 logger = logging.getLogger(__name__)
 
-TURN_CALL_TIMEOUT_S = 3_700.0  # a turn's own wall-clock limit (at most an hour) bounds it first
+# A turn's own wall-clock limit (at most an hour) and, queued behind others (``if_busy:
+# "enqueue"``), its wait for its place (at most an hour, ``actors.turns.QUEUE_WAIT_MAX_S``) bound
+# it first.
+TURN_CALL_TIMEOUT_S = 7_300.0
 REPLICA_CALL_TIMEOUT_S = 30.0  # every other replica call: an unplaced replica must not hang us
 REPLICA_READY_S = 15.0
 

@@ -13,7 +13,12 @@ import pytest
 
 from actors import SessionBusyError, SessionHost
 from actors.loop import INTERRUPTED_TOOL
-from hyperfleet.errors import InvalidRequestError, TurnQueueFullError
+from hyperfleet.errors import (
+    InvalidRequestError,
+    SessionMovedError,
+    StoreError,
+    TurnQueueFullError,
+)
 
 from .conftest import HostFactory
 from .waiting import processes_with, wait_until_async
@@ -218,3 +223,167 @@ async def test_a_turn_lost_with_its_replica_is_an_error_on_resume(make_host: Hos
     after = await _collect(takeover.stream(sid, "again"))
     assert after[0]["seq"] > seen[-1]["seq"]
     await stream.aclose()
+
+
+class FaultyStore:
+    """The host's real store, with faults a test switches on: a ``reserve_seq`` that waits for
+    the test, and a commit that fails before or after it writes (a reply lost on the way)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.reserve_gate: asyncio.Event | None = None
+        self.commit_gate: asyncio.Event | None = None
+        self.commit_fault: str | None = None  # "before" or "after" writing, once
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def reserve_seq(self, session_id: str, count: int) -> int:
+        if self.reserve_gate is not None:
+            await self.reserve_gate.wait()
+        return int(await self.inner.reserve_seq(session_id, count))
+
+    async def commit_turn(self, turn: Any, expected_version: int, usage: Any = None) -> None:
+        if self.commit_gate is not None:
+            await self.commit_gate.wait()
+        fault, self.commit_fault = self.commit_fault, None
+        if fault == "before":
+            raise StoreError("the store went away")
+        await self.inner.commit_turn(turn, expected_version, usage)
+        if fault == "after":
+            raise StoreError("the reply was lost")
+
+
+def _faulty(host: SessionHost) -> FaultyStore:
+    store = FaultyStore(host.store)
+    host.store = store  # type: ignore[assignment]
+    return store
+
+
+async def test_an_interrupt_before_the_loop_begins_commits_the_message(
+    make_host: HostFactory,
+) -> None:
+    host = make_host()
+    store = _faulty(host)
+    sid = (await host.open_session("alice"))["id"]
+    session = host._sessions[sid]
+    session.seq_limit = session.seq + 1  # turn_start must reserve ids first: it waits there
+    store.reserve_gate = asyncio.Event()
+    first = asyncio.ensure_future(host.send(sid, "the first"))
+    await _busy(host)
+    second = asyncio.ensure_future(host.send(sid, "the second", if_busy="interrupt"))
+    await _busy(host, queued=1)
+    store.reserve_gate.set()
+    cut, after = await first, await second
+    assert cut["stop_reason"] == "interrupted" and after["index"] == 2
+    turns = (await host.transcript(sid))["turns"]
+    assert turns[0]["messages"] == [{"role": "user", "content": "the first"}]
+
+
+async def test_a_second_interrupt_while_the_first_is_handled_cuts_the_first(
+    make_host: HostFactory,
+) -> None:
+    host = make_host(headers=SLOW_TEXT)
+    sid = (await host.open_session("alice"))["id"]
+    running = asyncio.ensure_future(host.send(sid, "a long story"))
+    await _busy(host)
+    store = _faulty(host)
+    store.commit_gate = asyncio.Event()  # the interrupted turn's commit waits
+    first = asyncio.ensure_future(host.send(sid, "stop", if_busy="interrupt"))
+    await _busy(host, queued=1)
+    await wait_until_async(
+        lambda: host._sessions[sid].running.done(), "the cut", WAIT_S, interval_s=0.01
+    )
+    second = asyncio.ensure_future(host.send(sid, "stop now", if_busy="interrupt"))
+    await _busy(host, queued=2)
+    store.commit_gate.set()
+    answers = [await running, await first, await second]
+    assert [a["stop_reason"] for a in answers] == ["interrupted", "interrupted", "end_turn"]
+
+
+async def test_a_commit_whose_reply_was_lost_still_ends_in_turn_end(
+    make_host: HostFactory,
+) -> None:
+    host = make_host()
+    store = _faulty(host)
+    sid = (await host.open_session("alice"))["id"]
+    store.commit_fault = "after"
+    events = await _collect(host.stream(sid, "hello"))
+    assert events[-1]["type"] == "turn_end" and events[-1]["data"]["index"] == 1
+    assert await _collect(host.events(sid, after=events[-1]["seq"])) == []
+
+
+async def test_a_failed_commit_does_not_lose_the_turns_queued_behind_it(
+    make_host: HostFactory,
+) -> None:
+    host = make_host()
+    store = _faulty(host)
+    sid = (await host.open_session("alice"))["id"]
+    store.commit_fault = "before"
+    failing = await host.start(sid, '[[tool bash {"command": "sleep 0.5"}]]')
+    queued = await host.start(sid, "queued behind it", if_busy="enqueue")
+    assert queued["status"] == "queued"
+
+    async def settled() -> bool:
+        found = await host.turn_status(sid, queued["turn_id"])
+        return bool(found["status"] == "completed")
+
+    await wait_until_async(settled, "the queued turn", WAIT_S)
+    failed = await host.turn_status(sid, failing["turn_id"])
+    assert failed["status"] == "failed" and failed["error"]["type"] == "store_unavailable"
+    page = await host.transcript(sid)
+    assert page["version"] == 1 and _user_texts(page) == ["queued behind it"]
+
+
+async def test_a_lost_turn_is_reported_before_the_turns_that_followed(
+    make_host: HostFactory,
+) -> None:
+    doomed = make_host(headers=SLOW_TEXT)
+    sid = (await doomed.open_session("alice"))["id"]
+    seen: list[dict[str, Any]] = []
+    stream = doomed.stream(sid, "lost")
+    async for item in stream:
+        seen.append(item)
+        if len(seen) == 2:
+            break
+    takeover = make_host()
+    later = await _collect(takeover.stream(sid, "committed after it"))
+    resumed = await _collect(takeover.events(sid, after=seen[-1]["seq"]))
+    assert resumed[0]["type"] == "error" and resumed[0]["data"]["type"] == "turn_lost"
+    assert resumed[1:] == later
+    await stream.aclose()
+
+
+async def test_an_interrupt_passes_a_full_queue(make_host: HostFactory) -> None:
+    host = make_host(max_queued_turns=0)
+    sid = (await host.open_session("alice"))["id"]
+    running = asyncio.ensure_future(host.send(sid, '[[tool bash {"command": "sleep 30"}]]'))
+    await _busy(host)
+    with pytest.raises(TurnQueueFullError):
+        await host.send(sid, "wait", if_busy="enqueue")
+    answer = await host.send(sid, "stop", if_busy="interrupt")
+    assert (await running)["stop_reason"] == "interrupted" and answer["index"] == 2
+
+
+async def test_a_draining_replica_queues_nothing_and_refuses_what_waits(
+    make_host: HostFactory,
+) -> None:
+    host = make_host()
+    sid = (await host.open_session("alice"))["id"]
+    running = await host.start(sid, '[[tool bash {"command": "sleep 2"}]]')
+    waiting = await host.start(sid, "waiting", if_busy="enqueue")
+    draining = asyncio.ensure_future(host.drain(0.5))
+    await wait_until_async(lambda: host.draining, "the drain", WAIT_S, interval_s=0.01)
+    with pytest.raises(SessionMovedError):
+        await host.start(sid, "too late", if_busy="enqueue")
+    with pytest.raises(SessionBusyError):  # refused by the running turn, as before
+        await host.send(sid, "busy")
+    await draining
+    refused = await host.turn_status(sid, waiting["turn_id"])
+    assert refused["status"] == "failed" and refused["error"]["retryable"]
+
+    async def finished() -> bool:
+        found = await host.turn_status(sid, running["turn_id"])
+        return bool(found["status"] == "completed")
+
+    await wait_until_async(finished, "the running turn", WAIT_S)

@@ -282,3 +282,73 @@ def test_batch_jobs_have_the_same_choices(
     assert ends == [held["turn_id"], queued["turn_id"]]  # followed live until idle
     status = ray.get(replica.turn_status.remote(sid, queued["turn_id"]), timeout=TIMEOUT_S)
     assert status["status"] == "completed" and status["turn"]["index"] == 2
+
+
+@ray.remote(num_cpus=0)
+class _Slow:
+    async def work(self, seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "done"
+
+
+@ray.remote(num_cpus=0)
+class _Spawner:
+    """Streams like ``AgentActor.stream``: a task it spawns makes a Ray call that outlives the
+    stream's caller."""
+
+    def __init__(self, slow: Any) -> None:
+        self.slow, self.outcomes, self.calling = slow, [], False
+
+    async def stream(self, detached: bool) -> Any:
+        from actors.host import _detached
+
+        async def turn() -> None:
+            try:
+                call = self.slow.work.remote(1.5)
+                self.calling = True
+                self.outcomes.append(await call)
+            except ray.exceptions.RayError as e:  # what the test reports
+                self.outcomes.append(type(e).__name__)
+
+        if detached:
+            _detached(turn(), {"session_id": "s"})
+        else:
+            self.task = asyncio.create_task(turn())
+        for i in range(100):
+            yield i
+            await asyncio.sleep(0.1)
+
+    async def in_flight(self) -> bool:
+        return self.calling
+
+    async def outcome(self) -> list[str]:
+        await wait_until_async(lambda: bool(self.outcomes), "the call", WAIT_S)
+        return list(self.outcomes)
+
+
+@ray.remote(num_cpus=0)
+class _Caller:
+    async def request(self, spawner: Any, detached: bool) -> None:
+        async for ref in spawner.stream.remote(detached):
+            await ref
+
+
+def test_a_turn_outlives_a_caller_cancelled_recursively(api_server: ApiServer) -> None:
+    """Serve cancels the request of an HTTP client that hung up, recursively: in Ray 2.60 that
+    cancels every call made by a task that copied the streaming task's context (the upstream
+    behaviour, pinned here), and a turn's store calls with them unless it runs detached."""
+    slow = _Slow.remote()
+    for detached, expected in ((False, "TaskCancelledError"), (True, "done")):
+        spawner, caller = _Spawner.remote(slow), _Caller.remote()
+        request = caller.request.remote(spawner, detached)
+        wait_until(
+            lambda s=spawner: ray.get(s.in_flight.remote(), timeout=TIMEOUT_S),
+            "the call in flight",
+            WAIT_S,
+        )
+        ray.cancel(request, recursive=True)
+        (outcome,) = ray.get(spawner.outcome.remote(), timeout=TIMEOUT_S)
+        assert expected in outcome
+        for actor in (spawner, caller):
+            ray.kill(actor)
+    ray.kill(slow)
