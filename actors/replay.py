@@ -55,8 +55,8 @@ async def follow(
         held = session.in_memory()
         if not await _kept(store, session, held, after):
             error = TurnLostError(
-                f"the turn of event {after} ended without a commit (the replica running "
-                "it stopped); send its message again (with its idempotency key)",
+                f"the turn of event {after} ended without a commit (it failed, or the replica "
+                "running it stopped); send its message again (with its idempotency key)",
                 session_id=session.id,
             )
             yield event(None, "error", error_data(error))

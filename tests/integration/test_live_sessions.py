@@ -96,7 +96,7 @@ def _ids(events: list[Event]) -> list[int]:
 
 
 def test_a_cut_stream_resumes_with_last_event_id(
-    bob: Client, agent: dict[str, Any], workspaces_root: Path
+    bob: Client, agent: dict[str, Any], workspaces_root: Path, api_server: ApiServer
 ) -> None:
     sid = new_session(bob, agent["id"])
     source = EventSource(bob, sid)
@@ -114,6 +114,11 @@ def test_a_cut_stream_resumes_with_last_event_id(
     assert bad.status_code == 400
     missing = bob.request("GET", "/v1/sessions/ses_missing/events")
     assert missing.status_code == 404
+    stranger = new_user(Client(bob.http.base_url, api_server.admin_key), api_server)
+    turn_id = first[0].data["turn_id"]
+    for path in (f"/v1/sessions/{sid}/events", f"/v1/sessions/{sid}/turns/{turn_id}"):
+        assert stranger.request("GET", path).status_code == 404  # another user's: not found
+    assert bob.ok("GET", f"/v1/sessions/{sid}/turns/{turn_id}")["status"] == "completed"
 
 
 def _kill(agent_id: str) -> None:
