@@ -175,3 +175,21 @@ def test_a_transcript_page_that_is_not_an_ascii_integer_is_a_422(
     assert answer.status_code == 422, answer.text  # "²".isdigit() was a 500
     name = query.split("=")[0]
     assert answer.json()["error"]["message"].startswith(f"{name}: must be an integer")
+
+
+def test_the_openapi_document_describes_live_sessions(
+    http: tuple[TestClient, ControlStore],
+) -> None:
+    client, _ = http
+    document = client.get("/openapi.json").json()
+    message = document["components"]["schemas"]["MessageIn"]["properties"]
+    assert message["if_busy"]["enum"] == ["reject", "enqueue", "interrupt"]
+    assert message["background"]["type"] == "boolean"
+    send = document["paths"]["/v1/sessions/{session_id}/messages"]["post"]
+    assert "202" in send["responses"]
+    assert "text/event-stream" in send["responses"]["200"]["content"]
+    events = document["paths"]["/v1/sessions/{session_id}/events"]["get"]
+    assert "text/event-stream" in events["responses"]["200"]["content"]
+    headers = {p["name"] for p in events["parameters"] if p["in"] == "header"}
+    assert headers == {"Last-Event-ID"}
+    assert "/v1/sessions/{session_id}/turns/{turn_id}" in document["paths"]
