@@ -205,22 +205,19 @@ class RedisSessionStore:
 
     async def find_turn(self, session_id: str, idempotency_key: str) -> TurnRecord | None:
         _, turns, keys, _ = _keys(session_id)
-        try:
-            index = await self._redis.hget(keys, idempotency_key)
-            if index is None:
-                return None
-            body = await self._redis.lindex(turns, int(index) - 1)
-        except RedisError as e:
-            raise StoreError(f"redis: {e}") from e
-        return None if body is None else TurnRecord.from_json(body)
+        return await self._turn_by(keys, idempotency_key, turns)
 
     async def get_turn(self, session_id: str, turn_id: str) -> TurnRecord | None:
         _, turns, _, ids = _keys(session_id)
+        return await self._turn_by(ids, turn_id, turns)
+
+    async def _turn_by(self, index: str, field: str, turns: str) -> TurnRecord | None:
+        """The turn whose index the hash ``index`` holds under ``field``."""
         try:
-            index = await self._redis.hget(ids, turn_id)
-            if index is None:
+            found = await self._redis.hget(index, field)
+            if found is None:
                 return None
-            body = await self._redis.lindex(turns, int(index) - 1)
+            body = await self._redis.lindex(turns, int(found) - 1)
         except RedisError as e:
             raise StoreError(f"redis: {e}") from e
         return None if body is None else TurnRecord.from_json(body)
