@@ -36,6 +36,20 @@ async def _busy(host: SessionHost, queued: int = 0) -> None:
     )
 
 
+async def _hang_up_after(
+    host: SessionHost, sid: str, content: str, count: int
+) -> list[dict[str, Any]]:
+    """Streams a turn and hangs up after its first ``count`` events; the turn runs on."""
+    seen: list[dict[str, Any]] = []
+    stream = host.stream(sid, content)
+    async for item in stream:
+        seen.append(item)
+        if len(seen) == count:
+            break
+    await stream.aclose()
+    return seen
+
+
 async def _collect(stream: Any) -> list[dict[str, Any]]:
     return [item async for item in stream]
 
@@ -172,13 +186,7 @@ async def test_a_background_turn_runs_with_no_one_attached(make_host: HostFactor
 async def test_a_cut_stream_resumes_with_exactly_the_rest(make_host: HostFactory) -> None:
     host = make_host(headers=SLOW_TEXT)
     sid = (await host.open_session("alice"))["id"]
-    seen: list[dict[str, Any]] = []
-    stream = host.stream(sid, "a story")
-    async for item in stream:
-        seen.append(item)
-        if len(seen) == 3:
-            break
-    await stream.aclose()  # the client hung up; the turn runs on
+    seen = await _hang_up_after(host, sid, "a story", 3)
     rest = await _collect(host.events(sid, after=seen[-1]["seq"]))
     whole = seen + rest
     assert rest[-1]["type"] == "turn_end"
@@ -208,12 +216,7 @@ async def test_a_turn_lost_with_its_replica_is_an_error_on_resume(make_host: Hos
     doomed = make_host(headers=SLOW_TEXT)
     sid = (await doomed.open_session("alice"))["id"]
     await _collect(doomed.stream(sid, "committed"))
-    seen: list[dict[str, Any]] = []
-    stream = doomed.stream(sid, "lost")
-    async for item in stream:
-        seen.append(item)
-        if len(seen) == 2:
-            break
+    seen = await _hang_up_after(doomed, sid, "lost", 2)
     takeover = make_host()  # the doomed replica's turn never commits
     resumed = await _collect(takeover.events(sid, after=seen[-1]["seq"]))
     assert [e["type"] for e in resumed] == ["error"]
@@ -222,7 +225,6 @@ async def test_a_turn_lost_with_its_replica_is_an_error_on_resume(make_host: Hos
     # The session goes on there; its next turn's ids are above the lost turn's.
     after = await _collect(takeover.stream(sid, "again"))
     assert after[0]["seq"] > seen[-1]["seq"]
-    await stream.aclose()
 
 
 class FaultyStore:
@@ -340,18 +342,12 @@ async def test_a_lost_turn_is_reported_before_the_turns_that_followed(
 ) -> None:
     doomed = make_host(headers=SLOW_TEXT)
     sid = (await doomed.open_session("alice"))["id"]
-    seen: list[dict[str, Any]] = []
-    stream = doomed.stream(sid, "lost")
-    async for item in stream:
-        seen.append(item)
-        if len(seen) == 2:
-            break
+    seen = await _hang_up_after(doomed, sid, "lost", 2)
     takeover = make_host()
     later = await _collect(takeover.stream(sid, "committed after it"))
     resumed = await _collect(takeover.events(sid, after=seen[-1]["seq"]))
     assert resumed[0]["type"] == "error" and resumed[0]["data"]["type"] == "turn_lost"
     assert resumed[1:] == later
-    await stream.aclose()
 
 
 async def test_an_interrupt_passes_a_full_queue(make_host: HostFactory) -> None:
